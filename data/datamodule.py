@@ -1,0 +1,118 @@
+"""The torch Dataset and LightningDataModule over a split of labelled images."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from albumentations import Compose
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from data.images import decode_rgb
+from data.sources import LabelledImages
+from data.splits import Split
+from data.transforms import (
+    Augmentation,
+    Preprocessing,
+    build_eval_transform,
+    build_train_transform,
+)
+
+
+class ImageDataset(Dataset):
+    """Decodes each image to RGB and applies an albumentations pipeline."""
+
+    def __init__(
+        self,
+        images: LabelledImages,
+        transform: Compose,
+        *,
+        draft_size: tuple[int, int] | None = None,
+    ) -> None:
+        self.images = images
+        self.transform = transform
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels = decode_rgb(self.images.paths[index], draft_size=self.draft_size)
+        tensor = self.transform(image=pixels)["image"]
+        return torch.from_numpy(tensor), self.images.labels[index]
+
+
+def seed_worker_transforms(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream.
+
+    albumentations 2.0.8 copies the parent's random state into every worker, so without
+    this all workers would apply identical augmentations. ``torch.initial_seed()`` differs
+    per worker and per epoch and derives from the run's seed, so runs stay reproducible.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, ImageDataset):
+        info.dataset.transform.set_random_seed(seed)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val/test loaders for one :class:`Split` of a :class:`LabelledImages`."""
+
+    def __init__(
+        self,
+        images: LabelledImages,
+        split: Split,
+        preprocessing: Preprocessing,
+        *,
+        augmentation: Augmentation | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.images = images
+        self.split = split
+        self.preprocessing = preprocessing
+        self.augmentation = augmentation or Augmentation()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def part(self, name: str) -> LabelledImages:
+        return self.images.subset(list(self.split.part(name)))
+
+    def dataset(self, name: str) -> ImageDataset:
+        height, width = self.preprocessing.input_size
+        if name == "train":
+            transform = build_train_transform(self.preprocessing, self.augmentation)
+            transform.set_random_seed(self.seed)
+            # RandomResizedCrop may take a quarter of the area; keep enough pixels for it.
+            draft = (2 * width, 2 * height)
+        else:
+            transform = build_eval_transform(self.preprocessing)
+            draft = (width, height)
+        return ImageDataset(self.part(name), transform, draft_size=draft)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(name),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            worker_init_fn=seed_worker_transforms,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(self.split.part(name)) > self.batch_size,
+        )

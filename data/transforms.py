@@ -1,0 +1,138 @@
+"""albumentations pipelines for training and evaluation.
+
+Both pipelines take the normalisation statistics, input size, interpolation and crop
+percentage from a :class:`Preprocessing` that ``models`` resolves from the encoder's own
+pretrained config, so an encoder trained with other statistics gets its own. The eval
+pipeline is the one the service runs; it is rebuilt from the artifact's manifest, so
+training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+_INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become the encoder's input tensor (stored in the artifact manifest)."""
+
+    input_size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; one of {sorted(_INTERPOLATIONS)}"
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        return cls(
+            input_size=tuple(values["input_size"]),
+            mean=tuple(values["mean"]),
+            std=tuple(values["std"]),
+            interpolation=values.get("interpolation", "bicubic"),
+            crop_pct=float(values.get("crop_pct", 0.875)),
+            crop_mode=values.get("crop_mode", "center"),
+        )
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation strengths (the defaults suit small fine-tuning sets)."""
+
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.2
+    color_jitter_p: float = 0.8
+
+
+class ToChannelsFirst(A.ImageOnlyTransform):
+    """HWC float32 → contiguous CHW float32, the layout the encoder expects."""
+
+    def __init__(self) -> None:
+        super().__init__(p=1.0)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
+
+
+def build_train_transform(
+    preprocessing: Preprocessing, augmentation: Augmentation | None = None
+) -> A.Compose:
+    """RandomResizedCrop + flips + colour jitter, then the encoder's normalisation."""
+    aug = augmentation or Augmentation()
+    interpolation = _INTERPOLATIONS[preprocessing.interpolation]
+    steps: list[A.BasicTransform] = [
+        A.RandomResizedCrop(
+            size=preprocessing.input_size,
+            scale=aug.scale,
+            ratio=aug.ratio,
+            interpolation=interpolation,
+        )
+    ]
+    if aug.hflip > 0:
+        steps.append(A.HorizontalFlip(p=aug.hflip))
+    if aug.vflip > 0:
+        steps.append(A.VerticalFlip(p=aug.vflip))
+    if aug.color_jitter > 0:
+        strength = aug.color_jitter
+        steps.append(
+            A.ColorJitter(
+                brightness=strength,
+                contrast=strength,
+                saturation=strength,
+                hue=0.0,
+                p=aug.color_jitter_p,
+            )
+        )
+    return A.Compose([*steps, *_normalise(preprocessing)])
+
+
+def build_eval_transform(preprocessing: Preprocessing) -> A.Compose:
+    """Resize so the crop covers ``crop_pct`` of the image, then center crop (timm's eval)."""
+    height, width = preprocessing.input_size
+    interpolation = _INTERPOLATIONS[preprocessing.interpolation]
+    if height == width:
+        resize: A.BasicTransform = A.SmallestMaxSize(
+            max_size=math.floor(height / preprocessing.crop_pct), interpolation=interpolation
+        )
+    else:
+        resize = A.Resize(
+            height=math.floor(height / preprocessing.crop_pct),
+            width=math.floor(width / preprocessing.crop_pct),
+            interpolation=interpolation,
+        )
+    return A.Compose([resize, A.CenterCrop(height=height, width=width), *_normalise(preprocessing)])
+
+
+def _normalise(preprocessing: Preprocessing) -> list[A.BasicTransform]:
+    return [
+        A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
+        ToChannelsFirst(),
+    ]

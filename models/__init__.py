@@ -1,0 +1,25 @@
+"""Encoder + classifier head, pretrained-weight sources, and the model artifact.
+
+What lives here: ``models.factory`` (``create_model``: a timm encoder plus a new head),
+``models.head`` (the head and its initialisation), ``models.weights`` (where pretrained
+weights come from), ``models.artifact`` (the manifest, file hashes, reading and
+writing artifacts) and ``models.inference`` (running an artifact's ONNX graph).
+
+Imports: ``data`` and third-party libraries. ``models.artifact`` and ``models.inference``
+are used by the service and must never import torch or timm; ``create_model`` is loaded
+lazily so that ``import models`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["create_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_model":
+        from models.factory import create_model
+
+        return create_model
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

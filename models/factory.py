@@ -1,0 +1,154 @@
+"""``create_model``: a timm encoder with a new classifier head.
+
+The encoder is ``timm.create_model(name, num_classes=0)``: everything up to and including
+global pooling, so it maps an image to one feature vector. The head maps that vector to
+one logit per class. Softmax is not part of the model: the logits are exported, and the
+temperature-scaled softmax is applied where probabilities are reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from data.transforms import Preprocessing
+from models.head import build_head
+from models.weights import WeightsError, WeightSource, offline_hint, resolve_weight_source
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden_features: int = 0
+    dropout: float = 0.0
+    activation: str = "relu"
+
+    def is_linear(self) -> bool:
+        return self.hidden_features == 0 and self.dropout == 0.0
+
+
+class ImageClassifier(nn.Module):
+    """``logits = head(encoder(pixels))``; knows its own preprocessing."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: nn.Module,
+        *,
+        architecture: str,
+        preprocessing: Preprocessing,
+        head_config: HeadConfig,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = encoder
+        self.head = head
+        self.architecture = architecture
+        self.preprocessing = preprocessing
+        self.head_config = head_config
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(pixels))
+
+    def describe(self) -> dict:
+        """What is needed to rebuild this model's structure (stored with weights)."""
+        return {
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "head": asdict(self.head_config),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: str | WeightSource = "none",
+    img_size: int | None = None,
+    head: HeadConfig | None = None,
+) -> ImageClassifier:
+    """Build ``name`` from timm with pretrained weights and a fresh ``num_classes`` head.
+
+    With ``num_classes`` equal to the pretrained classifier's (1000 for ImageNet) and a
+    plain linear head, the pretrained classifier is kept instead of a new one.
+    """
+    if name not in timm.list_models():
+        raise ValueError(
+            f"unknown timm model {name!r}; see `timm.list_models()` for the available names"
+        )
+    source = (
+        pretrained if isinstance(pretrained, WeightSource) else resolve_weight_source(pretrained)
+    )
+    head_config = head or HeadConfig()
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    keep_pretrained_head = (
+        source.kind != "none"
+        and head_config.is_linear()
+        and pretrained_cfg is not None
+        and pretrained_cfg.num_classes == num_classes
+    )
+    kwargs = source.timm_kwargs()
+    if img_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = img_size  # ViT-style models build their patch grid for a size
+    try:
+        encoder = timm.create_model(
+            name, num_classes=num_classes if keep_pretrained_head else 0, **kwargs
+        )
+    except (OSError, RuntimeError) as error:
+        if source.kind == "hub":
+            raise WeightsError(f"{offline_hint(name)} ({error})") from error
+        raise
+    if keep_pretrained_head:
+        classifier = encoder.get_classifier()
+        encoder.reset_classifier(0)
+        head_module: nn.Module = nn.Sequential(classifier)
+    else:
+        head_module = build_head(
+            encoder.num_features,
+            num_classes,
+            hidden_features=head_config.hidden_features,
+            dropout=head_config.dropout,
+            activation=head_config.activation,
+        )
+    return ImageClassifier(
+        encoder,
+        head_module,
+        architecture=name,
+        preprocessing=resolve_preprocessing(encoder, img_size=img_size),
+        head_config=head_config,
+        num_classes=num_classes,
+    )
+
+
+def resolve_preprocessing(encoder: nn.Module, *, img_size: int | None = None) -> Preprocessing:
+    """The encoder's pretrained data config, with the input size optionally overridden."""
+    config = resolve_model_data_config(encoder)
+    size = (img_size, img_size) if img_size else tuple(config["input_size"][1:])
+    return Preprocessing(
+        input_size=size,
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=config["interpolation"],
+        crop_pct=float(config["crop_pct"]),
+        crop_mode=config.get("crop_mode", "center"),
+    )
+
+
+def rebuild_model(description: dict) -> ImageClassifier:
+    """An untrained model with the structure recorded by :meth:`ImageClassifier.describe`."""
+    model = create_model(
+        description["architecture"],
+        description["num_classes"],
+        pretrained="none",
+        img_size=description["preprocessing"]["input_size"][0],
+        head=HeadConfig(**description["head"]),
+    )
+    # Keep the recorded statistics: they came from the pretrained weights, which a
+    # rebuilt (untrained) model no longer knows about.
+    model.preprocessing = Preprocessing.from_dict(description["preprocessing"])
+    return model

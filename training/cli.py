@@ -1,0 +1,215 @@
+"""The ``convtune`` command line: fit, export, predict, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# Set before albumentations or bentoml are imported anywhere below.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+# (option, type, help) for every FitConfig field settable from the command line.
+_FIT_OPTIONS: list[tuple[str, Any, str]] = [
+    ("data", str, "folder-per-class tree (root/<class>/<image>) or a .csv/.tsv label file"),
+    ("model", str, "timm architecture name, e.g. tf_efficientnet_lite0, resnet50, test_vit"),
+    ("out", str, "run directory to create (config, split, logs, checkpoints, weights)"),
+    ("pretrained", str, "encoder weights: none | hub | FILE (.safetensors/.pth) [hub]"),
+    ("epochs", int, "training epochs, frozen ones included [10]"),
+    ("img_size", int, "input size in pixels for training, export and serving [model's own]"),
+    ("batch_size", int, "images per batch [32]"),
+    ("freeze_epochs", int, "epochs training only the head, encoder frozen [1]"),
+    ("lr", float, "peak learning rate of the head [0.01]"),
+    ("backbone_lr_scale", float, "encoder learning rate = lr × this once unfrozen [0.1]"),
+    ("optimizer", str, "sgd (momentum 0.9, Nesterov) | adamw [sgd]"),
+    ("momentum", float, "SGD momentum [0.9]"),
+    ("weight_decay", float, "weight decay, not applied to norms and biases [1e-4]"),
+    ("warmup_epochs", float, "linear warmup before cosine decay, in epochs [0.5]"),
+    ("label_smoothing", float, "cross-entropy label smoothing [0.1]"),
+    ("class_weights", str, "none | auto (inverse class frequency) [none]"),
+    ("head_hidden", int, "hidden units in the head, 0 for a linear head [0]"),
+    ("head_dropout", float, "dropout before the head's output layer [0]"),
+    ("head_activation", str, "relu | gelu | silu | tanh | sigmoid [relu]"),
+    ("aug_scale_min", float, "RandomResizedCrop minimum area fraction [0.25]"),
+    ("hflip", float, "horizontal flip probability [0.5]"),
+    ("vflip", float, "vertical flip probability [0]"),
+    ("color_jitter", float, "brightness/contrast/saturation jitter strength [0.2]"),
+    ("val_fraction", float, "fraction of each class held out for validation [0.2]"),
+    ("test_fraction", float, "fraction of each class held out for testing [0]"),
+    ("path_column", str, "label file: column with image paths [path]"),
+    ("label_column", str, "label file: column with class names [label]"),
+    ("monitor", str, "val metric choosing the best checkpoint: accuracy | macro_f1 | loss"),
+    ("early_stopping", int, "stop after this many epochs without improvement, 0 = off [0]"),
+    ("num_workers", int, "DataLoader worker processes [2]"),
+    ("precision", str, "auto | 32-true | bf16-mixed | 16-mixed [auto: bf16 on capable GPUs]"),
+    ("accelerator", str, "auto | cpu | gpu [auto]"),
+    ("seed", int, "seed for the split, init and augmentation [0]"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convtune",
+        description="Fine-tune a pretrained timm encoder on your images, export it, serve it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser(
+        "fit",
+        help="fine-tune a model on labelled images",
+        description="Fine-tune a timm encoder with a new classifier head.",
+    )
+    for name, kind, text in _FIT_OPTIONS:
+        fit.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            help=text,
+            default=argparse.SUPPRESS,
+        )
+    fit.add_argument(
+        "--skip-bad-images",
+        dest="skip_bad_images",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="drop unreadable images instead of failing",
+    )
+    fit.add_argument("--config", help="YAML file with the same keys as these options")
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint and saved config",
+    )
+
+    export = commands.add_parser(
+        "export",
+        help="export a run into the BentoML model store",
+        description="Export RUN_DIR's best model as an ONNX artifact "
+        "(also written to RUN_DIR/artifact) and store it as NAME.",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--name", required=True, help="model name in the BentoML store")
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify image files (prints JSON)",
+        description="Classify images with an exported model.",
+    )
+    predict.add_argument(
+        "model",
+        metavar="MODEL",
+        help="NAME[:VERSION] in the BentoML store, or an artifact directory",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=5, help="classes to list per image [5]")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a model on labelled images",
+        description="Accuracy, macro-F1 and per-class scores (JSON).",
+    )
+    evaluate.add_argument(
+        "model",
+        metavar="MODEL",
+        help="NAME[:VERSION] in the BentoML store, or an artifact directory",
+    )
+    evaluate.add_argument("--data", required=True, help="folder tree or label file")
+    evaluate.add_argument("--run", type=Path, help="run directory whose saved split to use")
+    evaluate.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        help="with --run: evaluate only this part of the saved split",
+    )
+    evaluate.add_argument("--path-column", default="path")
+    evaluate.add_argument("--label-column", default="label")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger = logging.getLogger("convtune")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.StreamHandler())
+    handler = {
+        "fit": run_fit,
+        "export": run_export,
+        "predict": run_predict,
+        "evaluate": run_evaluate,
+    }[args.command]
+    try:
+        handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # Our own errors carry a message meant for the user; a traceback would bury it.
+        print(f"convtune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> None:
+    from training.config import load_saved_config, resolve_config
+    from training.fit import fit
+
+    overrides = {
+        name: value
+        for name, value in vars(args).items()
+        if name not in ("command", "config", "resume")
+    }
+    if args.resume:
+        if "out" not in overrides:
+            raise ValueError("--resume needs --out RUN_DIR")
+        saved = load_saved_config(Path(overrides["out"])).to_dict()
+        config = resolve_config(None, {**saved, **overrides})
+    else:
+        config = resolve_config(args.config, overrides)
+    metrics = fit(config, resume=args.resume)
+    print(json.dumps({"run_dir": config.out, "val": metrics}, indent=2))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from training.export import ARTIFACT_DIR, build_artifact, register_in_store
+
+    artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR)
+    print(register_in_store(artifact, args.name))
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from data.images import decode_rgb
+    from models.inference import OnnxClassifier, format_prediction
+    from training.export import locate_artifact
+
+    if args.top_k < 1:
+        raise ValueError("--top-k must be a positive integer")
+    classifier = OnnxClassifier(locate_artifact(args.model))
+    probabilities = classifier.classify([decode_rgb(path) for path in args.images])
+    results = [
+        {"image": str(path), **format_prediction(row, classifier.classes, args.top_k)}
+        for path, row in zip(args.images, probabilities, strict=True)
+    ]
+    print(json.dumps({"model": args.model, "results": results}, indent=2))
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from data.sources import load_labelled_images
+    from data.splits import SPLIT_FILE, load_split
+    from training.evaluate import evaluate_artifact
+    from training.export import locate_artifact
+
+    images = load_labelled_images(
+        args.data, path_column=args.path_column, label_column=args.label_column
+    )
+    if args.split:
+        if args.run is None:
+            raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")
+        split = load_split(args.run / SPLIT_FILE, images)
+        images = images.subset(list(split.part(args.split)))
+    metrics = evaluate_artifact(locate_artifact(args.model), images)
+    print(json.dumps({"model": args.model, "split": args.split or "all", **metrics}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

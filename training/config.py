@@ -1,0 +1,107 @@
+"""The run configuration: defaults, overridden by a YAML file, overridden by flags.
+
+The resolved configuration is written to ``RUN_DIR/config.yaml`` so a run can be read,
+resumed and reproduced from its directory alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    data: str
+    model: str
+    out: str
+    pretrained: str = "hub"
+    epochs: int = 10
+    img_size: int | None = None
+    batch_size: int = 32
+    freeze_epochs: int = 1
+    lr: float = 0.01
+    backbone_lr_scale: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    class_weights: str = "none"
+    head_hidden: int = 0
+    head_dropout: float = 0.0
+    head_activation: str = "relu"
+    aug_scale_min: float = 0.25
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.2
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    path_column: str = "path"
+    label_column: str = "label"
+    skip_bad_images: bool = False
+    monitor: str = "accuracy"
+    early_stopping: int = 0
+    num_workers: int = 2
+    precision: str = "auto"
+    accelerator: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "freeze_epochs": 0 <= self.freeze_epochs <= self.epochs,
+            "lr": self.lr > 0,
+            "optimizer": self.optimizer in ("sgd", "adamw"),
+            "class_weights": self.class_weights in ("none", "auto"),
+            "monitor": self.monitor in ("accuracy", "macro_f1", "loss"),
+            "img_size": self.img_size is None or self.img_size >= 16,
+            "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "invalid setting(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(FitConfig)]
+
+
+def resolve_config(yaml_file: str | Path | None, overrides: dict[str, Any]) -> FitConfig:
+    """Merge defaults < YAML file < explicit overrides; unknown keys are an error."""
+    values: dict[str, Any] = {}
+    if yaml_file is not None:
+        loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_file} must hold a mapping of option: value")
+        values.update({key.replace("-", "_"): value for key, value in loaded.items()})
+    values.update(overrides)
+    unknown = sorted(set(values) - set(option_names()))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known: {option_names()}")
+    missing = [name for name in ("data", "model", "out") if values.get(name) is None]
+    if missing:
+        raise ValueError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+    return FitConfig(**values)
+
+
+def save_config(config: FitConfig, run_dir: Path) -> None:
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_saved_config(run_dir: Path) -> FitConfig:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no {CONFIG_FILE}: it is not a convtune run directory")
+    return FitConfig(**yaml.safe_load(path.read_text()))

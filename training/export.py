@@ -1,0 +1,170 @@
+"""Export a finished run as an artifact and register it in the BentoML model store.
+
+The ONNX graph is only accepted if onnxruntime reproduces PyTorch's logits on a probe
+batch (max abs difference ≤ ``TOLERANCE``): an export that silently changes the model is
+worse than no export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from models.artifact import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    SCHEMA_VERSION,
+    WEIGHTS_FILE,
+    ArtifactError,
+    write_manifest,
+)
+from models.factory import ImageClassifier, rebuild_model
+from models.inference import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from training.config import load_saved_config
+from training.fit import MODEL_DESCRIPTION, MODEL_WEIGHTS
+
+TOLERANCE = 1e-4
+ARTIFACT_DIR = "artifact"
+_VERSIONED_PACKAGES = (
+    "convtune",
+    "torch",
+    "timm",
+    "lightning",
+    "albumentations",
+    "onnx",
+    "onnxruntime",
+)
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported, or the exported graph does not match the model."""
+
+
+def load_trained_model(run_dir: Path) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Rebuild a run's best model from ``model.json`` + ``model.safetensors``."""
+    description_file = run_dir / MODEL_DESCRIPTION
+    if not description_file.is_file():
+        raise ExportError(f"{run_dir} has no {MODEL_DESCRIPTION}: has `convtune fit` finished?")
+    description = json.loads(description_file.read_text())
+    model = rebuild_model(description)
+    model.load_state_dict(load_file(run_dir / MODEL_WEIGHTS))
+    return model.eval(), description
+
+
+def export_onnx(model: ImageClassifier, path: Path) -> None:
+    height, width = model.preprocessing.input_size
+    example = torch.randn(2, 3, height, width)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+
+
+def build_artifact(run_dir: Path, destination: Path) -> Path:
+    """Write a verified artifact for ``run_dir`` into ``destination`` (replaced if present)."""
+    model, description = load_trained_model(run_dir)
+    with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:
+        staging = Path(staging_name)
+        export_onnx(model, staging / ONNX_FILE)
+        shutil.copyfile(run_dir / MODEL_WEIGHTS, staging / WEIGHTS_FILE)
+        write_manifest(staging, build_manifest(run_dir, description))
+        check_onnx_matches(model, staging)
+        if destination.exists():
+            shutil.rmtree(destination)
+        shutil.copytree(staging, destination)
+    return destination
+
+
+def build_manifest(run_dir: Path, description: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "architecture": description["architecture"],
+        "classes": description["classes"],
+        "num_classes": description["num_classes"],
+        "head": description["head"],
+        "preprocessing": description["preprocessing"],
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "kind": "logits"},
+        "temperature": 1.0,
+        "metrics": {"val": description["val_metrics"]},
+        "training_config": load_saved_config(run_dir).to_dict(),
+        "versions": {name: _version(name) for name in _VERSIONED_PACKAGES},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_onnx_matches(model: ImageClassifier, artifact_dir: Path) -> float:
+    """Max |logit difference| between PyTorch and onnxruntime on a fixed probe batch."""
+    height, width = model.preprocessing.input_size
+    probe = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(probe).numpy()
+    try:
+        actual = OnnxClassifier(artifact_dir).logits(probe.numpy())
+    except ArtifactError as error:
+        raise ExportError(f"the freshly written artifact does not verify: {error}") from error
+    difference = float(np.max(np.abs(actual - expected)))
+    if difference > TOLERANCE:
+        raise ExportError(
+            f"ONNX and PyTorch logits differ by {difference:.2e} (> {TOLERANCE:.0e}); "
+            "the export is not faithful, refusing to write it"
+        )
+    return difference
+
+
+def register_in_store(artifact_dir: Path, name: str) -> str:
+    """Copy an artifact into the BentoML model store (``$BENTOML_HOME``); return its tag."""
+    import bentoml
+
+    manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
+    with bentoml.models.create(
+        name,
+        labels={"framework": "onnx", "architecture": manifest["architecture"]},
+        metadata={"classes": manifest["classes"], "val": manifest["metrics"]["val"]},
+    ) as stored:
+        for file in artifact_dir.iterdir():
+            shutil.copyfile(file, Path(stored.path) / file.name)
+    return str(stored.tag)
+
+
+def locate_artifact(reference: str) -> Path:
+    """``reference`` is an artifact directory or a ``NAME[:VERSION]`` in the BentoML store."""
+    path = Path(reference)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if path.exists():
+        raise ArtifactError(f"{path} is not a convtune artifact (no {MANIFEST_FILE})")
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return Path(bentoml.models.get(reference).path)
+    except (NotFound, ValueError) as error:
+        raise ArtifactError(
+            f"{reference!r} is neither an artifact directory nor a model in the BentoML "
+            f"store ({error}); see `bentoml models list`"
+        ) from error
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

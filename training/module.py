@@ -1,0 +1,111 @@
+"""The LightningModule: the fine-tuning recipe and nothing else.
+
+Cross-entropy (optional label smoothing and class weights); SGD with Nesterov momentum
+by default, because momentum damps the zig-zag of plain SGD across ravines of the loss
+surface, or AdamW; linear warmup then cosine decay, stepped per batch; no weight decay on
+norms and biases (decaying a BatchNorm scale only fights its own normalisation); the
+encoder learns at ``backbone_lr_scale`` × the head's rate so pretrained features move
+slowly while the new head catches up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from models.factory import ImageClassifier
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float = 0.01
+    backbone_lr_scale: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    class_weights: tuple[float, ...] | None = None
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, model: ImageClassifier, recipe: Recipe) -> None:
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        weight = torch.tensor(recipe.class_weights) if recipe.class_weights else None
+        self.loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+        num_classes = model.num_classes
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_macro_f1 = MulticlassF1Score(num_classes, average="macro")
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        pixels, labels = batch
+        logits = self.model(pixels)
+        loss = self.loss(logits, labels)
+        self.train_accuracy(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        pixels, labels = batch
+        logits = self.model(pixels)
+        self.val_accuracy(logits, labels)
+        self.val_macro_f1(logits, labels)
+        self.log("val/loss", self.loss(logits, labels), prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True)
+        self.log("val/macro_f1", self.val_macro_f1, prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        recipe = self.recipe
+        groups = [
+            *param_groups(self.model.head, lr=recipe.lr, weight_decay=recipe.weight_decay),
+            *param_groups(
+                self.model.encoder,
+                lr=recipe.lr * recipe.backbone_lr_scale,
+                weight_decay=recipe.weight_decay,
+            ),
+        ]
+        if recipe.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = int(recipe.warmup_epochs * steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step"},
+        }
+
+
+def param_groups(module: nn.Module, *, lr: float, weight_decay: float) -> list[dict]:
+    """Two groups: weights with decay; biases and norm scales (1-D tensors) without."""
+    decay, no_decay = [], []
+    for parameter in module.parameters():
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    return [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear ramp to 1 over ``warmup_steps``, then cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
