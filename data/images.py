@@ -60,7 +60,7 @@ def decode_rgb(
         width, height = image.size
         if width * height > max_pixels:
             raise ImageDecodeError(
-                f"{name} is {width}x{height} pixels, over the limit of {max_pixels:,} pixels"
+                f"{name} is {width}x{height} pixels, more than the limit of {max_pixels:,} pixels"
             )
         if draft_size is not None and image.format in ("JPEG", "MPO"):
             image.draft("RGB", draft_size)
@@ -74,7 +74,9 @@ def decode_rgb(
             f"{name} is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})"
         ) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"{name} is too large to decode safely: {error}") from error
+        raise ImageDecodeError(
+            f"{name} declares more pixels than the limit of {max_pixels:,} pixels"
+        ) from error
     # Pillow's decoders raise many types on damaged input (OSError, SyntaxError,
     # struct.error, IndexError, ...); to a caller they all mean the same thing.
     except Exception as error:

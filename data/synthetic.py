@@ -1,7 +1,8 @@
 """A small generated dataset with a real, learnable task: which shape is in the picture.
 
-Used by the test suite and the offline demo. Each image has one circle, square or
-triangle of random size, position and colour on a random-colour background with noise.
+Used by the test suite and the offline demo. Each image has one light circle, square
+or triangle of random size, position and colour on a dark random-colour background,
+with noise.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ SHAPES = ("circle", "square", "triangle")
 
 
 def draw_shape(shape: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    background = tuple(int(v) for v in rng.integers(0, 256, 3))
-    colour = tuple((c + int(rng.integers(80, 176))) % 256 for c in background)
+    # Dark background, light shape: colours vary, but the outline is always visible.
+    background = tuple(int(v) for v in rng.integers(0, 96, 3))
+    colour = tuple(int(v) for v in rng.integers(160, 256, 3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     radius = rng.uniform(0.2, 0.35) * size

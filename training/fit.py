@@ -5,7 +5,7 @@ A run directory holds everything needed to resume, evaluate and export it::
     config.yaml          the resolved configuration
     split.json           the exact train/val/test images (reused by resume and evaluate)
     classes.json         class names in output order
-    logs/metrics.csv     per-step and per-epoch metrics
+    logs/version_N/      metrics.csv per attempt (resuming starts a new version)
     checkpoints/         best.ckpt and last.ckpt (Lightning, for --resume)
     model.safetensors    the best weights (by the monitored val metric)
     model.json           how to rebuild the model, and its val metrics
@@ -100,7 +100,8 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         accelerator=config.accelerator,
         precision=resolve_precision(config.precision),
         callbacks=callbacks,
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        # One logs/version_N/ per attempt, so resuming never overwrites earlier metrics.
+        logger=CSVLogger(run_dir, name="logs"),
         deterministic=False,
         log_every_n_steps=1,
         enable_model_summary=False,

@@ -1,0 +1,77 @@
+"""Shared fixtures: a generated shapes dataset and one trained + exported run.
+
+Training happens once per test session (about 15 s on 2 cores) and every test that needs
+a real model reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# Set before anything imports bentoml, which reads it once; servers started by tests
+# inherit it. The suite never touches the user's own model store.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="convtune-test-bentoml-")
+
+from data.synthetic import make_shapes_dataset  # noqa: E402
+
+IMAGE_SIZE = 40
+# A recipe that reliably learns the shapes task in 2 epochs from scratch (val ≈ 0.9+).
+FIT_ARGS = [
+    "--model", "test_resnet", "--pretrained", "none", "--epochs", "2",
+    "--img-size", str(IMAGE_SIZE), "--batch-size", "16", "--freeze-epochs", "0",
+    "--optimizer", "sgd", "--lr", "0.1", "--aug-scale-min", "0.9", "--num-workers", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fit_args() -> list[str]:
+    return list(FIT_ARGS)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), per_class=200, size=IMAGE_SIZE, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
+def heldout_shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images the model never saw, drawn with another seed."""
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("heldout"), per_class=15, size=IMAGE_SIZE, seed=123
+    )
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    return Path(os.environ["BENTOML_HOME"])
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.cli import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "shapes"
+    assert main(["fit", "--data", str(shapes_dir), "--out", str(run_dir), *FIT_ARGS]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run: Path, bentoml_home: Path) -> str:
+    """The trained run exported as ``convtune`` into the session's BentoML store."""
+    from training.export import ARTIFACT_DIR, build_artifact, register_in_store
+
+    artifact = build_artifact(trained_run, trained_run / ARTIFACT_DIR)
+    return register_in_store(artifact, "convtune")
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(trained_run: Path, exported_model: str) -> Path:
+    return trained_run / "artifact"

@@ -1,0 +1,177 @@
+"""Shared fixtures for the service tests: one real model, trained, exported and served.
+
+Once per session: generate the shapes dataset, ``convtune fit`` a tiny encoder on it,
+``convtune export`` it into a private BentoML home, and run ``bentoml serve`` on a free
+local port. Everything runs as it would for a user: subprocesses, real files, real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from data.synthetic import make_shapes_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 120
+# Small enough to train in well under a minute on two CPU cores.
+FIT_OPTIONS = [
+    "--model", "test_efficientnet",
+    "--pretrained", "none",
+    "--epochs", "2",
+    "--img-size", "48",
+    "--batch-size", "16",
+    "--freeze-epochs", "0",
+    "--optimizer", "adamw",
+    "--lr", "0.005",
+    "--aug-scale-min", "0.9",
+    "--num-workers", "0",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A trained run, its artifact, and the BentoML home holding it as a model."""
+
+    root: Path
+    run_dir: Path
+    artifact_dir: Path
+    bentoml_home: Path
+    tag: str
+    classes: tuple[str, ...]
+    env: dict[str, str]
+
+    def run(self, *args: str, timeout: float = 300, **env: str) -> str:
+        """Run ``python -m ARGS`` in the repository root; return stdout, fail on error."""
+        result = subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=REPO,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+
+def subprocess_env(bentoml_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CONVTUNE_MODEL"}
+    env.update(
+        NO_ALBUMENTATIONS_UPDATE="1",
+        BENTOML_DO_NOT_TRACK="true",
+        BENTOML_HOME=str(bentoml_home),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    root = tmp_path_factory.mktemp("convtune-service")
+    home = root / "bentoml"
+    env = subprocess_env(home)
+    data = make_shapes_dataset(root / "shapes", per_class=40, size=48, seed=0)
+    run_dir = root / "run"
+    partial = Exported(root, run_dir, run_dir / "artifact", home, "", (), env)
+    partial.run("training.cli", "fit", "--data", str(data), "--out", str(run_dir), *FIT_OPTIONS)
+    tag = partial.run("training.cli", "export", str(run_dir), "--name", "convtune").strip()
+    tag = tag.splitlines()[-1]
+    manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
+    return Exported(root, run_dir, run_dir / "artifact", home, tag, tuple(manifest["classes"]), env)
+
+
+@pytest.fixture(scope="session")
+def probe_images(exported: Exported) -> list[Path]:
+    """Eight test images: six generated PNGs, plus the same shapes as JPEG, RGBA and gray."""
+    root = make_shapes_dataset(exported.root / "probe", per_class=2, size=48, seed=7)
+    pngs = sorted(root.glob("*/*.png"))
+    extra = exported.root / "probe-extra"
+    extra.mkdir()
+    Image.open(pngs[0]).save(extra / "jpeg.jpg", quality=90)
+    Image.open(pngs[2]).convert("RGBA").save(extra / "rgba.png")
+    Image.open(pngs[4]).convert("L").save(extra / "gray.png")
+    return [*pngs, extra / "jpeg.jpg", extra / "rgba.png", extra / "gray.png"]
+
+
+@pytest.fixture(scope="session")
+def cli_results(exported: Exported, probe_images: list[Path]) -> list[dict]:
+    """``convtune predict`` on the probe images: the numbers the service must reproduce."""
+    out = exported.run(
+        "training.cli", "predict", str(exported.artifact_dir), *map(str, probe_images),
+        "--top-k", "99",
+    )  # fmt: skip
+    return json.loads(out)["results"]
+
+
+@pytest.fixture(scope="session")
+def server(exported: Exported) -> Iterator[str]:
+    """Base URL of ``bentoml serve service.service:Convtune`` on a free local port."""
+    port = free_port()
+    log = (exported.root / "serve.log").open("wb")
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Convtune"]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=exported.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, exported.root / "serve.log")
+        yield url
+    finally:
+        stop(process)
+        log.close()
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"bentoml serve not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server (it stops its worker); if it hangs, kill its whole session."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def copy_model_store(exported: Exported, home: Path) -> None:
+    """A fresh BentoML home holding only the exported model."""
+    shutil.copytree(exported.bentoml_home / "models", home / "models", symlinks=True)

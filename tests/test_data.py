@@ -1,0 +1,181 @@
+"""Dataset discovery, the stratified split, transforms and per-worker augmentation seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from data.datamodule import ImageDataset, seed_worker_transforms
+from data.sources import DatasetError, LabelledImages, drop_unreadable, load_labelled_images
+from data.splits import load_split, save_split, stratified_split
+from data.transforms import Preprocessing, build_eval_transform, build_train_transform
+
+PREPROCESSING = Preprocessing(
+    input_size=(32, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_pct=0.875
+)
+
+
+def write_image(path: Path, colour=(200, 50, 50), size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_folder_tree_sorted_classes_and_hidden_files_ignored(tmp_path: Path) -> None:
+    for name in ("b.png", "a.jpg", ".hidden.png", "notes.txt", ".cache/x.png"):
+        if name.endswith(".txt"):
+            (tmp_path / "zebra").mkdir(exist_ok=True)
+            (tmp_path / "zebra" / name).write_text("not an image")
+        else:
+            write_image(tmp_path / "zebra" / name)
+    write_image(tmp_path / "ant" / "1.png")
+    write_image(tmp_path / ".trash" / "1.png")
+    images = load_labelled_images(tmp_path)
+    assert images.classes == ("ant", "zebra")
+    assert [p.name for p in images.paths] == ["1.png", "a.jpg", "b.png"]
+    assert images.labels == (0, 1, 1)
+
+
+def test_label_files_csv_and_tsv(tmp_path: Path) -> None:
+    write_image(tmp_path / "img" / "x.png")
+    write_image(tmp_path / "img" / "y.png")
+    (tmp_path / "labels.csv").write_text("file,kind\nimg/x.png,dog\nimg/y.png,cat\n")
+    (tmp_path / "labels.tsv").write_text("path\tlabel\nimg/x.png\tdog\nimg/y.png\tcat\n")
+    from_csv = load_labelled_images(
+        tmp_path / "labels.csv", path_column="file", label_column="kind"
+    )
+    from_tsv = load_labelled_images(tmp_path / "labels.tsv")
+    for images in (from_csv, from_tsv):
+        assert images.classes == ("cat", "dog")
+        assert images.labels == (1, 0)
+        assert images.paths[0] == (tmp_path / "img" / "x.png").resolve()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda root: root.mkdir(), "no class folders"),
+        (lambda root: (root / "a").mkdir(parents=True), "holds no images"),
+        (lambda root: write_image(root / "only" / "1.png"), "at least 2"),
+        (lambda root: None, "does not exist"),
+    ],
+)
+def test_dataset_errors_name_the_problem(tmp_path: Path, setup, message: str) -> None:
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DatasetError, match=message):
+        load_labelled_images(root)
+
+
+def test_label_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("image,label\nx.png,a\n")
+    with pytest.raises(DatasetError, match=r"no column\(s\) \['path'\]"):
+        load_labelled_images(tmp_path / "bad.csv")
+    (tmp_path / "gone.csv").write_text("path,label\nmissing.png,a\n")
+    with pytest.raises(DatasetError, match="do not exist"):
+        load_labelled_images(tmp_path / "gone.csv")
+
+
+def test_unreadable_images_fail_or_are_skipped(tmp_path: Path) -> None:
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.png")
+        write_image(tmp_path / "b" / f"{i}.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    images = load_labelled_images(tmp_path)
+    with pytest.raises(DatasetError, match="broken.png"):
+        drop_unreadable(images, skip_bad_images=False)
+    kept, bad = drop_unreadable(images, skip_bad_images=True)
+    assert len(kept) == 6 and [p.name for p, _ in bad] == ["broken.png"]
+
+
+def test_split_is_stratified_disjoint_and_deterministic() -> None:
+    labels = [0] * 50 + [1] * 30 + [2] * 10
+    classes = ("a", "b", "c")
+    split = stratified_split(labels, classes, val_fraction=0.2, test_fraction=0.1, seed=7)
+    parts = [set(split.train), set(split.val), set(split.test)]
+    assert set.union(*parts) == set(range(90))
+    assert sum(len(p) for p in parts) == 90
+    val_labels = np.bincount([labels[i] for i in split.val])
+    test_labels = np.bincount([labels[i] for i in split.test])
+    assert val_labels.tolist() == [10, 6, 2] and test_labels.tolist() == [5, 3, 1]
+    again = stratified_split(labels, classes, val_fraction=0.2, test_fraction=0.1, seed=7)
+    other = stratified_split(labels, classes, val_fraction=0.2, test_fraction=0.1, seed=8)
+    assert again == split and other != split
+
+
+def test_split_refuses_a_class_that_is_too_small() -> None:
+    with pytest.raises(DatasetError, match="class 'rare' has 2 image"):
+        stratified_split([0] * 10 + [1] * 2, ("common", "rare"), val_fraction=0.2,
+                         test_fraction=0.2, seed=0)  # fmt: skip
+
+
+def test_saved_split_round_trips_and_detects_a_changed_dataset(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        for i in range(5):
+            write_image(tmp_path / "data" / cls / f"{i}.png")
+    images = load_labelled_images(tmp_path / "data")
+    split = stratified_split(images.labels, images.classes, val_fraction=0.4, seed=1)
+    save_split(tmp_path / "split.json", images, split, seed=1)
+    write_image(tmp_path / "data" / "a" / "new.png")  # added later: must not move the split
+    grown = load_labelled_images(tmp_path / "data")
+    reloaded = load_split(tmp_path / "split.json", grown)
+    assert [grown.paths[i] for i in reloaded.val] == [images.paths[i] for i in split.val]
+    (tmp_path / "data" / "b" / "0.png").unlink()
+    with pytest.raises(DatasetError, match="are gone"):
+        load_split(tmp_path / "split.json", load_labelled_images(tmp_path / "data"))
+
+
+def test_eval_transform_resizes_crops_and_normalises() -> None:
+    pixels = np.full((60, 90, 3), (255, 102, 0), dtype=np.uint8)
+    out = build_eval_transform(PREPROCESSING)(image=pixels)["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+    expected = (np.array([1.0, 0.4, 0.0]) - np.array(PREPROCESSING.mean)) / np.array(
+        PREPROCESSING.std
+    )
+    assert np.allclose(out.mean(axis=(1, 2)), expected, atol=1e-5)
+
+
+def test_eval_transform_keeps_the_centre() -> None:
+    # Left and right thirds red, centre green: the centre crop sees only green.
+    pixels = np.zeros((64, 192, 3), dtype=np.uint8)
+    pixels[:, :64, 0] = pixels[:, 128:, 0] = 255
+    pixels[:, 64:128, 1] = 255
+    out = build_eval_transform(PREPROCESSING)(image=pixels)["image"]
+    red = out[0] * PREPROCESSING.std[0] + PREPROCESSING.mean[0]
+    assert red.max() < 0.05
+
+
+def test_train_transform_is_random_but_seedable() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    transform = build_train_transform(PREPROCESSING)
+    transform.set_random_seed(3)
+    first = [transform(image=pixels)["image"] for _ in range(3)]
+    transform.set_random_seed(3)
+    second = [transform(image=pixels)["image"] for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_each_dataloader_worker_draws_its_own_augmentations(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "a" / "0.png", size=(64, 64))
+    Image.fromarray(
+        np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ).save(path)
+    images = LabelledImages((path,) * 8, (0,) * 8, ("a",))
+    transform = build_train_transform(PREPROCESSING)
+    transform.set_random_seed(0)
+    dataset = ImageDataset(images, transform)
+    # batch_size 4 and 2 workers: worker 0 yields batch 0, worker 1 yields batch 1.
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=seed_worker_transforms)
+    torch.manual_seed(0)
+    first, second = (batch[0] for batch in loader)
+    assert not torch.equal(first, second)
+    # Without the worker seeding both workers repeat the parent's random stream.
+    unseeded = DataLoader(dataset, batch_size=4, num_workers=2)
+    first, second = (batch[0] for batch in unseeded)
+    assert torch.equal(first, second)

@@ -1,0 +1,79 @@
+"""create_model: timm encoder + head, explicit init, local weight files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from models.factory import HeadConfig, create_model, rebuild_model
+from models.head import OUTPUT_INIT_STD, build_head
+from models.weights import WeightsError
+
+
+@pytest.mark.parametrize(
+    ("activation", "expected_variance"),
+    [("relu", lambda i, o: 2 / i), ("gelu", lambda i, o: 2 / i),
+     ("tanh", lambda i, o: 2 / (i + o)), ("sigmoid", lambda i, o: 2 / (i + o))],
+)  # fmt: skip
+def test_head_init_variances(activation: str, expected_variance) -> None:
+    torch.manual_seed(0)
+    fan_in, hidden, classes = 512, 1024, 10
+    head = build_head(fan_in, classes, hidden_features=hidden, activation=activation)
+    hidden_layer, output_layer = head[0], head[-1]
+    measured = hidden_layer.weight.var().item()
+    assert measured == pytest.approx(expected_variance(fan_in, hidden), rel=0.05)
+    assert output_layer.weight.std().item() == pytest.approx(OUTPUT_INIT_STD, rel=0.05)
+    assert torch.count_nonzero(output_layer.weight) == output_layer.weight.numel()
+
+
+def test_model_maps_images_to_logits_and_resolves_its_preprocessing() -> None:
+    model = create_model("test_vit", 4, pretrained="none", img_size=64,
+                         head=HeadConfig(hidden_features=16, dropout=0.1))  # fmt: skip
+    assert model.preprocessing.input_size == (64, 64)
+    assert model.preprocessing.mean == (0.5, 0.5, 0.5)  # test_vit's own statistics
+    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    rebuilt = rebuild_model({**model.describe(), "classes": list("abcd")})
+    rebuilt.load_state_dict(model.state_dict())  # same structure, strict
+
+
+@pytest.fixture(scope="module")
+def pretrained_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 'pretrained' test_efficientnet with a 1000-class head, saved both ways."""
+    torch.manual_seed(1)
+    source = timm.create_model("test_efficientnet", num_classes=1000)
+    directory = tmp_path_factory.mktemp("weights")
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, directory / "weights.safetensors")
+    torch.save(state, directory / "weights.pth")
+    return {"safetensors": directory / "weights.safetensors", "pth": directory / "weights.pth",
+            "state": state}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+def test_local_weight_file_loads_encoder_and_drops_mismatched_head(pretrained_files, kind):
+    state = pretrained_files["state"]
+    model = create_model("test_efficientnet", 3, pretrained=str(pretrained_files[kind]))
+    assert torch.equal(model.encoder.conv_stem.weight, state["conv_stem.weight"])
+    assert model.head[-1].weight.shape == (3, model.encoder.num_features)
+    assert model.head[-1].weight.std().item() == pytest.approx(OUTPUT_INIT_STD, rel=0.3)
+
+
+def test_pretrained_classifier_is_kept_for_the_same_classes(pretrained_files) -> None:
+    state = pretrained_files["state"]
+    model = create_model("test_efficientnet", 1000, pretrained=str(pretrained_files["pth"]))
+    assert torch.equal(model.head[-1].weight, state["classifier.weight"])
+    reference = timm.create_model("test_efficientnet", num_classes=1000).eval()
+    reference.load_state_dict(state)
+    pixels = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(model.eval()(pixels), reference(pixels), atol=1e-5)
+
+
+def test_weight_source_errors() -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_model("test_efficientnet", 3, pretrained="/no/such/file.safetensors")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_model("no_such_net", 3)
