@@ -163,9 +163,9 @@ def test_train_transform_is_random_but_seedable() -> None:
 
 def test_each_dataloader_worker_draws_its_own_augmentations(tmp_path: Path) -> None:
     path = write_image(tmp_path / "a" / "0.png", size=(64, 64))
-    Image.fromarray(
-        np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    ).save(path)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        path
+    )
     images = LabelledImages((path,) * 8, (0,) * 8, ("a",))
     transform = build_train_transform(PREPROCESSING)
     transform.set_random_seed(0)

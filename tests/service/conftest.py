@@ -7,9 +7,9 @@ local port. Everything runs as it would for a user: subprocesses, real files, re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
@@ -27,16 +28,20 @@ from data.synthetic import make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120
-# Small enough to train in well under a minute on two CPU cores.
+IMAGE_SIZE = 48
+TRAIN_PER_CLASS = 120
+# About 25 s on two idle CPU cores; held-out accuracy 1.0 when measured (val 0.93). The
+# test_efficientnet/AdamW recipe stayed at chance (0.33) after 2 epochs, so this is the
+# suite's test_resnet/SGD recipe.
 FIT_OPTIONS = [
-    "--model", "test_efficientnet",
+    "--model", "test_resnet",
     "--pretrained", "none",
     "--epochs", "2",
-    "--img-size", "48",
+    "--img-size", str(IMAGE_SIZE),
     "--batch-size", "16",
     "--freeze-epochs", "0",
-    "--optimizer", "adamw",
-    "--lr", "0.005",
+    "--optimizer", "sgd",
+    "--lr", "0.1",
     "--aug-scale-min", "0.9",
     "--num-workers", "0",
 ]  # fmt: skip
@@ -55,9 +60,9 @@ class Exported:
     env: dict[str, str]
 
     def run(self, *args: str, timeout: float = 300, **env: str) -> str:
-        """Run ``python -m ARGS`` in the repository root; return stdout, fail on error."""
+        """Run ``python ARGS`` in the repository root; return stdout, fail on error."""
         result = subprocess.run(
-            [sys.executable, "-m", *args],
+            [sys.executable, *args],
             cwd=REPO,
             env={**self.env, **env},
             capture_output=True,
@@ -90,11 +95,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     root = tmp_path_factory.mktemp("convtune-service")
     home = root / "bentoml"
     env = subprocess_env(home)
-    data = make_shapes_dataset(root / "shapes", per_class=40, size=48, seed=0)
+    data = make_shapes_dataset(root / "shapes", per_class=TRAIN_PER_CLASS, size=IMAGE_SIZE, seed=0)
     run_dir = root / "run"
     partial = Exported(root, run_dir, run_dir / "artifact", home, "", (), env)
-    partial.run("training.cli", "fit", "--data", str(data), "--out", str(run_dir), *FIT_OPTIONS)
-    tag = partial.run("training.cli", "export", str(run_dir), "--name", "convtune").strip()
+    partial.run(
+        "-m", "training.cli", "fit", "--data", str(data), "--out", str(run_dir), *FIT_OPTIONS
+    )
+    tag = partial.run("-m", "training.cli", "export", str(run_dir), "--name", "convtune").strip()
     tag = tag.splitlines()[-1]
     manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
     return Exported(root, run_dir, run_dir / "artifact", home, tag, tuple(manifest["classes"]), env)
@@ -102,13 +109,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 @pytest.fixture(scope="session")
 def probe_images(exported: Exported) -> list[Path]:
-    """Eight test images: six generated PNGs, plus the same shapes as JPEG, RGBA and gray."""
-    root = make_shapes_dataset(exported.root / "probe", per_class=2, size=48, seed=7)
+    """Nine test images: six generated PNGs, then JPEG, translucent RGBA and gray versions."""
+    root = make_shapes_dataset(exported.root / "probe", per_class=2, size=IMAGE_SIZE, seed=7)
     pngs = sorted(root.glob("*/*.png"))
     extra = exported.root / "probe-extra"
     extra.mkdir()
     Image.open(pngs[0]).save(extra / "jpeg.jpg", quality=90)
-    Image.open(pngs[2]).convert("RGBA").save(extra / "rgba.png")
+    translucent = Image.open(pngs[2]).convert("RGBA")
+    translucent.putalpha(160)
+    translucent.save(extra / "rgba.png")
     Image.open(pngs[4]).convert("L").save(extra / "gray.png")
     return [*pngs, extra / "jpeg.jpg", extra / "rgba.png", extra / "gray.png"]
 
@@ -117,7 +126,7 @@ def probe_images(exported: Exported) -> list[Path]:
 def cli_results(exported: Exported, probe_images: list[Path]) -> list[dict]:
     """``convtune predict`` on the probe images: the numbers the service must reproduce."""
     out = exported.run(
-        "training.cli", "predict", str(exported.artifact_dir), *map(str, probe_images),
+        "-m", "training.cli", "predict", str(exported.artifact_dir), *map(str, probe_images),
         "--top-k", "99",
     )  # fmt: skip
     return json.loads(out)["results"]
@@ -161,17 +170,16 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server (it stops its worker); if it hangs, kill its whole session."""
+    """SIGTERM the server, which stops its worker; if it hangs, SIGKILL both."""
     if process.poll() is not None:
         return
+    # The worker runs in a process group of its own: note it now, by pid.
+    workers = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        for child in [*workers, process]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                child.kill()
         process.wait(timeout=10)
-
-
-def copy_model_store(exported: Exported, home: Path) -> None:
-    """A fresh BentoML home holding only the exported model."""
-    shutil.copytree(exported.bentoml_home / "models", home / "models", symlinks=True)

@@ -1,0 +1,30 @@
+# make demo  - fresh venv, install, fine-tune on generated shapes, export, serve, ask it once
+# make test  - fresh venv, install with the dev extras, lint, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheels this project is tested with; override on machines that need other builds.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: venv demo test lint clean
+
+venv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev,weights]"
+
+demo: venv
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,141 @@
+"""Export: the artifact format, integrity checks, and predict/evaluate on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.images import decode_rgb
+from data.sources import load_labelled_images
+from models.artifact import ArtifactError, read_manifest
+from models.inference import OnnxClassifier, softmax
+from training.cli import main
+from training.evaluate import classification_metrics
+from training.export import check_onnx_matches, load_trained_model, locate_artifact
+
+
+def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> None:
+    assert sorted(p.name for p in artifact_dir.iterdir()) == [
+        "manifest.json", "model.onnx", "weights.safetensors",
+    ]  # fmt: skip
+    raw = read_manifest(artifact_dir).raw
+    assert raw["schema_version"] == 1
+    assert raw["architecture"] == "test_resnet"
+    assert raw["classes"] == ["circle", "square", "triangle"]
+    assert raw["preprocessing"]["input_size"] == [40, 40]
+    assert raw["temperature"] == 1.0
+    assert set(raw["metrics"]["val"]) >= {"accuracy", "macro_f1", "loss"}
+    assert raw["training_config"]["model"] == "test_resnet"
+    assert raw["versions"]["torch"] == metadata.version("torch")
+    assert set(raw["files"]) == {"model.onnx", "weights.safetensors"}
+
+
+def test_onnx_graph_matches_pytorch_for_any_batch_size(artifact_dir, trained_run) -> None:
+    model, _ = load_trained_model(trained_run)
+    assert check_onnx_matches(model, artifact_dir) <= 1e-4
+    classifier = OnnxClassifier(artifact_dir)
+    for batch in (1, 7):
+        pixels = torch.randn(batch, 3, 40, 40)
+        with torch.no_grad():
+            expected = model(pixels).numpy()
+        assert np.abs(classifier.logits(pixels.numpy()) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("victim", ["model.onnx", "weights.safetensors", "manifest.json"])
+def test_a_modified_artifact_is_refused(artifact_dir: Path, tmp_path: Path, victim: str):
+    copy = shutil.copytree(artifact_dir, tmp_path / "artifact")
+    if victim == "manifest.json":
+        manifest = json.loads((copy / victim).read_text())
+        manifest["files"]["model.onnx"] = "0" * 64
+        (copy / victim).write_text(json.dumps(manifest))
+    else:
+        data = bytearray((copy / victim).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / victim).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its recorded sha256"):
+        OnnxClassifier(copy)
+
+
+def test_model_store_and_directory_references(exported_model: str, artifact_dir: Path):
+    name, version = exported_model.split(":")
+    assert name == "convtune" and version
+    stored = locate_artifact("convtune:latest")
+    assert read_manifest(stored).raw["files"] == read_manifest(artifact_dir).raw["files"]
+    assert locate_artifact(str(artifact_dir)) == artifact_dir
+    with pytest.raises(ArtifactError, match="neither an artifact directory nor a model"):
+        locate_artifact("no-such-model:latest")
+
+
+def test_predict_prints_calibrated_probabilities(artifact_dir, heldout_shapes_dir, capsys):
+    files = sorted(heldout_shapes_dir.glob("*/000[0-2].png"))
+    assert main(["predict", "convtune:latest", *map(str, files), "--top-k", "2"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    classifier = OnnxClassifier(artifact_dir)
+    expected = classifier.classify([decode_rgb(f) for f in files])
+    assert len(answer["results"]) == len(files)
+    for result, row in zip(answer["results"], expected, strict=True):
+        probabilities = list(result["probabilities"].values())
+        assert list(result["probabilities"]) == ["circle", "square", "triangle"]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-6)
+        assert np.allclose(probabilities, row, atol=1e-6)
+        assert [t["label"] for t in result["top_k"]] == [
+            ["circle", "square", "triangle"][i] for i in np.argsort(-row)[:2]
+        ]
+
+
+def test_evaluate_on_heldout_images(heldout_shapes_dir, capsys) -> None:
+    assert main(["evaluate", "convtune:latest", "--data", str(heldout_shapes_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 45
+    assert report["accuracy"] > 0.6  # chance is 1/3
+    assert sum(c["support"] for c in report["per_class"].values()) == 45
+    assert np.array(report["confusion_matrix"]).sum() == 45
+
+
+def test_evaluate_uses_the_runs_saved_split(trained_run, shapes_dir, capsys) -> None:
+    args = ["evaluate", str(trained_run / "artifact"), "--data", str(shapes_dir),
+            "--run", str(trained_run), "--split", "val"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    val_count = len(json.loads((trained_run / "split.json").read_text())["val"])
+    assert report["n"] == val_count
+    recorded = read_manifest(trained_run / "artifact").raw["metrics"]["val"]["accuracy"]
+    assert report["accuracy"] == pytest.approx(recorded, abs=1e-6)
+
+
+def test_metrics_against_a_hand_worked_example() -> None:
+    # 3 cats, 2 dogs, 1 fox; predictions: cat cat dog | dog cat | fox.
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 0, 1, 1, 0, 2])
+    metrics = classification_metrics(labels, predicted, ("cat", "dog", "fox"))
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
+    cat = metrics["per_class"]["cat"]
+    assert (cat["precision"], cat["recall"]) == pytest.approx((2 / 3, 2 / 3))
+    dog = metrics["per_class"]["dog"]
+    assert (dog["precision"], dog["recall"], dog["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+
+
+def test_softmax_is_stable_and_temperature_flattens() -> None:
+    logits = np.array([[1000.0, 0.0, -1000.0], [1.0, 2.0, 3.0]])
+    probabilities = softmax(logits)
+    assert np.all(np.isfinite(probabilities))
+    assert np.allclose(probabilities.sum(axis=1), 1.0)
+    assert softmax(logits[1:], 10.0).max() < probabilities[1].max()
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(artifact_dir, tmp_path) -> None:
+    from data.synthetic import make_shapes_dataset
+    from training.evaluate import evaluate_artifact
+
+    root = make_shapes_dataset(tmp_path / "d", per_class=2)
+    (root / "circle").rename(root / "hexagon")
+    with pytest.raises(ValueError, match="hexagon"):
+        evaluate_artifact(artifact_dir, load_labelled_images(root))
