@@ -18,7 +18,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 # inherit it. The suite never touches the user's own model store.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="convtune-test-bentoml-")
 
-from data.synthetic import make_shapes_dataset  # noqa: E402
+from data.synthetic import make_shapes_dataset
 
 IMAGE_SIZE = 40
 # A recipe that reliably learns the shapes task in 2 epochs from scratch (val ≈ 0.9+).

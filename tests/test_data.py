@@ -87,7 +87,7 @@ def test_unreadable_images_fail_or_are_skipped(tmp_path: Path) -> None:
         write_image(tmp_path / "b" / f"{i}.png")
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     images = load_labelled_images(tmp_path)
-    with pytest.raises(DatasetError, match="broken.png"):
+    with pytest.raises(DatasetError, match=r"broken\.png"):
         drop_unreadable(images, skip_bad_images=False)
     kept, bad = drop_unreadable(images, skip_bad_images=True)
     assert len(kept) == 6 and [p.name for p, _ in bad] == ["broken.png"]

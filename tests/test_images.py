@@ -107,7 +107,7 @@ def test_truncated_image_is_an_error() -> None:
 
 
 def test_unreadable_path_names_the_file(tmp_path) -> None:
-    with pytest.raises(ImageDecodeError, match="missing.png"):
+    with pytest.raises(ImageDecodeError, match=r"missing\.png"):
         decode_rgb(tmp_path / "missing.png")
 
 

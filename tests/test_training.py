@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_warmup_then_cosine_schedule() -> None:
     assert values[4] == pytest.approx(1.0)
     assert values[12] == pytest.approx(0.5)
     assert values[20] == pytest.approx(0.0)
-    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[4:]))
 
 
 def test_no_weight_decay_on_norms_and_biases() -> None:
