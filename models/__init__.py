@@ -2,7 +2,8 @@
 
 What lives here: ``models.factory`` (``create_model``: a timm encoder plus a new head),
 ``models.head`` (the head and its initialisation), ``models.weights`` (where pretrained
-weights come from), ``models.artifact`` (the manifest, file hashes, reading and
+weights come from), ``models.packaged`` (offline ImageNet weights from pip packages),
+``models.artifact`` (the manifest, file hashes, reading and
 writing artifacts) and ``models.inference`` (running an artifact's ONNX graph).
 
 Imports: ``data`` and third-party libraries. ``models.artifact`` and ``models.inference``

@@ -1,15 +1,12 @@
-"""``Convtune``: classify uploaded images with an artifact from the BentoML model store.
+"""``Convtune``: classify uploaded images with a convtune model from the BentoML store.
 
-``POST /predict`` takes one file in the multipart field ``image``; ``POST /predict_batch``
-takes files in ``images``; both take an optional ``top_k`` (default 5). The numbers equal
-``convtune predict``'s: same decoder, same eval transform, same ONNX graph.
-
-The two endpoints are routes of a small Starlette app mounted on the service rather than
-``@bentoml.api`` methods, because BentoML's own input handling fetches any URL a client
-sends as text in a file field and answers some bad input with a 500. Here the uploaded bytes
-are decoded with ``data.images.decode_rgb`` and every bad request gets a 400 with
-``{"error": "..."}``. BentoML still provides /healthz, /readyz, /metrics, the traffic limits
-and, in-process, its adaptive batching dispatcher.
+``POST /predict`` (multipart file ``image``) and ``POST /predict_batch`` (files ``images``),
+both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``. They are
+routes of a small Starlette app mounted on the service, not ``@bentoml.api`` methods: BentoML's
+input handling fetches a URL sent as text in a file field and answers some bad input with a
+500. Here uploads are decoded by ``data.images.decode_rgb`` and bad requests get a 400 with
+``{"error": "..."}``; BentoML still provides the health probes, metrics, traffic limits and
+(in-process) the adaptive batching.
 """
 
 from __future__ import annotations
@@ -44,11 +41,11 @@ MAX_LATENCY_MS = 10_000  # a request queued longer than this is dropped with a 5
 
 
 class BadRequest(ValueError):
-    """The request is wrong; the message tells the client how (answered with 400)."""
+    """The request is wrong; the message tells the client how. Answered with 400."""
 
 
 class Overloaded(RuntimeError):
-    """The batching queue dropped the request (answered with 503)."""
+    """The batching queue dropped the request. Answered with 503."""
 
 
 def _overloaded() -> NoReturn:
@@ -71,7 +68,9 @@ async def _read_form(request: Request, field: str) -> tuple[list[tuple[str, byte
             uploads = []
             for index, file in enumerate(files):
                 if not isinstance(file, UploadFile):
-                    raise BadRequest(f"{field!r} must be an uploaded file, not text (no URLs)")
+                    raise BadRequest(
+                        f"{field!r} must be a file upload, not text (URLs aren't read)"
+                    )
                 if file.size is not None and file.size > MAX_FILE_BYTES:
                     raise BadRequest(f"{file.filename!r} is over {MAX_FILE_BYTES:,} bytes")
                 uploads.append((f"{field}[{index}] {file.filename!r}", await file.read()))
@@ -108,9 +107,12 @@ async def predict_batch(request: Request, service: Any) -> dict[str, Any]:
     return {"model": service.tag, "results": await service.classify(uploads, top_k)}
 
 
-def _endpoint(
-    handler: Callable[[Request, Any], Awaitable[dict[str, Any]]],
-) -> Callable[[Request], Awaitable[JSONResponse]]:
+Handler = Callable[[Request, Any], Awaitable[dict[str, Any]]]
+
+
+def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """``handler(request, service instance)`` → 200, BadRequest → 400, Overloaded → 503."""
+
     async def endpoint(request: Request) -> JSONResponse:
         try:
             return JSONResponse(await handler(request, bentoml.get_current_service()))
@@ -154,11 +156,7 @@ class Convtune:
         # `_infer` in one call, on a worker thread, and hands each caller its own (n, C)
         # rows. An item that waits over MAX_LATENCY_MS is dropped: `_overloaded` raises.
         self._dispatcher = CorkDispatcher(
-            max_latency_in_ms=MAX_LATENCY_MS,
-            max_batch_size=MAX_IMAGES,
-            fallback=_overloaded,
-            get_batch_size=len,
-            batch_dim=(0, 0),
+            MAX_LATENCY_MS, MAX_IMAGES, fallback=_overloaded, get_batch_size=len, batch_dim=(0, 0)
         )
         self._probabilities = self._dispatcher(self._infer)
 

@@ -1,8 +1,9 @@
 """Shared fixtures for the service tests: one real model, trained, exported and served.
 
-Once per session: generate the shapes dataset, ``convtune fit`` a tiny encoder on it,
-``convtune export`` it into a private BentoML home, and run ``bentoml serve`` on a free
-local port. Everything runs as it would for a user: subprocesses, real files, real HTTP.
+The model is the suite's one trained and exported run (``tests/conftest.py``: shapes
+dataset, ``convtune fit``, ``convtune export`` into a private BentoML home); here it is
+served by ``bentoml serve`` on a free local port, and the CLI and the server run as
+subprocesses, as they would for a user: real files, real HTTP.
 """
 
 from __future__ import annotations
@@ -28,23 +29,7 @@ from data.synthetic import make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120
-IMAGE_SIZE = 48
-TRAIN_PER_CLASS = 120
-# About 25 s on two idle CPU cores; held-out accuracy 1.0 when measured (val 0.93). The
-# test_efficientnet/AdamW recipe stayed at chance (0.33) after 2 epochs, so this is the
-# suite's test_resnet/SGD recipe.
-FIT_OPTIONS = [
-    "--model", "test_resnet",
-    "--pretrained", "none",
-    "--epochs", "2",
-    "--img-size", str(IMAGE_SIZE),
-    "--batch-size", "16",
-    "--freeze-epochs", "0",
-    "--optimizer", "sgd",
-    "--lr", "0.1",
-    "--aug-scale-min", "0.9",
-    "--num-workers", "0",
-]  # fmt: skip
+IMAGE_SIZE = 48  # probe images; the eval transform resizes them to the model's size
 
 
 @dataclass(frozen=True)
@@ -91,20 +76,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    root = tmp_path_factory.mktemp("convtune-service")
-    home = root / "bentoml"
-    env = subprocess_env(home)
-    data = make_shapes_dataset(root / "shapes", per_class=TRAIN_PER_CLASS, size=IMAGE_SIZE, seed=0)
-    run_dir = root / "run"
-    partial = Exported(root, run_dir, run_dir / "artifact", home, "", (), env)
-    partial.run(
-        "-m", "training.cli", "fit", "--data", str(data), "--out", str(run_dir), *FIT_OPTIONS
+def exported(
+    trained_run: Path,
+    exported_model: str,
+    bentoml_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Exported:
+    """The suite's trained run (tests/conftest.py), exported as ``convtune`` into the store."""
+    artifact_dir = trained_run / "artifact"
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    return Exported(
+        root=tmp_path_factory.mktemp("convtune-service"),
+        run_dir=trained_run,
+        artifact_dir=artifact_dir,
+        bentoml_home=bentoml_home,
+        tag=exported_model,
+        classes=tuple(manifest["classes"]),
+        env=subprocess_env(bentoml_home),
     )
-    tag = partial.run("-m", "training.cli", "export", str(run_dir), "--name", "convtune").strip()
-    tag = tag.splitlines()[-1]
-    manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
-    return Exported(root, run_dir, run_dir / "artifact", home, tag, tuple(manifest["classes"]), env)
 
 
 @pytest.fixture(scope="session")

@@ -114,8 +114,8 @@ def test_concurrent_requests_are_batched_correctly(server, exported, probe_image
         assert response.status_code == 200, response.text
         return index, response.json()
 
-    def batch() -> list[dict]:
-        files = [("images", image_file(path)) for path in probe_images]
+    def batch() -> list[dict]:  # 3 x 45 images: over the 64-image batch limit together
+        files = [("images", image_file(path)) for path in probe_images * 5]
         response = post(server, "predict_batch", files=files)
         assert response.status_code == 200, response.text
         return response.json()["results"]
@@ -127,7 +127,7 @@ def test_concurrent_requests_are_batched_correctly(server, exported, probe_image
     for index, result in singles:
         assert_same_numbers(result, cli_results[index])
     for results in batches:
-        for result, expected in zip(results, cli_results, strict=True):
+        for result, expected in zip(results, cli_results * 5, strict=True):
             assert_same_numbers(result, expected)
 
 

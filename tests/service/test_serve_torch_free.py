@@ -1,15 +1,21 @@
-"""The service's whole prediction path runs where torch, lightning and timm cannot load."""
+"""The service's prediction path, in-process, where torch, lightning and timm cannot load.
+
+One fresh interpreter blocks those packages, imports ``service.service``, builds the
+service (model from the store) and classifies the probe images: once as one request, then
+as concurrent requests, to check that the adaptive batching merges and splits correctly.
+"""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 
-# Runs in a fresh interpreter. The finder goes in before anything else is imported, so
-# any import of a blocked package, direct or transitive, fails as if it were not installed.
+# The finder goes in before anything else is imported, so any import of a blocked package,
+# direct or transitive, fails as if the package were not installed.
 SCRIPT = """
 import asyncio, json, sys
 
@@ -29,29 +35,67 @@ except ImportError:
 else:
     raise SystemExit("the import blocker does not work")
 
+import numpy as np
 import service.service as module
 
 instance = module.Convtune()  # resolves convtune:latest from $BENTOML_HOME
+calls = []  # images per onnxruntime call
+run = instance.classifier.probabilities
+instance.classifier.probabilities = lambda pixels: calls.append(len(pixels)) or run(pixels)
 
-async def classify():
+async def main():
+    uploads = [(path, open(path, "rb").read()) for path in sys.argv[1:]]
+    pixels = instance._pixels(uploads)
     try:
-        uploads = [(path, open(path, "rb").read()) for path in sys.argv[1:]]
-        return await instance.classify(uploads, 99)
+        results = await instance.classify(uploads, 99)
+        # Queued together: one request per image, then 3 requests of 5x the images each.
+        del calls[:]
+        singles = await asyncio.gather(*(instance._probabilities(p[None]) for p in pixels))
+        single_calls = calls[:]
+        del calls[:]
+        big = np.concatenate([pixels] * 5)
+        bigs = await asyncio.gather(*(instance._probabilities(big) for _ in range(3)))
+        return {
+            "results": results,
+            "singles": np.concatenate(singles).tolist(),
+            "single_calls": single_calls,
+            "bigs": [b.tolist() for b in bigs],
+            "big_calls": calls[:],
+        }
     finally:
         instance.stop_batching()
 
-results = asyncio.run(classify())
-loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
-print(json.dumps({"model": instance.tag, "results": results, "loaded": loaded}))
+answer = asyncio.run(main())
+answer["model"] = instance.tag
+answer["max_batch"] = module.MAX_IMAGES
+answer["loaded"] = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+print(json.dumps(answer))
 """
 
 
-def test_prediction_path_without_torch(exported, probe_images, cli_results) -> None:
+@pytest.fixture(scope="module")
+def in_process(exported, probe_images) -> dict:
     stdout = exported.run("-c", SCRIPT, *map(str, probe_images), timeout=120)
-    answer = json.loads(stdout.strip().splitlines()[-1])
-    assert answer["loaded"] == []
-    assert answer["model"] == exported.tag
-    for result, expected in zip(answer["results"], cli_results, strict=True):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_prediction_path_imports_no_torch(in_process, exported, cli_results) -> None:
+    assert in_process["loaded"] == []
+    assert in_process["model"] == exported.tag
+    for result, expected in zip(in_process["results"], cli_results, strict=True):
         assert result["label"] == expected["label"]
         for name, probability in expected["probabilities"].items():
             assert result["probabilities"][name] == pytest.approx(probability, abs=1e-5)
+
+
+def test_batching_merges_and_splits_requests(in_process, exported, cli_results) -> None:
+    expected = np.array([[r["probabilities"][c] for c in exported.classes] for r in cli_results])
+    # Requests queued together share one onnxruntime call; each gets its own row back.
+    assert in_process["single_calls"] == [len(cli_results)]
+    np.testing.assert_allclose(in_process["singles"], expected, atol=1e-5)
+    # Requests over the batch limit are split across calls and put back together.
+    limit = in_process["max_batch"]
+    assert max(in_process["big_calls"]) == limit
+    assert sum(in_process["big_calls"]) == 3 * 5 * len(cli_results)
+    for rows in in_process["bigs"]:
+        np.testing.assert_allclose(rows, np.concatenate([expected] * 5), atol=1e-5)
