@@ -206,6 +206,13 @@ def test_service_is_healthy_after_bad_input(server, probe_images, cli_results) -
     assert_same_numbers(response.json(), cli_results[0])
 
 
+def test_metrics_endpoint_counts_requests(server, probe_images) -> None:
+    post(server, "predict", files={"image": image_file(probe_images[0])})
+    response = httpx.get(f"{server}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert "bentoml_" in response.text and "/predict" in response.text
+
+
 class Listener:
     """A TCP server on a free local port that records every connection it accepts."""
 
