@@ -37,17 +37,14 @@ class LabelledImages:
 
 
 def load_labelled_images(
-    source: str | Path,
-    *,
-    path_column: str = "path",
-    label_column: str = "label",
+    source: str | Path, label_format: LabelFileFormat | None = None
 ) -> LabelledImages:
-    """Read a folder tree (``root/<class>/<image>``) or a ``.csv``/``.tsv`` label file."""
+    """Read a folder tree (``root/<class>/<image>``) or a label file (CSV, TSV, ...)."""
     source = Path(source)
     if source.is_dir():
         images = scan_folder_tree(source)
     elif source.is_file():
-        images = read_label_file(source, path_column=path_column, label_column=label_column)
+        images = read_label_file(source, label_format or LabelFileFormat())
     else:
         raise DatasetError(f"{source} does not exist")
     if len(images.classes) < 2:
@@ -82,23 +79,41 @@ def scan_folder_tree(root: Path) -> LabelledImages:
     return LabelledImages(tuple(paths), tuple(labels), tuple(d.name for d in class_dirs))
 
 
-def read_label_file(
-    label_file: Path, *, path_column: str = "path", label_column: str = "label"
-) -> LabelledImages:
-    """A CSV (``,``) or TSV (``.tsv``, tab) file with a header; paths relative to the file."""
-    delimiter = "\t" if label_file.suffix.lower() == ".tsv" else ","
-    with label_file.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        missing = {path_column, label_column} - set(reader.fieldnames or ())
-        if missing:
-            raise DatasetError(
-                f"{label_file} has no column(s) {sorted(missing)}; its columns are "
-                f"{reader.fieldnames}. Choose them with --path-column/--label-column."
-            )
-        rows = [(row[path_column], row[label_column]) for row in reader]
+@dataclass(frozen=True)
+class LabelFileFormat:
+    """How to read a label file.
+
+    ``separator``: ``auto`` (tab for ``.tsv``, else comma), ``,``, ``\t``, ``;`` or
+    ``whitespace`` (runs of spaces/tabs, as in ELPV's ``labels.csv``). Columns are header
+    names, or 0-based indices when ``header`` is False. ``label_map`` renames raw labels
+    to class names (``{"0.0": "functional", ...}``; numeric keys match numerically, so
+    ``1``, ``1.0`` and ``1.00`` are one label); with a map, its order is the class order
+    and a label outside it is an error.
+    """
+
+    separator: str = "auto"
+    header: bool = True
+    path_column: str = "path"
+    label_column: str = "label"
+    label_map: tuple[tuple[str, str], ...] | None = None
+
+
+def read_label_file(label_file: Path, label_format: LabelFileFormat) -> LabelledImages:
+    """Images listed in a label file; paths are relative to the file's folder."""
+    rows = _read_rows(label_file, label_format)
     if not rows:
         raise DatasetError(f"{label_file} lists no images")
-    classes = tuple(sorted({label for _, label in rows}))
+    if label_format.label_map:
+        mapping = {_label_key(raw): name for raw, name in label_format.label_map}
+        unknown = sorted({label for _, label in rows if _label_key(label) not in mapping})
+        if unknown:
+            raise DatasetError(
+                f"{label_file} has label(s) {unknown[:5]} that the label map does not name"
+            )
+        rows = [(path, mapping[_label_key(label)]) for path, label in rows]
+        classes = tuple(dict.fromkeys(name for _, name in label_format.label_map))
+    else:
+        classes = tuple(sorted({label for _, label in rows}))
     index = {name: i for i, name in enumerate(classes)}
     base = label_file.parent
     paths = tuple((base / path).resolve() for path, _ in rows)
@@ -109,6 +124,50 @@ def read_label_file(
             f"e.g. {missing_files[0]}"
         )
     return LabelledImages(paths, tuple(index[label] for _, label in rows), classes)
+
+
+def _read_rows(label_file: Path, label_format: LabelFileFormat) -> list[tuple[str, str]]:
+    """(path, raw label) per non-empty line."""
+    lines = [line for line in label_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    separator = label_format.separator
+    if separator == "auto":
+        separator = "\t" if label_file.suffix.lower() == ".tsv" else ","
+    if separator == "whitespace":
+        table = [line.split() for line in lines]
+    else:
+        table = list(csv.reader(lines, delimiter=separator))
+    columns = (label_format.path_column, label_format.label_column)
+    if label_format.header:
+        header, table = (table[0] if table else []), table[1:]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DatasetError(
+                f"{label_file} has no column(s) {missing}; its columns are {header}. "
+                "Choose them with --path-column/--label-column (or --no-header)."
+            )
+        positions = [header.index(c) for c in columns]
+    else:
+        try:
+            positions = [int(c) for c in columns]
+        except ValueError as error:
+            raise DatasetError(
+                "without a header, --path-column and --label-column are 0-based column "
+                f"numbers, got {columns}"
+            ) from error
+    rows = []
+    for number, fields in enumerate(table, start=2 if label_format.header else 1):
+        if len(fields) <= max(positions):
+            raise DatasetError(f"{label_file}:{number} has {len(fields)} column(s): {fields}")
+        rows.append((fields[positions[0]], fields[positions[1]]))
+    return rows
+
+
+def _label_key(label: object) -> str:
+    text = str(label).strip()
+    try:
+        return repr(float(text))
+    except ValueError:
+        return text
 
 
 def drop_unreadable(

@@ -26,6 +26,7 @@ FIT_ARGS = [
     "--model", "test_resnet", "--pretrained", "none", "--epochs", "2",
     "--img-size", str(IMAGE_SIZE), "--batch-size", "16", "--freeze-epochs", "0",
     "--optimizer", "sgd", "--lr", "0.1", "--aug-scale-min", "0.9", "--num-workers", "0",
+    "--test-fraction", "0.2", "--binary-negative", "circle",
 ]  # fmt: skip
 
 

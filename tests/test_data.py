@@ -11,7 +11,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.datamodule import ImageDataset, seed_worker_transforms
-from data.sources import DatasetError, LabelledImages, drop_unreadable, load_labelled_images
+from data.sources import (
+    DatasetError,
+    LabelFileFormat,
+    LabelledImages,
+    drop_unreadable,
+    load_labelled_images,
+)
 from data.splits import load_split, save_split, stratified_split
 from data.transforms import Preprocessing, build_eval_transform, build_train_transform
 
@@ -47,7 +53,7 @@ def test_label_files_csv_and_tsv(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("file,kind\nimg/x.png,dog\nimg/y.png,cat\n")
     (tmp_path / "labels.tsv").write_text("path\tlabel\nimg/x.png\tdog\nimg/y.png\tcat\n")
     from_csv = load_labelled_images(
-        tmp_path / "labels.csv", path_column="file", label_column="kind"
+        tmp_path / "labels.csv", LabelFileFormat(path_column="file", label_column="kind")
     )
     from_tsv = load_labelled_images(tmp_path / "labels.tsv")
     for images in (from_csv, from_tsv):
@@ -179,3 +185,34 @@ def test_each_dataloader_worker_draws_its_own_augmentations(tmp_path: Path) -> N
     unseeded = DataLoader(dataset, batch_size=4, num_workers=2)
     first, second = (batch[0] for batch in unseeded)
     assert torch.equal(first, second)
+
+
+def test_whitespace_label_file_without_header_and_a_label_map(tmp_path: Path) -> None:
+    # The layout of ELPV's labels.csv: path, defect probability, cell type; no header.
+    for name in ("cell0001.png", "cell0002.png", "cell0003.png", "cell0004.png"):
+        write_image(tmp_path / "images" / name)
+    (tmp_path / "labels.csv").write_text(
+        "images/cell0001.png  1.0                 mono\n"
+        "images/cell0002.png  0.3333333333333333  poly\n"
+        "\n"
+        "images/cell0003.png  0.0                 mono\n"
+        "images/cell0004.png  1                   poly\n"
+    )
+    label_format = LabelFileFormat(
+        separator="whitespace", header=False, path_column="0", label_column="1",
+        label_map=(("0.0", "functional"), ("0.333333", "mild"), ("1.0", "defective")),
+    )  # fmt: skip
+    with pytest.raises(DatasetError, match=r"label\(s\) \['0.3333333333333333'\]"):
+        load_labelled_images(tmp_path / "labels.csv", label_format)
+    label_format = LabelFileFormat(
+        separator="whitespace", header=False, path_column="0", label_column="1",
+        label_map=(("0", "functional"), ("0.3333333333333333", "mild"), ("1", "defective")),
+    )  # fmt: skip
+    images = load_labelled_images(tmp_path / "labels.csv", label_format)
+    assert images.classes == ("functional", "mild", "defective")  # the map's order
+    assert images.labels == (2, 1, 0, 2)
+    assert [p.name for p in images.paths] == [f"cell000{i}.png" for i in range(1, 5)]
+    with pytest.raises(DatasetError, match="0-based column"):
+        load_labelled_images(
+            tmp_path / "labels.csv", LabelFileFormat(separator="whitespace", header=False)
+        )

@@ -29,8 +29,8 @@ def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> N
     assert raw["architecture"] == "test_resnet"
     assert raw["classes"] == ["circle", "square", "triangle"]
     assert raw["preprocessing"]["input_size"] == [40, 40]
-    assert raw["temperature"] == 1.0
-    assert set(raw["metrics"]["val"]) >= {"accuracy", "macro_f1", "loss"}
+    assert set(raw["metrics"]["val"]) >= {"accuracy", "macro_f1", "nll", "ece"}
+    assert raw["temperature"] == raw["metrics"]["val"]["temperature"] > 0
     assert raw["training_config"]["model"] == "test_resnet"
     assert raw["versions"]["torch"] == metadata.version("torch")
     assert set(raw["files"]) == {"model.onnx", "weights.safetensors"}
@@ -133,9 +133,9 @@ def test_softmax_is_stable_and_temperature_flattens() -> None:
 
 def test_evaluate_refuses_classes_the_model_does_not_know(artifact_dir, tmp_path) -> None:
     from data.synthetic import make_shapes_dataset
-    from training.evaluate import evaluate_artifact
+    from training.evaluate import artifact_logits
 
     root = make_shapes_dataset(tmp_path / "d", per_class=2)
     (root / "circle").rename(root / "hexagon")
     with pytest.raises(ValueError, match="hexagon"):
-        evaluate_artifact(artifact_dir, load_labelled_images(root))
+        artifact_logits(artifact_dir, load_labelled_images(root))

@@ -104,6 +104,7 @@ def test_fit_writes_a_complete_run_directory(trained_run: Path) -> None:
         assert (trained_run / name).is_file(), name
     description = json.loads((trained_run / "model.json").read_text())
     assert description["classes"] == ["circle", "square", "triangle"]
+    assert description["temperature"] == description["val_metrics"]["temperature"] > 0
     # The shapes task is learnable: clearly better than chance (1/3) after 2 epochs.
     assert description["val_metrics"]["accuracy"] > 0.6
 
@@ -122,3 +123,19 @@ def test_resume_continues_from_the_last_checkpoint(
     assert checkpoint["epoch"] == 1  # the second epoch ran after resuming
     assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()  # nothing overwritten
     assert (run_dir / "logs" / "version_1" / "metrics.csv").is_file()
+
+
+def test_fit_reports_on_the_held_out_test_part(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    split = json.loads((trained_run / "split.json").read_text())
+    assert metrics["split"] == "test" and metrics["n"] == len(split["test"])
+    for key in ("accuracy", "macro_f1", "ece", "nll", "per_class", "confusion_matrix"):
+        assert key in metrics, key
+    assert set(metrics["per_class"]) == {"circle", "square", "triangle"}
+    assert metrics["binary"]["negative_classes"] == ["circle"]
+    assert 0 <= metrics["binary"]["accuracy"] <= 1
+    assert len(metrics["reliability"]["calibrated"]) == 15
+    report = (trained_run / "report.html").read_text()
+    for heading in ("Confusion matrix", "Per class", "Calibration", "Most confidently wrong"):
+        assert heading in report
+    assert report.count("data:image/png;base64,") >= 2  # confusion + reliability figures

@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 # Set before albumentations or bentoml are imported anywhere below.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+from training.config import parse_label_map, parse_names
 
 # (option, type, help) for every FitConfig field settable from the command line.
 _FIT_OPTIONS: list[tuple[str, Any, str]] = [
@@ -48,6 +51,17 @@ _FIT_OPTIONS: list[tuple[str, Any, str]] = [
     ("test_fraction", float, "fraction of each class held out for testing [0]"),
     ("path_column", str, "label file: column with image paths [path]"),
     ("label_column", str, "label file: column with class names [label]"),
+    ("label_separator", str, "label file: auto | , | \\t | ; | whitespace [auto]"),
+    (
+        "label_map",
+        parse_label_map,
+        "RAW=NAME,... renames labels; its order is the class order",
+    ),
+    (
+        "binary_negative",
+        parse_names,
+        "CLASS,...: negative side of a binary view",
+    ),
     ("monitor", str, "val metric choosing the best checkpoint: accuracy | macro_f1 | loss"),
     ("early_stopping", int, "stop after this many epochs without improvement, 0 = off [0]"),
     ("num_workers", int, "DataLoader worker processes [2]"),
@@ -124,22 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="NAME[:VERSION] in the BentoML store, or an artifact directory",
     )
     evaluate.add_argument("--data", required=True, help="folder tree or label file")
-    evaluate.add_argument("--run", type=Path, help="run directory whose saved split to use")
+    evaluate.add_argument(
+        "--run",
+        type=Path,
+        help="run directory: its saved split, label-file settings and "
+        "binary view are used, and the report is written there",
+    )
     evaluate.add_argument(
         "--split",
         choices=["train", "val", "test"],
         help="with --run: evaluate only this part of the saved split",
     )
-    evaluate.add_argument("--path-column", default="path")
-    evaluate.add_argument("--label-column", default="label")
-
-    commands.add_parser(
-        "weights",
-        help="list the architectures with offline (pip-packaged) ImageNet weights",
-        description="Architectures usable with --pretrained packaged, whether each weights "
-        "package is installed, and where converted weights are cached.",
+    evaluate.add_argument(
+        "--out", type=Path, help="write report.html and metrics.json here [the --run dir]"
+    )
+    for name in ("path_column", "label_column", "label_separator", "label_map",
+                 "binary_negative"):  # fmt: skip
+        _, kind, text = next(option for option in _FIT_OPTIONS if option[0] == name)
+        evaluate.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    evaluate.add_argument(
+        "--no-header",
+        dest="label_header",
+        action="store_false",
+        default=None,
+        help="label file has no header",
     )
     return parser
+
+
+_EVALUATE_DATA_OPTIONS = (
+    "path_column", "label_column", "label_separator", "label_map", "binary_negative",
+    "label_header",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +209,8 @@ def run_fit(args: argparse.Namespace) -> None:
         config = resolve_config(None, {**saved, **overrides})
     else:
         config = resolve_config(args.config, overrides)
-    metrics = fit(config, resume=args.resume)
-    print(json.dumps({"run_dir": config.out, "val": metrics}, indent=2))
+    summary = fit(config, resume=args.resume)
+    print(json.dumps({"run_dir": config.out, **summary}, indent=2))
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -209,19 +239,36 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from data.sources import load_labelled_images
     from data.splits import SPLIT_FILE, load_split
-    from training.evaluate import evaluate_artifact
+    from training.config import FitConfig, load_saved_config
+    from training.evaluate import artifact_logits, evaluation_metrics
     from training.export import locate_artifact
+    from training.report import write_report
 
-    images = load_labelled_images(
-        args.data, path_column=args.path_column, label_column=args.label_column
-    )
+    if args.split and args.run is None:
+        raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")
+    # The run's own label-file settings, unless overridden here.
+    base = load_saved_config(args.run) if args.run else FitConfig(data="", model="", out="")
+    flags = {name: getattr(args, name) for name in _EVALUATE_DATA_OPTIONS}
+    config = replace(base, **{name: value for name, value in flags.items() if value is not None})
+    images = load_labelled_images(args.data, config.label_format())
     if args.split:
-        if args.run is None:
-            raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")
         split = load_split(args.run / SPLIT_FILE, images)
         images = images.subset(list(split.part(args.split)))
-    metrics = evaluate_artifact(locate_artifact(args.model), images)
-    print(json.dumps({"model": args.model, "split": args.split or "all", **metrics}, indent=2))
+    artifact = locate_artifact(args.model)
+    logits, labels, classifier = artifact_logits(artifact, images)
+    metrics = evaluation_metrics(
+        logits, labels, classifier.classes, temperature=classifier.manifest.temperature,
+        binary_negative=config.binary_negative,
+    )  # fmt: skip
+    result = {"model": args.model, "split": args.split or "all", **metrics}
+    out_dir = args.out or args.run
+    if out_dir is not None:
+        report = write_report(
+            out_dir, result, logits=logits, labels=labels, paths=images.paths,
+            classes=classifier.classes, title=f"{args.model} on {args.data}",
+        )  # fmt: skip
+        result["report"] = str(report)
+    print(json.dumps(result, indent=2))
 
 
 def run_weights(args: argparse.Namespace) -> None:

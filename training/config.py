@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from data.sources import LabelFileFormat
+
 CONFIG_FILE = "config.yaml"
 
 
@@ -44,6 +46,10 @@ class FitConfig:
     test_fraction: float = 0.0
     path_column: str = "path"
     label_column: str = "label"
+    label_separator: str = "auto"
+    label_header: bool = True
+    label_map: dict[str, str] | None = None
+    binary_negative: list[str] | None = None
     skip_bad_images: bool = False
     monitor: str = "accuracy"
     early_stopping: int = 0
@@ -63,6 +69,7 @@ class FitConfig:
             "monitor": self.monitor in ("accuracy", "macro_f1", "loss"),
             "img_size": self.img_size is None or self.img_size >= 16,
             "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
+            "label_separator": self.label_separator in ("auto", ",", "\t", ";", "whitespace"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -72,6 +79,33 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def label_format(self) -> LabelFileFormat:
+        return LabelFileFormat(
+            separator=self.label_separator,
+            header=self.label_header,
+            path_column=str(self.path_column),
+            label_column=str(self.label_column),
+            label_map=tuple((str(k), str(v)) for k, v in self.label_map.items())
+            if self.label_map
+            else None,
+        )
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``"0.0=functional,1.0=defective"`` → ``{"0.0": "functional", "1.0": "defective"}``."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not all(p.strip() for p in pair) for pair in pairs):
+        raise ValueError(f"--label-map wants RAW=NAME pairs separated by commas, got {text!r}")
+    return {raw.strip(): name.strip() for raw, name in pairs}
+
+
+def parse_names(text: str) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def option_names() -> list[str]:

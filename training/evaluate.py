@@ -11,6 +11,7 @@ from rich.progress import track
 from data.images import decode_rgb
 from data.sources import DatasetError, LabelledImages
 from models.inference import OnnxClassifier
+from training.calibration import calibration_summary
 
 
 def classification_metrics(
@@ -51,10 +52,50 @@ def classification_metrics(
     }
 
 
-def evaluate_artifact(
-    artifact_dir: Path, images: LabelledImages, *, batch_size: int = 32
+def binary_metrics(
+    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...], negative: list[str]
 ) -> dict[str, Any]:
-    """Classify ``images`` with the artifact and score against their labels by class name."""
+    """A two-class view: the ``negative`` classes against all the others (positive)."""
+    unknown = sorted(set(negative) - set(classes))
+    if unknown:
+        raise ValueError(f"binary view: unknown class(es) {unknown}; classes are {classes}")
+    negative_ids = [classes.index(name) for name in negative]
+    truth = (~np.isin(labels, negative_ids)).astype(np.int64)
+    guess = (~np.isin(predicted, negative_ids)).astype(np.int64)
+    view = classification_metrics(truth, guess, ("negative", "positive"))
+    return {
+        "negative_classes": list(negative),
+        "positive_classes": [c for c in classes if c not in negative],
+        "accuracy": view["accuracy"],
+        "macro_f1": view["macro_f1"],
+        **{f"positive_{k}": v for k, v in view["per_class"]["positive"].items()},
+        "confusion_matrix": view["confusion_matrix"],
+    }
+
+
+def evaluation_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    *,
+    temperature: float,
+    binary_negative: list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything the report shows: classification, calibration and the binary view."""
+    predicted = logits.argmax(axis=1)
+    metrics = {
+        **classification_metrics(labels, predicted, classes),
+        **calibration_summary(logits, labels, temperature),
+    }
+    if binary_negative:
+        metrics["binary"] = binary_metrics(labels, predicted, classes, binary_negative)
+    return metrics
+
+
+def artifact_logits(
+    artifact_dir: Path, images: LabelledImages, *, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, OnnxClassifier]:
+    """The artifact's logits for ``images`` and their labels in the model's class order."""
     classifier = OnnxClassifier(artifact_dir)
     index = {name: i for i, name in enumerate(classifier.classes)}
     unknown = sorted(set(images.classes) - set(index))
@@ -64,9 +105,9 @@ def evaluate_artifact(
             f"(model classes: {list(classifier.classes)})"
         )
     labels = np.array([index[images.classes[label]] for label in images.labels])
-    predicted = []
+    logits = []
     starts = range(0, len(images), batch_size)
     for start in track(starts, description="Evaluating", transient=True):
         batch = [decode_rgb(path) for path in images.paths[start : start + batch_size]]
-        predicted.append(classifier.classify(batch).argmax(axis=1))
-    return classification_metrics(labels, np.concatenate(predicted), classifier.classes)
+        logits.append(classifier.logits(np.stack([classifier.preprocess(b) for b in batch])))
+    return np.concatenate(logits), labels, classifier

@@ -102,7 +102,7 @@ def build_manifest(run_dir: Path, description: dict[str, Any]) -> dict[str, Any]
         "preprocessing": description["preprocessing"],
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "kind": "logits"},
-        "temperature": 1.0,
+        "temperature": description.get("temperature", 1.0),
         "metrics": {"val": description["val_metrics"]},
         "training_config": load_saved_config(run_dir).to_dict(),
         "versions": {name: _version(name) for name in _VERSIONED_PACKAGES},

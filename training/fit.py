@@ -8,7 +8,9 @@ A run directory holds everything needed to resume, evaluate and export it::
     logs/version_N/      metrics.csv per attempt (resuming starts a new version)
     checkpoints/         best.ckpt and last.ckpt (Lightning, for --resume)
     model.safetensors    the best weights (by the monitored val metric)
-    model.json           how to rebuild the model, and its val metrics
+    model.json           how to rebuild the model, its temperature and val metrics
+    metrics.json         with a test part: the test metrics (see training/report.py)
+    report.html          with a test part: the evaluation report
 """
 
 from __future__ import annotations
@@ -30,18 +32,22 @@ from data.sources import LabelledImages, drop_unreadable, load_labelled_images
 from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
 from data.transforms import Augmentation
 from models.factory import HeadConfig, ImageClassifier, create_model
+from training.calibration import collect_logits, fit_temperature
 from training.callbacks import EncoderFreeze
 from training.config import FitConfig, save_config
+from training.evaluate import evaluation_metrics
 from training.module import ClassifierModule, Recipe
+from training.report import write_report
 
 log = logging.getLogger("convtune")
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_DESCRIPTION = "model.json"
 _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+_SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "nll", "ece", "temperature")
 
 
 def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train as configured and return the best validation metrics."""
+    """Train as configured; return the best model's val (and test) metrics."""
     run_dir = Path(config.out)
     last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last_checkpoint.is_file():
@@ -111,16 +117,42 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     best = checkpoint.best_model_path or str(last_checkpoint)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    metrics = validation_metrics(trainer, module, datamodule)
-    save_trained_model(model, run_dir, classes=images.classes, metrics=metrics)
-    return metrics
+    return finish_run(model.cpu(), datamodule, config, run_dir)
+
+
+def finish_run(
+    model: ImageClassifier, datamodule: ImageDataModule, config: FitConfig, run_dir: Path
+) -> dict[str, Any]:
+    """Calibrate on val, save the model, and report on the test part if there is one."""
+    classes = datamodule.images.classes
+    val_logits, val_labels = collect_logits(model, datamodule.val_dataloader())
+    temperature = fit_temperature(val_logits, val_labels)
+    val = evaluation_metrics(
+        val_logits, val_labels, classes, temperature=temperature,
+        binary_negative=config.binary_negative,
+    )  # fmt: skip
+    summary = {"val": {key: val[key] for key in _SUMMARY_KEYS}}
+    save_trained_model(model, run_dir, classes=classes, metrics=summary["val"],
+                       temperature=temperature)  # fmt: skip
+    if datamodule.split.test:
+        test_logits, test_labels = collect_logits(model, datamodule.test_dataloader())
+        test = evaluation_metrics(
+            test_logits, test_labels, classes, temperature=temperature,
+            binary_negative=config.binary_negative,
+        )  # fmt: skip
+        report = write_report(
+            run_dir, {"split": "test", **test}, logits=test_logits, labels=test_labels,
+            paths=datamodule.part("test").paths, classes=classes,
+            title=f"{config.model} on {config.data}: test split",
+        )  # fmt: skip
+        summary["test"] = {key: test[key] for key in _SUMMARY_KEYS}
+        summary["report"] = str(report)
+    return summary
 
 
 def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Split]:
     """Load the dataset, drop or refuse unreadable files, and reuse or create the split."""
-    images = load_labelled_images(
-        config.data, path_column=config.path_column, label_column=config.label_column
-    )
+    images = load_labelled_images(config.data, config.label_format())
     images, bad = drop_unreadable(images, skip_bad_images=config.skip_bad_images)
     if bad:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0][1])
@@ -165,26 +197,20 @@ def resolve_precision(precision: str) -> str:
     return "32-true"
 
 
-def validation_metrics(
-    trainer: L.Trainer, module: ClassifierModule, datamodule: ImageDataModule
-) -> dict[str, float]:
-    # A fresh single-device trainer: the fit trainer's progress bar and logger are done.
-    evaluator = L.Trainer(
-        accelerator=trainer.accelerator,
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        precision=trainer.precision,
-    )
-    results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    return {key.removeprefix("val/"): float(value) for key, value in results.items()}
-
-
 def save_trained_model(
-    model: ImageClassifier, run_dir: Path, *, classes: tuple[str, ...], metrics: dict
+    model: ImageClassifier,
+    run_dir: Path,
+    *,
+    classes: tuple[str, ...],
+    metrics: dict,
+    temperature: float,
 ) -> None:
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, run_dir / MODEL_WEIGHTS)
-    description = {**model.describe(), "classes": list(classes), "val_metrics": metrics}
+    description = {
+        **model.describe(),
+        "classes": list(classes),
+        "temperature": temperature,
+        "val_metrics": metrics,
+    }
     (run_dir / MODEL_DESCRIPTION).write_text(json.dumps(description, indent=2))

@@ -1,0 +1,190 @@
+"""The evaluation report: ``metrics.json`` and a self-contained ``report.html``.
+
+The HTML embeds its figures as PNG data URIs, so the file can be mailed or archived alone:
+confusion matrix, per-class table, reliability diagrams before and after temperature
+scaling, and a gallery of the most confidently wrong images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# matplotlib's object API renders without pyplot's global state or a display backend.
+from matplotlib.figure import Figure
+from PIL import Image
+
+from data.images import ImageDecodeError, decode_rgb
+from models.inference import softmax
+from training.calibration import reliability_bins
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+GALLERY_SIZE = 12
+
+
+def write_report(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    *,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    paths: Sequence[Path],
+    classes: tuple[str, ...],
+    title: str,
+) -> Path:
+    """Write ``metrics.json`` and ``report.html`` into ``out_dir``; return the report path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temperature = metrics["temperature"]
+    before, after = softmax(logits), softmax(logits, temperature)
+    reliability = {
+        "uncalibrated": reliability_bins(before, labels),
+        "calibrated": reliability_bins(after, labels),
+    }
+    (out_dir / METRICS_FILE).write_text(
+        json.dumps({**metrics, "reliability": reliability}, indent=2) + "\n"
+    )
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        _summary_table(metrics),
+        "<h2>Confusion matrix</h2>",
+        _img(_confusion_figure(np.array(metrics["confusion_matrix"]), classes)),
+        "<h2>Per class</h2>",
+        _per_class_table(metrics["per_class"]),
+        "<h2>Calibration</h2>",
+        f"<p>Temperature T = {temperature:.3f} (fitted on the validation split). "
+        f"ECE over 15 equal-width bins: {metrics['uncalibrated']['ece']:.4f} before, "
+        f"{metrics['ece']:.4f} after; NLL {metrics['uncalibrated']['nll']:.4f} before, "
+        f"{metrics['nll']:.4f} after.</p>",
+        _img(_reliability_figure(reliability)),
+        "<h2>Most confidently wrong</h2>",
+        _gallery(after, labels, paths, classes),
+    ]
+    if "binary" in metrics:
+        binary = metrics["binary"]
+        sections.insert(
+            3,
+            f"<p>Binary view ({', '.join(binary['negative_classes'])} vs the rest): "
+            f"accuracy {binary['accuracy']:.4f}, macro-F1 {binary['macro_f1']:.4f}, "
+            f"positive recall {binary['positive_recall']:.4f}, "
+            f"positive precision {binary['positive_precision']:.4f}.</p>",
+        )
+    path = out_dir / REPORT_FILE
+    path.write_text(_page(title, "\n".join(sections)))
+    return path
+
+
+def _summary_table(metrics: dict[str, Any]) -> str:
+    rows = [
+        ("images", f"{metrics['n']}"),
+        ("accuracy", f"{metrics['accuracy']:.4f}"),
+        ("macro-F1", f"{metrics['macro_f1']:.4f}"),
+        ("ECE (calibrated)", f"{metrics['ece']:.4f}"),
+        ("NLL (calibrated)", f"{metrics['nll']:.4f}"),
+    ]
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{m['precision']:.3f}</td>"
+        f"<td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>"
+        for name, m in per_class.items()
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def _confusion_figure(confusion: np.ndarray, classes: tuple[str, ...]) -> Figure:
+    size = 1.2 + 0.7 * len(classes)
+    figure = Figure(figsize=(size + 1, size))
+    axes = figure.subplots()
+    image = axes.imshow(confusion, cmap="Blues")
+    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    threshold = confusion.max() / 2 if confusion.size else 0
+    for (i, j), count in np.ndenumerate(confusion):
+        colour = "white" if count > threshold else "black"
+        axes.text(j, i, str(count), ha="center", va="center", color=colour)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    return figure
+
+
+def _reliability_figure(reliability: dict[str, list[dict[str, float]]]) -> Figure:
+    figure = Figure(figsize=(10, 4.2))
+    all_axes = figure.subplots(1, 2, sharey=True)
+    for axes, (name, table) in zip(all_axes, reliability.items(), strict=True):
+        lower = np.array([row["lower"] for row in table])
+        width = table[0]["upper"] - table[0]["lower"]
+        accuracy = np.array([row["accuracy"] for row in table])
+        counts = np.array([row["count"] for row in table])
+        axes.bar(lower, np.where(counts > 0, accuracy, 0), width=width, align="edge",
+                 edgecolor="black", label="accuracy")  # fmt: skip
+        axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        axes.set_title(name)
+        axes.set_xlabel("confidence")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.legend(loc="upper left")
+    all_axes[0].set_ylabel("accuracy")
+    figure.tight_layout()
+    return figure
+
+
+def _gallery(
+    probabilities: np.ndarray, labels: np.ndarray, paths: Sequence[Path], classes: tuple[str, ...]
+) -> str:
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    if not len(wrong):
+        return "<p>No wrong predictions.</p>"
+    worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:GALLERY_SIZE]
+    cells = []
+    for i in worst:
+        caption = (
+            f"{html.escape(Path(paths[i]).name)}<br>true: {html.escape(classes[labels[i]])}"
+            f"<br>predicted: {html.escape(classes[predicted[i]])} "
+            f"({probabilities[i, predicted[i]]:.2f})"
+        )
+        cells.append(f"<figure>{_thumbnail(paths[i])}<figcaption>{caption}</figcaption></figure>")
+    return f"<div class='gallery'>{''.join(cells)}</div>"
+
+
+def _thumbnail(path: Path) -> str:
+    try:
+        image = Image.fromarray(decode_rgb(path))
+    except ImageDecodeError:
+        return "<p>(unreadable)</p>"
+    image.thumbnail((160, 160))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+
+
+def _img(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+
+
+def _page(title: str, body: str) -> str:
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+        ".gallery{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:170px;font-size:12px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>\n"
+    )
