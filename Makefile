@@ -1,4 +1,4 @@
-# make demo  - fresh venv, install, fine-tune on generated shapes, export, serve, ask it once
+# make demo  - fresh venv, install, fine-tune on ELPV solar cells, export, serve, ask it once
 # make test  - fresh venv, install with the dev extras, lint, run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,6 +17,7 @@ venv:
 	$(BIN)/pip install --quiet -e ".[dev,weights]"
 
 demo: venv
+	$(BIN)/pip install --quiet -e ".[dev,weights,demo]"
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
 lint:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
+from pathlib import Path
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from data.transforms import (
 
 
 class ImageDataset(Dataset):
-    """Decodes each image to RGB and applies an albumentations pipeline."""
+    """Decodes each image to RGB (or takes it from a cache) and applies a pipeline."""
 
     def __init__(
         self,
@@ -30,18 +33,45 @@ class ImageDataset(Dataset):
         transform: Compose,
         *,
         draft_size: tuple[int, int] | None = None,
+        cache: dict[Path, np.ndarray] | None = None,
     ) -> None:
         self.images = images
         self.transform = transform
         self.draft_size = draft_size
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        pixels = decode_rgb(self.images.paths[index], draft_size=self.draft_size)
+        path = self.images.paths[index]
+        if self.cache is not None and path in self.cache:
+            pixels = self.cache[path]
+        else:
+            pixels = decode_rgb(path, draft_size=self.draft_size)
         tensor = self.transform(image=pixels)["image"]
         return torch.from_numpy(tensor), self.images.labels[index]
+
+
+def decode_resized(paths: tuple[Path, ...], *, shorter_side: int) -> dict[Path, np.ndarray]:
+    """Decode every image once, shrunk so its shorter side is at most ``shorter_side``.
+
+    Decoding a PNG or JPEG costs more than augmenting the small array it yields, and on
+    a machine with few cores DataLoader workers compete with the model for them. Filled
+    in the main process before workers fork, the arrays are shared, not copied.
+    """
+    from rich.progress import track
+
+    cache = {}
+    for path in track(paths, description="Caching decoded images", transient=True):
+        pixels = decode_rgb(path, draft_size=(shorter_side, shorter_side))
+        height, width = pixels.shape[:2]
+        scale = shorter_side / min(height, width)
+        if scale < 1:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        cache[path] = pixels
+    return cache
 
 
 def seed_worker_transforms(worker_id: int) -> None:
@@ -71,6 +101,7 @@ class ImageDataModule(L.LightningDataModule):
         augmentation: Augmentation | None = None,
         batch_size: int = 32,
         num_workers: int = 2,
+        cache_images: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -80,7 +111,16 @@ class ImageDataModule(L.LightningDataModule):
         self.augmentation = augmentation or Augmentation()
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.cache_images = cache_images
+        self.cache: dict[Path, np.ndarray] | None = None
         self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache_images and self.cache is None:
+            # Large enough for the eval resize (size / crop_pct) and for train crops of
+            # half the side without upsampling below the original's detail.
+            side = math.ceil(max(self.preprocessing.input_size) / self.preprocessing.crop_pct)
+            self.cache = decode_resized(self.images.paths, shorter_side=round(side * 1.25))
 
     def part(self, name: str) -> LabelledImages:
         return self.images.subset(list(self.split.part(name)))
@@ -95,7 +135,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             transform = build_eval_transform(self.preprocessing)
             draft = (width, height)
-        return ImageDataset(self.part(name), transform, draft_size=draft)
+        return ImageDataset(self.part(name), transform, draft_size=draft, cache=self.cache)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -54,6 +54,7 @@ class FitConfig:
     monitor: str = "accuracy"
     early_stopping: int = 0
     num_workers: int = 2
+    cache_images: bool = False
     precision: str = "auto"
     accelerator: str = "auto"
     seed: int = 0

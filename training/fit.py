@@ -77,6 +77,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         ),
         batch_size=config.batch_size,
         num_workers=config.num_workers,
+        cache_images=config.cache_images,
         seed=config.seed,
     )
     module = ClassifierModule(model, build_recipe(config, images.subset(list(split.train))))
