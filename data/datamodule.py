@@ -137,6 +137,16 @@ class ImageDataModule(L.LightningDataModule):
             draft = (width, height)
         return ImageDataset(self.part(name), transform, draft_size=draft, cache=self.cache)
 
+    def eval_loader(self, name: str) -> DataLoader:
+        """Part ``name`` through the eval transform, in order (for features and logits)."""
+        dataset = ImageDataset(
+            self.part(name),
+            build_eval_transform(self.preprocessing),
+            draft_size=self.preprocessing.input_size[::-1],
+            cache=self.cache,
+        )
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 

@@ -98,11 +98,16 @@ def test_evaluate_on_heldout_images(heldout_shapes_dir, capsys) -> None:
     assert np.array(report["confusion_matrix"]).sum() == 45
 
 
-def test_evaluate_uses_the_runs_saved_split(trained_run, shapes_dir, capsys) -> None:
-    args = ["evaluate", str(trained_run / "artifact"), "--data", str(shapes_dir),
-            "--run", str(trained_run), "--split", "val"]  # fmt: skip
+def test_evaluate_uses_the_runs_saved_split(
+    trained_run, artifact_dir, shapes_dir, tmp_path, capsys
+) -> None:
+    args = ["evaluate", str(artifact_dir), "--data", str(shapes_dir),
+            "--run", str(trained_run), "--split", "val", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "report.html").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == report["n"]
+    assert report["binary"]["negative_classes"] == ["circle"]  # the run's binary view
     val_count = len(json.loads((trained_run / "split.json").read_text())["val"])
     assert report["n"] == val_count
     recorded = read_manifest(trained_run / "artifact").raw["metrics"]["val"]["accuracy"]

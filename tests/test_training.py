@@ -139,3 +139,28 @@ def test_fit_reports_on_the_held_out_test_part(trained_run: Path) -> None:
     for heading in ("Confusion matrix", "Per class", "Calibration", "Most confidently wrong"):
         assert heading in report
     assert report.count("data:image/png;base64,") >= 2  # confusion + reliability figures
+
+
+def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> None:
+    from training.probe import linear_probe
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, img_size=40)
+    datamodule = small_datamodule(shapes_dir, model)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.head[-1].weight.clone()
+    accuracy = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
+    assert 0.0 <= accuracy <= 1.0
+    for name, value in model.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[name]), name
+    assert not torch.equal(model.head[-1].weight, head_before)
+
+
+def test_fit_with_cached_features_runs_only_the_unfrozen_epochs(
+    shapes_dir: Path, tmp_path: Path, fit_args: list[str]
+) -> None:
+    args = [*fit_args, "--freeze-epochs", "1", "--cache-features", "--cache-images"]
+    assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 0  # 2 epochs: 1 as the probe, 1 with Lightning
+    assert json.loads((tmp_path / "model.json").read_text())["val_metrics"]["accuracy"] > 0.5

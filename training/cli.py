@@ -71,6 +71,19 @@ _FIT_OPTIONS: list[tuple[str, Any, str]] = [
 ]
 
 
+# (flag, FitConfig field, action, help) for the on/off settings.
+_FIT_SWITCHES: list[tuple[str, str, str, str]] = [
+    ("--no-header", "label_header", "store_false",
+     "label file has no header; columns are 0-based numbers"),
+    ("--skip-bad-images", "skip_bad_images", "store_true",
+     "drop unreadable images (and say how many) instead of failing"),
+    ("--cache-images", "cache_images", "store_true",
+     "decode every image once and keep it in memory (datasets that fit in RAM)"),
+    ("--cache-features", "cache_features", "store_true",
+     "run the frozen epochs as a linear probe on encoder features computed once"),
+]  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convtune",
@@ -91,13 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=text,
             default=argparse.SUPPRESS,
         )
-    fit.add_argument(
-        "--skip-bad-images",
-        dest="skip_bad_images",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="drop unreadable images instead of failing",
-    )
+    for flag, name, action, text in _FIT_SWITCHES:
+        fit.add_argument(flag, dest=name, action=action, default=argparse.SUPPRESS, help=text)
     fit.add_argument("--config", help="YAML file with the same keys as these options")
     fit.add_argument(
         "--resume",

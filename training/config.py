@@ -55,6 +55,7 @@ class FitConfig:
     early_stopping: int = 0
     num_workers: int = 2
     cache_images: bool = False
+    cache_features: bool = False
     precision: str = "auto"
     accelerator: str = "auto"
     seed: int = 0
@@ -63,7 +64,8 @@ class FitConfig:
         checks = {
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
-            "freeze_epochs": 0 <= self.freeze_epochs <= self.epochs,
+            "freeze_epochs": 0 <= self.freeze_epochs <= self.epochs
+            and not (self.cache_features and self.freeze_epochs == self.epochs),
             "lr": self.lr > 0,
             "optimizer": self.optimizer in ("sgd", "adamw"),
             "class_weights": self.class_weights in ("none", "auto"),

@@ -37,6 +37,7 @@ from training.callbacks import EncoderFreeze
 from training.config import FitConfig, save_config
 from training.evaluate import evaluation_metrics
 from training.module import ClassifierModule, Recipe
+from training.probe import linear_probe
 from training.report import write_report
 
 log = logging.getLogger("convtune")
@@ -80,7 +81,14 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         cache_images=config.cache_images,
         seed=config.seed,
     )
-    module = ClassifierModule(model, build_recipe(config, images.subset(list(split.train))))
+    recipe = build_recipe(config, images.subset(list(split.train)))
+    module = ClassifierModule(model, recipe)
+    # With --cache-features the frozen epochs run as a linear probe before Lightning
+    # takes over, and the trainer only runs the unfrozen ones.
+    probe = config.cache_features and config.freeze_epochs > 0
+    if probe and not resume:
+        datamodule.setup("fit")
+        linear_probe(model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -91,7 +99,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     callbacks: list[L.Callback] = [
         checkpoint,
-        EncoderFreeze(config.freeze_epochs),
+        EncoderFreeze(0 if probe else config.freeze_epochs),
         RichProgressBar(),
     ]
     if config.early_stopping > 0:
@@ -103,7 +111,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
             )
         )
     trainer = L.Trainer(
-        max_epochs=config.epochs,
+        max_epochs=config.epochs - config.freeze_epochs if probe else config.epochs,
         accelerator=config.accelerator,
         precision=resolve_precision(config.precision),
         callbacks=callbacks,

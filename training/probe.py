@@ -1,0 +1,77 @@
+"""The frozen phase as a linear probe on cached features.
+
+While the encoder is frozen and in eval mode, its output for an un-augmented image never
+changes, so running it once per image is enough: encode the train split once, then train
+the head for the frozen epochs on the stored feature vectors, which costs almost nothing
+per epoch. The probe sees un-augmented images (the normal frozen epochs see augmented
+ones); ``benchmarks/train.py`` compares the two.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.datamodule import ImageDataModule
+from models.factory import ImageClassifier
+from training.module import Recipe, param_groups, warmup_cosine
+
+log = logging.getLogger("convtune")
+
+
+@torch.no_grad()
+def encode(model: ImageClassifier, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (eval mode) and labels for every image of ``loader``."""
+    model.encoder.eval()
+    features, labels = [], []
+    for pixels, target in loader:
+        features.append(model.encoder(pixels))
+        labels.append(torch.as_tensor(target))
+    return torch.cat(features), torch.cat(labels)
+
+
+def linear_probe(
+    model: ImageClassifier,
+    datamodule: ImageDataModule,
+    recipe: Recipe,
+    *,
+    epochs: int,
+    seed: int,
+) -> float:
+    """Train ``model.head`` for ``epochs`` on cached train features; return val accuracy."""
+    train_x, train_y = encode(model, datamodule.eval_loader("train"))
+    val_x, val_y = encode(model, datamodule.eval_loader("val"))
+    head = model.head.train()
+    optimizer = torch.optim.SGD(
+        param_groups(head, lr=recipe.lr, weight_decay=recipe.weight_decay),
+        momentum=recipe.momentum,
+        nesterov=True,
+    )
+    batch_size = datamodule.batch_size
+    steps_per_epoch = max(1, len(train_x) // batch_size)
+    total = epochs * steps_per_epoch
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total)
+    )
+    weight = torch.tensor(recipe.class_weights) if recipe.class_weights else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for step in range(steps_per_epoch):
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            loss = loss_fn(head(train_x[batch]), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    head.eval()
+    with torch.no_grad():
+        accuracy = float((head(val_x).argmax(1) == val_y).float().mean())
+    log.info("linear probe: %d epochs on %d cached features, val accuracy %.4f",
+             epochs, len(train_x), accuracy)  # fmt: skip
+    return float(np.round(accuracy, 6))
