@@ -4,9 +4,10 @@
 both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``. They are
 routes of a small Starlette app mounted on the service, not ``@bentoml.api`` methods: BentoML's
 input handling fetches a URL sent as text in a file field and answers some bad input with a
-500. Here uploads are decoded by ``data.images.decode_rgb`` and bad requests get a 400 with
-``{"error": "..."}``; BentoML still provides the health probes, metrics, traffic limits and
-(in-process) the adaptive batching.
+500. Here uploads are decoded by ``data.images.decode_rgb``, within limits set by
+``CONVTUNE_MAX_*`` variables, and refused requests get a 4xx with ``{"error": "..."}``
+(``service.http``); each request writes one JSON log line. BentoML still provides the health
+probes, metrics, traffic limits (429, 504) and, in-process, the adaptive batching.
 """
 
 from __future__ import annotations
@@ -16,124 +17,80 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-from collections.abc import Awaitable, Callable, Sequence
+import functools
+import math
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import anyio
 import bentoml
 import numpy as np
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from data.images import ImageDecodeError, decode_rgb
 from models.inference import OnnxClassifier, format_prediction
+from service.http import (
+    BadRequest,
+    Exchange,
+    Limits,
+    Overloaded,
+    json_endpoint,
+    read_form,
+    setup_request_log,
+)
+from service.openapi import merged_spec
 
-DEFAULT_TOP_K = 5
-MAX_IMAGES = 64  # files per request, and images per onnxruntime call
-MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_BATCH_SIZE = 64  # images per onnxruntime call
 MAX_LATENCY_MS = 10_000  # a request queued longer than this is dropped with a 503
-
-
-class BadRequest(ValueError):
-    """The request is wrong; the message tells the client how. Answered with 400."""
-
-
-class Overloaded(RuntimeError):
-    """The batching queue dropped the request. Answered with 503."""
 
 
 def _overloaded() -> NoReturn:
     raise Overloaded("the service is overloaded; retry later")
 
 
-async def _read_form(request: Request, field: str) -> tuple[list[tuple[str, bytes]], int]:
-    """The files in ``field`` as (name for messages, bytes), and ``top_k``; or BadRequest."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "multipart/form-data":
-        raise BadRequest(f"send multipart/form-data with the image in the file field {field!r}")
-    try:
-        async with request.form(max_files=MAX_IMAGES, max_fields=4) as form:
-            unexpected = sorted(set(form.keys()) - {field, "top_k"})
-            if unexpected:
-                raise BadRequest(f"unexpected field(s) {unexpected}; send files in {field!r}")
-            files = form.getlist(field)
-            if not files:
-                raise BadRequest(f"missing the file field {field!r}")
-            uploads = []
-            for index, file in enumerate(files):
-                if not isinstance(file, UploadFile):
-                    raise BadRequest(
-                        f"{field!r} must be a file upload, not text (URLs aren't read)"
-                    )
-                if file.size is not None and file.size > MAX_FILE_BYTES:
-                    raise BadRequest(f"{file.filename!r} is over {MAX_FILE_BYTES:,} bytes")
-                uploads.append((f"{field}[{index}] {file.filename!r}", await file.read()))
-            return uploads, _top_k(form.getlist("top_k"))
-    except (HTTPException, MultiPartException) as error:
-        detail = getattr(error, "detail", None) or getattr(error, "message", error)
-        raise BadRequest(f"the multipart body cannot be read: {detail}") from error
-
-
-def _top_k(values: list[Any]) -> int:
-    if not values:
-        return DEFAULT_TOP_K
-    try:
-        [text] = values
-        top_k = int(text)  # a file here: TypeError
-    except (ValueError, TypeError):
-        top_k = 0
-    if top_k < 1:
-        got = values[0][:20] if isinstance(values[0], str) else "a file"
-        raise BadRequest(f"top_k must be one positive integer (got {got!r})")
-    return top_k
-
-
-async def predict(request: Request, service: Any) -> dict[str, Any]:
-    uploads, top_k = await _read_form(request, "image")
-    if len(uploads) != 1:
+async def predict(request: Request, exchange: Exchange) -> dict[str, Any]:
+    service = bentoml.get_current_service()
+    form = await read_form(request, "image", service.limits)
+    exchange.images = len(form.files)
+    if len(form.files) != 1:
         raise BadRequest("send exactly one file in 'image' (several: /predict_batch)")
-    [result] = await service.classify(uploads, top_k)
+    [result] = await service.classify(form.files, form.top_k)
     return {"model": service.tag, **result}
 
 
-async def predict_batch(request: Request, service: Any) -> dict[str, Any]:
-    uploads, top_k = await _read_form(request, "images")
-    return {"model": service.tag, "results": await service.classify(uploads, top_k)}
+async def predict_batch(request: Request, exchange: Exchange) -> dict[str, Any]:
+    service = bentoml.get_current_service()
+    form = await read_form(request, "images", service.limits)
+    exchange.images = len(form.files)
+    return {"model": service.tag, "results": await service.classify(form.files, form.top_k)}
 
 
-Handler = Callable[[Request, Any], Awaitable[dict[str, Any]]]
+async def openapi_spec(_: Request) -> JSONResponse:
+    """BentoML's /docs.json with this app's routes added (see ``service.openapi``)."""
+    return JSONResponse(_spec(bentoml.get_current_service().limits))
 
 
-def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[JSONResponse]]:
-    """``handler(request, service instance)`` → 200, BadRequest → 400, Overloaded → 503."""
-
-    async def endpoint(request: Request) -> JSONResponse:
-        try:
-            return JSONResponse(await handler(request, bentoml.get_current_service()))
-        except BadRequest as error:
-            return JSONResponse({"error": str(error)}, status_code=400)
-        except Overloaded as error:
-            return JSONResponse({"error": str(error)}, status_code=503)
-
-    return endpoint
+@functools.cache
+def _spec(limits: Limits) -> dict[str, Any]:
+    return merged_spec(Convtune.openapi_spec.asdict(), limits)
 
 
 app = Starlette(
     routes=[
-        Route("/predict", _endpoint(predict), methods=["POST"]),
-        Route("/predict_batch", _endpoint(predict_batch), methods=["POST"]),
+        Route("/predict", json_endpoint(predict), methods=["POST"]),
+        Route("/predict_batch", json_endpoint(predict_batch), methods=["POST"]),
+        Route("/docs.json", openapi_spec, methods=["GET"]),
     ]
 )
 
 
-# BentoML appends mounted apps after its own routes, so /healthz, /readyz, /metrics and
-# /docs.json stay BentoML's and this app answers /predict and /predict_batch.
+# BentoML puts mounted apps after its probe and metrics routes but before its /docs.json and
+# index page: /healthz, /readyz and /metrics stay BentoML's, this app answers /predict,
+# /predict_batch and /docs.json (a test checks both), and / is still BentoML's Swagger UI.
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     # One worker: onnxruntime already spreads one batch over every core, and a single
@@ -148,34 +105,59 @@ class Convtune:
     model = bentoml.models.BentoModel(os.environ.get("CONVTUNE_MODEL", "convtune:latest"))
 
     def __init__(self) -> None:
+        self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
         self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
+        # The eval transform scales the short side to about `side` before its center crop,
+        # so a 40000x1 image would become a 10-gigapixel array on the way: images whose
+        # resized size would pass the pixel limit are refused instead.
+        preprocessing = self.classifier.manifest.preprocessing
+        side = math.floor(max(preprocessing.input_size) / preprocessing.crop_pct)
+        self._max_aspect_ratio = self.limits.max_pixels / side**2
+        # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes: as
+        # many at once as there are cores, instead of one per thread of the pool (40).
+        self._decode_slots = anyio.CapacityLimiter(os.cpu_count() or 1)
         # Adaptive batching with BentoML's own dispatcher (what `@bentoml.api(batchable=True)`
         # uses). Each queued item is one request's (n, 3, h, w) pixels; the dispatcher passes
-        # the waiting items (at most MAX_IMAGES images, splitting an item if it must) to
+        # the waiting items (at most MAX_BATCH_SIZE images, splitting an item if it must) to
         # `_infer` in one call, on a worker thread, and hands each caller its own (n, C)
         # rows. An item that waits over MAX_LATENCY_MS is dropped: `_overloaded` raises.
         self._dispatcher = CorkDispatcher(
-            MAX_LATENCY_MS, MAX_IMAGES, fallback=_overloaded, get_batch_size=len, batch_dim=(0, 0)
+            MAX_LATENCY_MS,
+            MAX_BATCH_SIZE,
+            fallback=_overloaded,
+            get_batch_size=len,
+            batch_dim=(0, 0),
         )
         self._probabilities = self._dispatcher(self._infer)
+        setup_request_log()
 
     def _infer(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
         rows = self.classifier.probabilities(np.concatenate(batches))
         return np.split(rows, np.cumsum([len(batch) for batch in batches])[:-1])
 
     def _pixels(self, uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        """The model's input for each upload, or a BadRequest naming the first bad one."""
         images = []
-        for name, data in uploads:
+        for index, (name, data) in enumerate(uploads):
             try:
-                images.append(self.classifier.preprocess(decode_rgb(data)))
+                rgb = decode_rgb(data, max_pixels=self.limits.max_pixels)
             except ImageDecodeError as error:
-                raise BadRequest(f"{name}: {error}") from error
+                raise BadRequest(f"{name}: {error}", index=index) from error
+            height, width = rgb.shape[:2]
+            if max(height, width) / min(height, width) > self._max_aspect_ratio:
+                raise BadRequest(
+                    f"{name}: {width}x{height} pixels is too elongated to classify (the "
+                    f"aspect ratio may be at most {self._max_aspect_ratio:,.0f}:1)",
+                    index=index,
+                )
+            images.append(self.classifier.preprocess(rgb))
         return np.stack(images)
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode and preprocess off the event loop, then queue for a batched forward pass."""
-        probabilities = await self._probabilities(await run_in_threadpool(self._pixels, uploads))
+        pixels = await anyio.to_thread.run_sync(self._pixels, uploads, limiter=self._decode_slots)
+        probabilities = await self._probabilities(pixels)
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
 
     @bentoml.on_shutdown

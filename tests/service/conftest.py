@@ -9,6 +9,7 @@ subprocesses, as they would for a user: real files, real HTTP.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,27 +122,55 @@ def cli_results(exported: Exported, probe_images: list[Path]) -> list[dict]:
     return json.loads(out)["results"]
 
 
-@pytest.fixture(scope="session")
-def server(exported: Exported) -> Iterator[str]:
-    """Base URL of ``bentoml serve service.service:Convtune`` on a free local port."""
+@dataclass(frozen=True)
+class Served:
+    """A running ``bentoml serve``: its base URL, its process and the log it writes."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+@contextlib.contextmanager
+def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
+    """``bentoml serve service.service:Convtune`` on a free local port, with ``env`` added."""
     port = free_port()
-    log = (exported.root / "serve.log").open("wb")
+    log_path = exported.root / f"{name}.log"
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:Convtune"]
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env=exported.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, exported.root / "serve.log")
-        yield url
-    finally:
-        stop(process)
-        log.close()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env={**exported.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process, log_path)
+            yield Served(url, process, log_path)
+        finally:
+            stop(process)
+
+
+@pytest.fixture(scope="session")
+def start_server(exported: Exported) -> Callable[..., contextlib.AbstractContextManager[Served]]:
+    """``start_server(name, **env)``: another server of the exported model, for a test."""
+    return functools.partial(serving, exported)
+
+
+@pytest.fixture(scope="session")
+def served(exported: Exported) -> Iterator[Served]:
+    """The suite's server, with the default limits (what a user gets)."""
+    with serving(exported, "serve") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def server(served: Served) -> str:
+    """Base URL of the suite's server."""
+    return served.url
 
 
 def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:

@@ -34,7 +34,13 @@ def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
     name, version = bento_tag.split(":")
     bento = home / "bentos" / name / version
     assert (bento / "env" / "docker" / "Dockerfile").is_file()
-    for source in ("service/service.py", "data/images.py", "models/inference.py"):
+    for source in (
+        "service/service.py",
+        "service/http.py",
+        "service/openapi.py",
+        "data/images.py",
+        "models/inference.py",
+    ):
         assert (bento / "src" / source).is_file(), source
     assert not (bento / "src" / "training").exists()
     assert not (bento / "src" / "tests").exists()

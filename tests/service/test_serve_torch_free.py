@@ -67,7 +67,7 @@ async def main():
 
 answer = asyncio.run(main())
 answer["model"] = instance.tag
-answer["max_batch"] = module.MAX_IMAGES
+answer["max_batch"] = module.MAX_BATCH_SIZE
 answer["loaded"] = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
 print(json.dumps(answer))
 """

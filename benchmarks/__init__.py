@@ -1,0 +1,1 @@
+"""Load and serving benchmarks, run by hand (``python -m benchmarks.loadgen``) or by tests."""

@@ -1,0 +1,275 @@
+"""The HTTP side of the service: limits, reading the multipart form, errors, the request log.
+
+Kept out of ``service.py`` so that file reads as the service itself (model, batching,
+routes). Nothing here imports the model or onnxruntime; it is plain Starlette, plus
+BentoML's trace context for the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Message
+
+DEFAULT_TOP_K = 5
+ENV_PREFIX = "CONVTUNE_"
+REQUEST_LOGGER = "convtune.requests"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send. Each field is read from ``CONVTUNE_<FIELD NAME>``."""
+
+    max_batch_images: int = 64  # files in one request
+    max_pixels: int = 40_000_000  # per image, checked from its header before decoding
+    max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
+        """The limits, with any set in ``environ``; a bad value stops the service at start."""
+        values = {}
+        for limit in fields(cls):
+            name = ENV_PREFIX + limit.name.upper()
+            if (text := environ.get(name)) is None:
+                continue
+            try:
+                values[limit.name] = int(text)
+            except ValueError:
+                values[limit.name] = 0
+            if values[limit.name] < 1:
+                raise ValueError(f"{name} must be a positive integer, not {text!r}")
+        return cls(**values)
+
+
+class RequestError(Exception):
+    """A request the service refuses: answered with ``status`` and a JSON ``{"error": ...}``.
+
+    The message is written for a person; ``details`` add machine-readable fields (such as the
+    index of the bad image in a batch).
+    """
+
+    status = 400
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.details = details
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": str(self), **self.details}, status_code=self.status)
+
+
+class BadRequest(RequestError):
+    status = 400
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class Overloaded(RequestError):
+    status = 503
+
+
+def capped(request: Request, max_bytes: int) -> Request:
+    """``request`` whose body may not exceed ``max_bytes``: PayloadTooLarge past that.
+
+    A Content-Length over the limit is refused before a byte of the body is read, and a body
+    without one (chunked) is counted as it arrives, so the multipart parser never holds or
+    spools more than ``max_bytes`` of a request to memory or disk.
+    """
+
+    def too_large() -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body is over the limit of {max_bytes:,} bytes "
+            "(send fewer or smaller images)",
+            limit_bytes=max_bytes,
+        )
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large()
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise too_large()
+        return message
+
+    return Request(request.scope, receive)
+
+
+@dataclass(frozen=True)
+class Form:
+    """A parsed upload: each file as (a name for messages, its bytes), and ``top_k``."""
+
+    files: list[tuple[str, bytes]]
+    top_k: int
+
+
+async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
+    """The files of ``file_field`` and ``top_k`` from a multipart body, or a RequestError.
+
+    Only files are accepted in ``file_field``: text there (a URL, base64) is refused, never
+    fetched or decoded.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise BadRequest(
+            f"send multipart/form-data with the image in the file field {file_field!r} "
+            f"(got {content_type or 'no content type'!r})"
+        )
+    request = capped(request, limits.max_upload_bytes)
+    max_files = limits.max_batch_images
+    try:
+        async with request.form(max_files=max_files, max_fields=4) as form:
+            unexpected = sorted(set(form.keys()) - {file_field, "top_k"})
+            if unexpected:
+                raise BadRequest(f"unexpected field(s) {unexpected}; send files in {file_field!r}")
+            uploads = form.getlist(file_field)
+            if not uploads:
+                raise BadRequest(f"missing the file field {file_field!r}")
+            files = []
+            for index, upload in enumerate(uploads):
+                if not isinstance(upload, UploadFile):
+                    raise BadRequest(
+                        f"{file_field!r} must be a file upload, not text (URLs aren't fetched)"
+                    )
+                name = f"{file_field}[{index}] {(upload.filename or '')[:80]!r}"
+                files.append((name, await upload.read()))
+            return Form(files, parse_top_k(form.getlist("top_k")))
+    except (HTTPException, MultiPartException) as error:
+        detail = str(getattr(error, "detail", None) or getattr(error, "message", error))
+        if detail.startswith("Too many files"):
+            raise BadRequest(
+                f"too many images: at most {max_files} per request", limit_images=max_files
+            ) from error
+        raise BadRequest(f"the multipart body cannot be read: {detail}") from error
+
+
+def parse_top_k(values: list[Any]) -> int:
+    """``top_k`` from the form: absent → the default; one positive integer; else BadRequest."""
+    if not values:
+        return DEFAULT_TOP_K
+    if len(values) > 1:
+        raise BadRequest(f"send top_k once (got {len(values)} values)")
+    try:
+        top_k = int(values[0])  # a file here: TypeError
+    except (ValueError, TypeError):
+        top_k = 0
+    if top_k < 1:
+        got = values[0][:20] if isinstance(values[0], str) else "a file"
+        raise BadRequest(f"top_k must be a positive integer (got {got!r})")
+    return top_k
+
+
+def current_request_id() -> str:
+    """BentoML's id of the request being served (as in its logs), else a fresh uuid4 hex."""
+    try:
+        from bentoml._internal.context import trace_context
+
+        request_id = trace_context.request_id
+    except ImportError:  # BentoML moved its internals: the id only loses its link to them
+        request_id = None
+    return format(request_id, "016x") if request_id else uuid.uuid4().hex
+
+
+@dataclass
+class Exchange:
+    """One request as the log line reports it; the handler fills in ``images``."""
+
+    route: str
+    request_id: str = field(default_factory=current_request_id)
+    images: int = 0
+    status: int = 0
+    error: str | None = None
+
+
+Handler = Callable[[Request, Exchange], Awaitable[dict[str, Any]]]
+
+
+def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Run ``handler``: its dict → 200, RequestError → its status, each with ``X-Request-ID``.
+
+    Writes one JSON log line per request whatever happens, and answers an unexpected
+    exception with a JSON 500 that carries the request id (the traceback goes to the log).
+    """
+
+    async def endpoint(request: Request) -> Response:
+        exchange = Exchange(route=request.url.path)
+        started = time.perf_counter()
+        try:
+            response: Response = JSONResponse(await handler(request, exchange))
+        except RequestError as error:
+            exchange.error = str(error)
+            response = error.response()
+        except ClientDisconnect:
+            exchange.error = "the client disconnected"
+            response = Response(status_code=499)  # nginx's "client closed request"; unsent
+        except asyncio.CancelledError:
+            # Only BentoML's TimeoutMiddleware cancels a request here, and it answers 504.
+            exchange.status, exchange.error = 504, "timed out"
+            log_exchange(exchange, started)
+            raise
+        except Exception:
+            # The traceback goes to BentoML's log: it is not a JSON line.
+            log = logging.getLogger("bentoml.convtune")
+            log.exception("request %s failed", exchange.request_id)
+            exchange.error = "internal error"
+            response = JSONResponse(
+                {"error": f"internal error (request id {exchange.request_id})"}, status_code=500
+            )
+        exchange.status = response.status_code
+        response.headers["X-Request-ID"] = exchange.request_id
+        log_exchange(exchange, started)
+        return response
+
+    return endpoint
+
+
+def log_exchange(exchange: Exchange, started: float) -> None:
+    record = {
+        "event": "request",
+        "request_id": exchange.request_id,
+        "route": exchange.route,
+        "images": exchange.images,
+        "status": exchange.status,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    if exchange.error is not None:
+        record["error"] = exchange.error[:300]
+    logging.getLogger(REQUEST_LOGGER).info(json.dumps(record))
+
+
+def setup_request_log() -> logging.Logger:
+    """Send the request log to stdout as bare JSON lines, next to BentoML's own log.
+
+    Called when the service starts, after BentoML configured logging (which disables the
+    loggers that exist by then); it has no prefix so that every line parses as JSON.
+    """
+    logger = logging.getLogger(REQUEST_LOGGER)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.disabled = False
+    return logger

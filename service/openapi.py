@@ -1,0 +1,167 @@
+"""OpenAPI 3.0 description of ``/predict`` and ``/predict_batch``, merged into BentoML's.
+
+BentoML's ``/docs.json`` describes its ``@bentoml.api`` methods and the mounted apps only if
+they are FastAPI; these routes belong to a plain Starlette app, so they are described here
+by hand and the service serves the merged document at ``/docs.json`` (the Swagger UI at
+``/`` reads it). The limits in the text are the ones the running service enforces.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from service.http import DEFAULT_TOP_K, Limits
+
+SCHEMAS = "#/components/schemas/"
+_MODEL = {"type": "string", "description": "the served model, NAME:VERSION"}
+_ACCEPTED = (
+    "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, in any mode; converted to RGB as in "
+    "training (transparency onto white, EXIF orientation applied)"
+)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": SCHEMAS + name}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _schemas(max_batch_images: int) -> dict[str, Any]:
+    probability = {"type": "number", "minimum": 0, "maximum": 1}
+    return {
+        "ConvtunePrediction": {
+            "type": "object",
+            "required": ["label", "probabilities", "top_k"],
+            "properties": {
+                "label": {"type": "string", "description": "the most probable class"},
+                "probabilities": {
+                    "type": "object",
+                    "additionalProperties": probability,
+                    "description": "every class → softmax(logits / temperature); sums to 1",
+                },
+                "top_k": {
+                    "type": "array",
+                    "description": "the top_k most probable classes, most probable first",
+                    "items": {
+                        "type": "object",
+                        "required": ["label", "probability"],
+                        "properties": {"label": {"type": "string"}, "probability": probability},
+                    },
+                },
+            },
+        },
+        "ConvtuneSinglePrediction": {
+            "allOf": [
+                {"type": "object", "required": ["model"], "properties": {"model": _MODEL}},
+                _ref("ConvtunePrediction"),
+            ]
+        },
+        "ConvtuneBatchPrediction": {
+            "type": "object",
+            "required": ["model", "results"],
+            "properties": {
+                "model": _MODEL,
+                "results": {
+                    "type": "array",
+                    "maxItems": max_batch_images,
+                    "items": _ref("ConvtunePrediction"),
+                    "description": "one prediction per uploaded file, in upload order",
+                },
+            },
+        },
+        "ConvtuneError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string", "description": "what is wrong, for a person"},
+                "index": {"type": "integer", "description": "the bad image's index in a batch"},
+                "limit_bytes": {"type": "integer"},
+                "limit_images": {"type": "integer"},
+            },
+        },
+    }
+
+
+def _operation(route: str, limits: Limits) -> dict[str, Any]:
+    batch = route == "/predict_batch"
+    file_field = "images" if batch else "image"
+    binary = {"type": "string", "format": "binary"}
+    count = f"up to {limits.max_batch_images} files" if batch else "one file"
+    files = (
+        {"type": "array", "items": binary, "minItems": 1, "maxItems": limits.max_batch_images}
+        if batch
+        else binary
+    )
+    bad_request = (
+        "not multipart/form-data; a missing, misnamed or extra field; text instead of a file "
+        "(never fetched as a URL); an empty, non-image, corrupt, truncated or unsupported "
+        f"file; an image over {limits.max_pixels:,} pixels; a top_k that is not one positive "
+        "integer"
+    )
+    if batch:
+        bad_request += (
+            f"; more than {limits.max_batch_images} files. One bad image fails the whole "
+            "request; the message and `index` name it"
+        )
+    return {
+        "post": {
+            "tags": ["Service APIs"],
+            "operationId": "Convtune__" + route.strip("/"),
+            "summary": "Classify several images" if batch else "Classify one image",
+            "description": (
+                f"Upload {count} in the multipart field `{file_field}`: {_ACCEPTED}. The "
+                f"whole body may be at most {limits.max_upload_bytes:,} bytes."
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": [file_field],
+                            "properties": {
+                                file_field: files,
+                                "top_k": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "default": DEFAULT_TOP_K,
+                                    "description": "how many classes to rank (capped at the "
+                                    "number of classes)",
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    _ref("ConvtuneBatchPrediction" if batch else "ConvtuneSinglePrediction"),
+                    "the prediction(s); the `X-Request-ID` header names the request in the log",
+                ),
+                "400": _json(_ref("ConvtuneError"), bad_request),
+                "413": _json(_ref("ConvtuneError"), "the request body is over the byte limit"),
+                "429": _json(
+                    _ref("ConvtuneError"),
+                    "too many requests in flight (BentoML's traffic.max_concurrency); retry",
+                ),
+                "503": _json(_ref("ConvtuneError"), "the batching queue is overloaded; retry"),
+                "504": _json(
+                    _ref("ConvtuneError"), "not answered within BentoML's traffic.timeout"
+                ),
+            },
+        }
+    }
+
+
+def merged_spec(bentoml_spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """``bentoml_spec`` (a dict) with ``/predict`` and ``/predict_batch`` added."""
+    spec = copy.deepcopy(bentoml_spec)
+    spec.setdefault("paths", {}).update(
+        {route: _operation(route, limits) for route in ("/predict", "/predict_batch")}
+    )
+    components = spec.setdefault("components", {})
+    components.setdefault("schemas", {}).update(_schemas(limits.max_batch_images))
+    return spec
