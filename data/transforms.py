@@ -9,7 +9,6 @@ training and serving cannot drift apart.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,20 +114,43 @@ def build_train_transform(
 
 
 def build_eval_transform(preprocessing: Preprocessing) -> A.Compose:
-    """Resize so the crop covers ``crop_pct`` of the image, then center crop (timm's eval)."""
+    """timm's eval view: the centre ``crop_pct`` of the image, resized to the input size.
+
+    timm resizes the shorter side to ``size / crop_pct`` and then crops ``size``; cropping
+    first and resizing second keeps the same region but never builds the enlarged
+    intermediate, which for a 40000x1 upload would be gigabytes.
+    """
     height, width = preprocessing.input_size
-    interpolation = _INTERPOLATIONS[preprocessing.interpolation]
-    if height == width:
-        resize: A.BasicTransform = A.SmallestMaxSize(
-            max_size=math.floor(height / preprocessing.crop_pct), interpolation=interpolation
-        )
-    else:
-        resize = A.Resize(
-            height=math.floor(height / preprocessing.crop_pct),
-            width=math.floor(width / preprocessing.crop_pct),
-            interpolation=interpolation,
-        )
-    return A.Compose([resize, A.CenterCrop(height=height, width=width), *_normalise(preprocessing)])
+    return A.Compose(
+        [
+            CenterCropFraction(preprocessing.crop_pct, square=height == width),
+            A.Resize(
+                height=height,
+                width=width,
+                interpolation=_INTERPOLATIONS[preprocessing.interpolation],
+            ),
+            *_normalise(preprocessing),
+        ]
+    )
+
+
+class CenterCropFraction(A.ImageOnlyTransform):
+    """Keep the centred ``fraction`` of the image: of its shorter side, as a square, for
+    square inputs; of each side otherwise."""
+
+    def __init__(self, fraction: float, *, square: bool) -> None:
+        super().__init__(p=1.0)
+        self.fraction = fraction
+        self.square = square
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        h, w = img.shape[:2]
+        if self.square:
+            crop_h = crop_w = max(1, round(min(h, w) * self.fraction))
+        else:
+            crop_h, crop_w = max(1, round(h * self.fraction)), max(1, round(w * self.fraction))
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        return img[top : top + crop_h, left : left + crop_w]
 
 
 def _normalise(preprocessing: Preprocessing) -> list[A.BasicTransform]:

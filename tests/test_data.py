@@ -216,3 +216,9 @@ def test_whitespace_label_file_without_header_and_a_label_map(tmp_path: Path) ->
         load_labelled_images(
             tmp_path / "labels.csv", LabelFileFormat(separator="whitespace", header=False)
         )
+
+
+def test_eval_transform_of_an_extremely_elongated_image_stays_small() -> None:
+    pixels = np.full((1, 40_000, 3), 200, dtype=np.uint8)
+    out = build_eval_transform(PREPROCESSING)(image=pixels)["image"]
+    assert out.shape == (3, 32, 32)
