@@ -18,7 +18,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -108,12 +107,6 @@ class Convtune:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
         self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
-        # The eval transform scales the short side to about `side` before its center crop,
-        # so a 40000x1 image would become a 10-gigapixel array on the way: images whose
-        # resized size would pass the pixel limit are refused instead.
-        preprocessing = self.classifier.manifest.preprocessing
-        side = math.floor(max(preprocessing.input_size) / preprocessing.crop_pct)
-        self._max_aspect_ratio = self.limits.max_pixels / side**2
         # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes: as
         # many at once as there are cores, instead of one per thread of the pool (40).
         self._decode_slots = anyio.CapacityLimiter(os.cpu_count() or 1)
@@ -144,13 +137,6 @@ class Convtune:
                 rgb = decode_rgb(data, max_pixels=self.limits.max_pixels)
             except ImageDecodeError as error:
                 raise BadRequest(f"{name}: {error}", index=index) from error
-            height, width = rgb.shape[:2]
-            if max(height, width) / min(height, width) > self._max_aspect_ratio:
-                raise BadRequest(
-                    f"{name}: {width}x{height} pixels is too elongated to classify (the "
-                    f"aspect ratio may be at most {self._max_aspect_ratio:,.0f}:1)",
-                    index=index,
-                )
             images.append(self.classifier.preprocess(rgb))
         return np.stack(images)
 

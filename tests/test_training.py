@@ -27,10 +27,12 @@ def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
     return ImageDataModule(images, split, model.preprocessing, batch_size=8, num_workers=0)
 
 
-def train_one_epoch(module: ClassifierModule, datamodule, freeze_epochs: int) -> None:
+def train_one_epoch(
+    module: ClassifierModule, datamodule, freeze_epochs: int, *, keep_bn_eval: bool = False
+) -> None:
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EncoderFreeze(freeze_epochs)])  # fmt: skip
+                        callbacks=[EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval)])  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
 
 
@@ -50,6 +52,18 @@ def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(shapes_dir: Path)
     train_one_epoch(module, datamodule, freeze_epochs=0)
     assert not torch.equal(model.encoder.conv_stem.weight, encoder_before["conv_stem.weight"])
     assert not torch.equal(model.encoder.bn1.running_mean, encoder_before["bn1.running_mean"])
+
+
+def test_keep_bn_eval_fine_tunes_weights_but_not_batchnorm_statistics(shapes_dir: Path):
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=40)
+    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    train_one_epoch(module, small_datamodule(shapes_dir, model), 0, keep_bn_eval=True)
+    assert not torch.equal(model.encoder.conv_stem.weight, before["conv_stem.weight"])
+    assert not torch.equal(model.encoder.bn1.weight, before["bn1.weight"])  # affine learns
+    assert torch.equal(model.encoder.bn1.running_mean, before["bn1.running_mean"])
+    assert torch.equal(model.encoder.bn1.running_var, before["bn1.running_var"])
 
 
 def test_warmup_then_cosine_schedule() -> None:

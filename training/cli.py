@@ -79,6 +79,8 @@ _FIT_SWITCHES: list[tuple[str, str, str, str]] = [
      "drop unreadable images (and say how many) instead of failing"),
     ("--cache-images", "cache_images", "store_true",
      "decode every image once and keep it in memory (datasets that fit in RAM)"),
+    ("--keep-bn-eval", "keep_bn_eval", "store_true",
+     "keep the encoder's BatchNorm statistics frozen after unfreezing (small/odd data)"),
     ("--cache-features", "cache_features", "store_true",
      "run the frozen epochs as a linear probe on encoder features computed once"),
 ]  # fmt: skip

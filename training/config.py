@@ -56,6 +56,7 @@ class FitConfig:
     num_workers: int = 2
     cache_images: bool = False
     cache_features: bool = False
+    keep_bn_eval: bool = False
     precision: str = "auto"
     accelerator: str = "auto"
     seed: int = 0

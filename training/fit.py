@@ -99,7 +99,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     callbacks: list[L.Callback] = [
         checkpoint,
-        EncoderFreeze(0 if probe else config.freeze_epochs),
+        EncoderFreeze(0 if probe else config.freeze_epochs, keep_bn_eval=config.keep_bn_eval),
         RichProgressBar(),
     ]
     if config.early_stopping > 0:

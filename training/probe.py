@@ -10,6 +10,7 @@ ones); ``benchmarks/train.py`` compares the two.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ def linear_probe(
     seed: int,
 ) -> float:
     """Train ``model.head`` for ``epochs`` on cached train features; return val accuracy."""
+    start = time.perf_counter()
     train_x, train_y = encode(model, datamodule.eval_loader("train"))
     val_x, val_y = encode(model, datamodule.eval_loader("val"))
     head = model.head.train()
@@ -72,6 +74,6 @@ def linear_probe(
     head.eval()
     with torch.no_grad():
         accuracy = float((head(val_x).argmax(1) == val_y).float().mean())
-    log.info("linear probe: %d epochs on %d cached features, val accuracy %.4f",
-             epochs, len(train_x), accuracy)  # fmt: skip
+    log.info("linear probe: %d epochs on %d cached features in %.1f s, val accuracy %.4f",
+             epochs, len(train_x), time.perf_counter() - start, accuracy)  # fmt: skip
     return float(np.round(accuracy, 6))
