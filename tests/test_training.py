@@ -30,9 +30,10 @@ def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
 def train_one_epoch(
     module: ClassifierModule, datamodule, freeze_epochs: int, *, keep_bn_eval: bool = False
 ) -> None:
+    freeze = EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval)])  # fmt: skip
+                        callbacks=[freeze])  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
 
 
