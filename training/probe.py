@@ -74,6 +74,7 @@ def linear_probe(
     head.eval()
     with torch.no_grad():
         accuracy = float((head(val_x).argmax(1) == val_y).float().mean())
+    model.train()  # hand Lightning the model in the mode it expects at the start of fit
     log.info("linear probe: %d epochs on %d cached features in %.1f s, val accuracy %.4f",
              epochs, len(train_x), time.perf_counter() - start, accuracy)  # fmt: skip
     return float(np.round(accuracy, 6))
