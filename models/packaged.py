@@ -15,7 +15,6 @@ what is available (``convtune weights``) stays fast.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import importlib.util
 import logging
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.artifact import sha256_file
 from models.weights import WeightsError
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def package_state_dict(architecture: str) -> dict[str, torch.Tensor]:
     with importlib.resources.as_file(resource) as path:
         if not path.is_file():
             raise WeightsError(f"{spec.package} is installed but has no {spec.resource}")
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         if digest != spec.sha256:
             raise WeightsError(
                 f"{path} has sha256 {digest}, expected {spec.sha256}: the {spec.package} "
@@ -262,7 +262,7 @@ def _write_verified(
     contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
     with _temporary_path(target) as temporary:
         save_file(contiguous, str(temporary), metadata=metadata)
-        digest = sha256_of(temporary)
+        digest = sha256_file(temporary)
         os.replace(temporary, target)
     with _temporary_path(target) as temporary:
         temporary.write_text(f"{digest}  {target.name}\n")
@@ -288,16 +288,8 @@ def _cache_is_valid(target: Path) -> bool:
     if not (target.is_file() and sidecar.is_file()):
         return False
     recorded = sidecar.read_text().split()
-    return bool(recorded) and recorded[0] == sha256_of(target)
+    return bool(recorded) and recorded[0] == sha256_file(target)
 
 
 def _sidecar(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

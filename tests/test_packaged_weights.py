@@ -20,6 +20,7 @@ import torch
 
 from data.transforms import build_eval_transform
 from models import packaged
+from models.artifact import sha256_file
 from models.factory import ImageClassifier, create_model
 from models.weights import WeightsError, offline_hint, resolve_weight_source
 from training.cli import main
@@ -91,7 +92,7 @@ def test_corrupted_cache_is_detected_and_rebuilt(
     own_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = packaged.packaged_weights_file(LITE0)
-    good_digest = packaged.sha256_of(path)
+    good_digest = sha256_file(path)
     sidecar = path.with_name(path.name + ".sha256")
     assert sidecar.read_text().split()[0] == good_digest
 
@@ -99,13 +100,13 @@ def test_corrupted_cache_is_detected_and_rebuilt(
     middle = len(damaged) // 2
     damaged[middle : middle + 16] = bytes(b ^ 0xFF for b in damaged[middle : middle + 16])
     path.write_bytes(bytes(damaged))
-    assert packaged.sha256_of(path) != good_digest
+    assert sha256_file(path) != good_digest
 
     with caplog.at_level(logging.WARNING, logger="convtune"):
         rebuilt = packaged.packaged_weights_file(LITE0)
     assert rebuilt == path
     assert "fail their sha256 check" in caplog.text
-    assert packaged.sha256_of(rebuilt) == good_digest  # conversion is deterministic
+    assert sha256_file(rebuilt) == good_digest  # conversion is deterministic
     assert sidecar.read_text().split()[0] == good_digest
     assert not list(own_cache.glob(".*"))  # no temporary files left behind
 
@@ -118,7 +119,7 @@ def test_cache_without_sidecar_is_rebuilt(own_cache: Path) -> None:
     path.write_bytes(b"half-written")
     rebuilt = packaged.packaged_weights_file(LITE0)
     assert rebuilt.stat().st_size > 1_000_000
-    assert sidecar.read_text().split()[0] == packaged.sha256_of(rebuilt)
+    assert sidecar.read_text().split()[0] == sha256_file(rebuilt)
 
 
 def test_packaged_for_other_architecture_lists_the_available_ones() -> None:
