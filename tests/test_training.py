@@ -98,7 +98,7 @@ def test_config_layers_defaults_yaml_and_flags(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("fit", "export", "predict", "evaluate"):
+    for command in ("fit", "export", "predict", "evaluate", "weights"):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0

@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="label file has no header",
     )
+    commands.add_parser(
+        "weights",
+        help="list the architectures with offline (pip-packaged) ImageNet weights",
+        description="Architectures usable with --pretrained packaged, whether each weights "
+        "package is installed, and where converted weights are cached.",
+    )
     return parser
 
 
