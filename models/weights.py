@@ -37,9 +37,6 @@ class WeightSource:
             return {"pretrained": True}
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(self.file)}}
 
-    def describe(self) -> str:
-        return str(self.file) if self.kind == "file" else self.kind
-
 
 def resolve_weight_source(spec: str | Path, model_name: str) -> WeightSource:
     """Parse ``--pretrained`` for ``model_name``: ``auto``, ``packaged``, ``none``, ``hub``
