@@ -129,15 +129,26 @@ def check_onnx_matches(model: ImageClassifier, artifact_dir: Path) -> float:
     return difference
 
 
-def register_in_store(artifact_dir: Path, name: str) -> str:
-    """Copy an artifact into the BentoML model store (``$BENTOML_HOME``); return its tag."""
+def register_in_store(artifact_dir: Path, name: str, *, bentoml_home: Path | None = None) -> str:
+    """Copy an artifact into the BentoML model store; return its tag.
+
+    The store is ``$BENTOML_HOME``'s, or the one under ``bentoml_home`` (benchmarks serve
+    from a private store, leaving the user's alone).
+    """
     import bentoml
 
+    store = {}
+    if bentoml_home is not None:
+        # BentoML reads $BENTOML_HOME once; another store is only reachable this way.
+        from bentoml._internal.models import ModelStore
+
+        store["_model_store"] = ModelStore(bentoml_home / "models")
     manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
     with bentoml.models.create(
         name,
         labels={"framework": "onnx", "architecture": manifest["architecture"]},
         metadata={"classes": manifest["classes"], "val": manifest["metrics"]["val"]},
+        **store,
     ) as stored:
         for file in artifact_dir.iterdir():
             shutil.copyfile(file, Path(stored.path) / file.name)

@@ -1,0 +1,349 @@
+"""Serving benchmark: convtune's service against the in-process ceiling and a naive peer.
+
+For one artifact and a set of images, in one run on one machine:
+
+1. **ceiling**: the artifact's ONNX graph in this process with onnxruntime, on tensors
+   preprocessed beforehand: latency at batch 1 and throughput at each batch size;
+2. **service**: ``bentoml serve service.service:Convtune`` driven over keep-alive HTTP on
+   loopback by ``concurrency`` clients (``benchmarks.loadgen``): requests/s and p50/p95/p99
+   latency, end to end, decoding and preprocessing included;
+3. **peer**: the same load against ``benchmarks.naive_peer`` (FastAPI + PIL + torchvision +
+   eager torch on the same weights), what most tutorials ship.
+
+Everything runs ``--rounds`` times, interleaved, so that noise on a shared machine hits all
+three alike; the table gives the median of the rounds, and each ratio is the median of the
+per-round ratios. ``--json`` writes every round too. Run as ``convtune bench serve`` or
+``python -m benchmarks.serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+import numpy as np
+
+from benchmarks.loadgen import run_load
+from benchmarks.servers import free_port, running_server
+
+ROOT = Path(__file__).resolve().parents[1]  # where `service` and `benchmarks` import from
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+GOALS = {  # the performance issue's goals, by ratio name
+    "service_vs_ceiling": "service req/s at the highest concurrency ÷ ceiling batch-1 img/s ≥ 0.8",
+    "latency_overhead_ms": "service p50 at concurrency 1 − ceiling batch-1 latency ≤ 5 ms",
+    "service_vs_peer": "service req/s ÷ peer req/s at the highest concurrency ≥ 3",
+}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How each server is driven: every concurrency, for ``duration_s`` after a warm-up."""
+
+    concurrencies: tuple[int, ...]
+    duration_s: float
+    warmup_s: float
+    field: str = "image"
+
+
+def generated_pngs(count: int, size: int, seed: int = 0) -> list[bytes]:
+    """``count`` distinct ``size``×``size`` PNGs of the synthetic shapes."""
+    from data.synthetic import SHAPES, draw_shape
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        buffer = io.BytesIO()
+        draw_shape(SHAPES[index % len(SHAPES)], rng, size).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def time_calls(call: Callable[[], object], *, min_seconds: float, min_calls: int) -> list[float]:
+    """Seconds per call of ``call``, after two untimed warm-up calls."""
+    for _ in range(2):
+        call()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def measure_ceiling(
+    artifact: Path, uploads: Sequence[bytes], *, batch_sizes: Sequence[int], min_seconds: float
+) -> dict[str, Any]:
+    """The ONNX graph alone, on preprocessed tensors: median latency and img/s per batch."""
+    from data.images import decode_rgb
+    from models.inference import OnnxClassifier
+
+    classifier = OnnxClassifier(artifact)
+    pixels = np.stack([classifier.preprocess(decode_rgb(data)) for data in uploads])
+    by_batch = {}
+    for size in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(pixels, (size, *pixels.shape[1:])))
+        median = statistics.median(
+            time_calls(lambda b=batch: classifier.logits(b), min_seconds=min_seconds, min_calls=5)
+        )
+        by_batch[size] = {"latency_ms": median * 1000, "images_per_s": size / median}
+    best = max(by_batch, key=lambda size: by_batch[size]["images_per_s"])
+    return {
+        "batch_1_latency_ms": by_batch[1]["latency_ms"],
+        "batch_1_images_per_s": by_batch[1]["images_per_s"],
+        "best_batch": best,
+        "best_images_per_s": by_batch[best]["images_per_s"],
+        "by_batch": by_batch,
+    }
+
+
+def drive(url: str, uploads: Sequence[bytes], plan: LoadPlan) -> dict[int, dict[str, Any]]:
+    """Load ``url`` at each concurrency of ``plan``; the loadgen summary per concurrency."""
+    files = [[(plan.field, (f"{i}.png", data, "image/png"))] for i, data in enumerate(uploads)]
+    results = {}
+    for concurrency in plan.concurrencies:
+        # Warm-up: first requests pay for lazy initialisation and connection setup.
+        asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=plan.warmup_s))
+        result = asyncio.run(
+            run_load(url, files, concurrency=concurrency, duration_s=plan.duration_s)
+        )
+        results[concurrency] = result.summary()
+    return results
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path, **extra}
+
+
+@contextlib.contextmanager
+def convtune_service(
+    artifact: Path, workdir: Path, extra_env: dict[str, str]
+) -> Iterator[str]:
+    """``bentoml serve`` of ``artifact`` from a private model store; yields its base URL."""
+    from training.export import register_in_store
+
+    home = workdir / "bentoml"
+    tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Convtune"]
+    with running_server(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+        log_path=workdir / "service.log",
+        env=server_env(BENTOML_HOME=str(home), CONVTUNE_MODEL=tag, **extra_env),
+        cwd=ROOT,
+    ):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def naive_peer(artifact: Path, workdir: Path) -> Iterator[str]:
+    """``uvicorn benchmarks.naive_peer:app`` serving ``artifact``; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "benchmarks.naive_peer:app"]
+    with running_server(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        ready_url=f"http://127.0.0.1:{port}/ready",
+        log_path=workdir / "peer.log",
+        env=server_env(CONVTUNE_PEER_ARTIFACT=str(artifact.resolve())),
+        cwd=ROOT,
+    ):
+        yield f"http://127.0.0.1:{port}"
+
+
+def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
+    """The goal figures of one round (those whose inputs were measured)."""
+    ceiling, service, peer = one_round["ceiling"], one_round["service"], one_round.get("peer")
+    top = max(service)
+    ratios = {"service_vs_ceiling": service[top]["throughput_rps"] / ceiling["batch_1_images_per_s"]}
+    if 1 in service:
+        ratios["latency_overhead_ms"] = service[1]["p50_ms"] - ceiling["batch_1_latency_ms"]
+    if peer:
+        ratios["service_vs_peer"] = service[top]["throughput_rps"] / peer[top]["throughput_rps"]
+    return ratios
+
+
+def median_of(rounds: list[dict[str, Any]], *keys: Any) -> float:
+    values = []
+    for one_round in rounds:
+        value: Any = one_round
+        for key in keys:
+            value = value[key]
+        values.append(value)
+    return statistics.median(values)
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds of every figure the table shows."""
+    first = rounds[0]
+    load_keys = ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "server_errors")
+    summary: dict[str, Any] = {
+        "ceiling": {
+            key: median_of(rounds, "ceiling", key)
+            for key in ("batch_1_latency_ms", "batch_1_images_per_s", "best_images_per_s")
+        },
+        "ceiling_by_batch": {
+            size: median_of(rounds, "ceiling", "by_batch", size, "images_per_s")
+            for size in first["ceiling"]["by_batch"]
+        },
+        "ratios": {key: median_of(rounds, "ratios", key) for key in first["ratios"]},
+    }
+    for server in ("service", "peer"):
+        if server in first:
+            summary[server] = {
+                concurrency: {key: median_of(rounds, server, concurrency, key) for key in load_keys}
+                for concurrency in first[server]
+            }
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'':<24}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'5xx':>6}"]
+    ceiling = summary["ceiling"]
+    lines.append(
+        f"{'ceiling, batch 1':<24}{ceiling['batch_1_images_per_s']:>9.1f}"
+        f"{ceiling['batch_1_latency_ms']:>9.2f}"
+    )
+    for size, images_per_s in summary["ceiling_by_batch"].items():
+        if size != 1:
+            lines.append(f"{f'ceiling, batch {size}':<24}{images_per_s:>9.1f}   (img/s)")
+    for server in ("service", "peer"):
+        for concurrency, row in summary.get(server, {}).items():
+            lines.append(
+                f"{f'{server}, {concurrency} clients':<24}{row['throughput_rps']:>9.1f}"
+                f"{row['p50_ms']:>9.2f}{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+                f"{row['server_errors']:>6.0f}"
+            )
+    lines.append("")
+    for key, value in summary["ratios"].items():
+        lines.append(f"{value:>8.2f}  {GOALS[key]}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    versions = {}
+    for package in ("onnxruntime", "bentoml", "torch", "fastapi", "numpy", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convtune bench serve",
+        description="Benchmark the service against the in-process onnxruntime ceiling and a "
+        "naive FastAPI + torch peer, on the same artifact and images.",
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
+    )
+    parser.add_argument(
+        "--images", type=Path,
+        help="folder of images to send, in turn [generated 300×300 PNGs of shapes]",
+    )  # fmt: skip
+    parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
+    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--concurrency", default="1,8",
+        help="client counts, comma-separated; goals use 1 and the highest [1,8]",
+    )  # fmt: skip
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load [20]")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first [3]")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=3.0, help="timing per batch size [3]"
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
+    parser.add_argument(
+        "--service-env", action="append", default=[], metavar="NAME=VALUE",
+        help="environment for the service (tuning: CONVTUNE_*); repeatable",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+    return parser
+
+
+def load_images(folder: Path) -> list[bytes]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{folder} has no files to send")
+    return [p.read_bytes() for p in files]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from training.export import locate_artifact
+
+    concurrencies = tuple(sorted({int(c) for c in args.concurrency.split(",")}))
+    if min(concurrencies) < 1 or args.rounds < 1 or args.duration <= 0:
+        raise ValueError("--concurrency, --rounds and --duration must be positive")
+    artifact = locate_artifact(args.model)
+    uploads = (
+        load_images(args.images)
+        if args.images
+        else generated_pngs(args.image_count, args.image_size)
+    )
+    plan = LoadPlan(concurrencies, args.duration, args.warmup)
+    extra_env = dict(item.split("=", 1) for item in args.service_env)
+    rounds = []
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convtune-bench-")))
+        print("starting the service" + ("" if args.no_peer else " and the peer"), file=sys.stderr)
+        service_url = stack.enter_context(convtune_service(artifact, workdir, extra_env))
+        peer_url = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
+        for number in range(1, args.rounds + 1):
+            print(f"round {number}/{args.rounds}: ceiling", file=sys.stderr)
+            one_round: dict[str, Any] = {
+                "ceiling": measure_ceiling(
+                    artifact, uploads, batch_sizes=BATCH_SIZES, min_seconds=args.ceiling_seconds
+                )
+            }
+            print(f"round {number}/{args.rounds}: service", file=sys.stderr)
+            one_round["service"] = drive(f"{service_url}/predict", uploads, plan)
+            if peer_url:
+                print(f"round {number}/{args.rounds}: peer", file=sys.stderr)
+                one_round["peer"] = drive(f"{peer_url}/predict", uploads, plan)
+            one_round["ratios"] = round_ratios(one_round)
+            rounds.append(one_round)
+    summary = summarise(rounds)
+    print(format_table(summary))
+    if args.json:
+        report = {
+            "benchmark": "serve",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "arguments": {k: str(v) for k, v in vars(args).items()},
+            "median": summary,
+            "rounds": rounds,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    failed = sum(row["server_errors"] for part in ("service", "peer")
+                 for row in summary.get(part, {}).values())  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
