@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Annotated
 
 import torch
 from fastapi import FastAPI, File, UploadFile
@@ -50,7 +51,7 @@ async def ready() -> dict[str, bool]:
 
 
 @app.post("/predict")
-async def predict(image: UploadFile = File(...)) -> dict:
+async def predict(image: Annotated[UploadFile, File()]) -> dict:
     picture = Image.open(io.BytesIO(await image.read())).convert("RGB")
     with torch.no_grad():
         logits = model(preprocess(picture).unsqueeze(0))

@@ -135,9 +135,7 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def convtune_service(
-    artifact: Path, workdir: Path, extra_env: dict[str, str]
-) -> Iterator[str]:
+def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -> Iterator[str]:
     """``bentoml serve`` of ``artifact`` from a private model store; yields its base URL."""
     from training.export import register_in_store
 
@@ -174,7 +172,9 @@ def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
     """The goal figures of one round (those whose inputs were measured)."""
     ceiling, service, peer = one_round["ceiling"], one_round["service"], one_round.get("peer")
     top = max(service)
-    ratios = {"service_vs_ceiling": service[top]["throughput_rps"] / ceiling["batch_1_images_per_s"]}
+    ratios = {
+        "service_vs_ceiling": service[top]["throughput_rps"] / ceiling["batch_1_images_per_s"]
+    }
     if 1 in service:
         ratios["latency_overhead_ms"] = service[1]["p50_ms"] - ceiling["batch_1_latency_ms"]
     if peer:

@@ -18,13 +18,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import functools
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import bentoml
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,6 +30,7 @@ from starlette.routing import Route
 
 from data.images import ImageDecodeError, decode_rgb
 from models.inference import OnnxClassifier, format_prediction
+from service.batching import GreedyBatcher, QueueTimeout
 from service.http import (
     BadRequest,
     Exchange,
@@ -44,11 +43,7 @@ from service.http import (
 from service.openapi import merged_spec
 
 MAX_BATCH_SIZE = 64  # images per onnxruntime call
-MAX_LATENCY_MS = 10_000  # a request queued longer than this is dropped with a 503
-
-
-def _overloaded() -> NoReturn:
-    raise Overloaded("the service is overloaded; retry later")
+MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503
 
 
 async def predict(request: Request, exchange: Exchange) -> dict[str, Any]:
@@ -105,29 +100,22 @@ class Convtune:
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
-        self.classifier = OnnxClassifier(self.model.path)
+        self.classifier = OnnxClassifier(
+            self.model.path,
+            threads=int(os.environ.get("CONVTUNE_ORT_THREADS", "0")),
+            spinning=os.environ.get("CONVTUNE_ORT_SPIN", "1") == "1",
+        )
         self.tag = str(self.model.tag)
         # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes: as
         # many at once as there are cores, instead of one per thread of the pool (40).
         self._decode_slots = anyio.CapacityLimiter(os.cpu_count() or 1)
-        # Adaptive batching with BentoML's own dispatcher (what `@bentoml.api(batchable=True)`
-        # uses). Each queued item is one request's (n, 3, h, w) pixels; the dispatcher passes
-        # the waiting items (at most MAX_BATCH_SIZE images, splitting an item if it must) to
-        # `_infer` in one call, on a worker thread, and hands each caller its own (n, C)
-        # rows. An item that waits over MAX_LATENCY_MS is dropped: `_overloaded` raises.
-        self._dispatcher = CorkDispatcher(
-            MAX_LATENCY_MS,
-            MAX_BATCH_SIZE,
-            fallback=_overloaded,
-            get_batch_size=len,
-            batch_dim=(0, 0),
+        self._batcher = GreedyBatcher(
+            self.classifier.probabilities,
+            max_batch_size=MAX_BATCH_SIZE,
+            max_wait_s=MAX_QUEUE_WAIT_S,
+            slots=int(os.environ.get("CONVTUNE_INFER_SLOTS", "1")),
         )
-        self._probabilities = self._dispatcher(self._infer)
         setup_request_log()
-
-    def _infer(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-        rows = self.classifier.probabilities(np.concatenate(batches))
-        return np.split(rows, np.cumsum([len(batch) for batch in batches])[:-1])
 
     def _pixels(self, uploads: list[tuple[str, bytes]]) -> np.ndarray:
         """The model's input for each upload, or a BadRequest naming the first bad one."""
@@ -143,9 +131,8 @@ class Convtune:
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode and preprocess off the event loop, then queue for a batched forward pass."""
         pixels = await anyio.to_thread.run_sync(self._pixels, uploads, limiter=self._decode_slots)
-        probabilities = await self._probabilities(pixels)
+        try:
+            probabilities = await self._batcher(pixels)
+        except QueueTimeout as error:
+            raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
-
-    @bentoml.on_shutdown
-    def stop_batching(self) -> None:
-        self._dispatcher.shutdown()
