@@ -43,9 +43,7 @@ def format_prediction(
 class OnnxClassifier:
     """A verified artifact loaded into an onnxruntime session."""
 
-    def __init__(
-        self, artifact_dir: str | Path, *, threads: int = 0, spinning: bool = True
-    ) -> None:
+    def __init__(self, artifact_dir: str | Path, *, threads: int = 0) -> None:
         import onnxruntime as ort
 
         self.directory = Path(artifact_dir)
@@ -55,8 +53,6 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.directory / ONNX_FILE), options, providers=["CPUExecutionProvider"]
         )

@@ -7,7 +7,8 @@ input handling fetches a URL sent as text in a file field and answers some bad i
 500. Here uploads are decoded by ``data.images.decode_rgb``, within limits set by
 ``CONVTUNE_MAX_*`` variables, and refused requests get a 4xx with ``{"error": "..."}``
 (``service.http``); each request writes one JSON log line. BentoML still provides the health
-probes, metrics, traffic limits (429, 504) and, in-process, the adaptive batching.
+probes, metrics and traffic limits (429, 504); concurrent requests share onnxruntime calls
+through ``service.batching``.
 """
 
 from __future__ import annotations
@@ -100,11 +101,7 @@ class Convtune:
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
-        self.classifier = OnnxClassifier(
-            self.model.path,
-            threads=int(os.environ.get("CONVTUNE_ORT_THREADS", "0")),
-            spinning=os.environ.get("CONVTUNE_ORT_SPIN", "1") == "1",
-        )
+self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
         # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes: as
         # many at once as there are cores, instead of one per thread of the pool (40).
@@ -113,7 +110,6 @@ class Convtune:
             self.classifier.probabilities,
             max_batch_size=MAX_BATCH_SIZE,
             max_wait_s=MAX_QUEUE_WAIT_S,
-            slots=int(os.environ.get("CONVTUNE_INFER_SLOTS", "1")),
         )
         setup_request_log()
 

@@ -1,4 +1,4 @@
-"""The ``convtune`` command line: fit, export, predict, evaluate, weights."""
+"""The ``convtune`` command line: fit, export, predict, evaluate, weights, bench."""
 
 from __future__ import annotations
 
@@ -179,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Architectures usable with --pretrained packaged, whether each weights "
         "package is installed, and where converted weights are cached.",
     )
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark serving or training (convtune bench serve|train --help)",
+        description="Run a benchmark from benchmarks/: `serve` (the service against the "
+        "in-process ceiling and a naive FastAPI peer) or `train` (Lightning against a plain "
+        "loop, data pipeline against the model, cached-feature probe against frozen epochs).",
+    )
+    bench.add_argument("benchmark", choices=["serve", "train"])
+    bench.add_argument(
+        "arguments", nargs=argparse.REMAINDER, metavar="...", help="the benchmark's own options"
+    )
     return parser
 
 
@@ -199,14 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         "predict": run_predict,
         "evaluate": run_evaluate,
         "weights": run_weights,
+        "bench": run_bench,
     }[args.command]
     try:
-        handler(args)
+        status = handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # Our own errors carry a message meant for the user; a traceback would bury it.
         print(f"convtune {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 def run_fit(args: argparse.Namespace) -> None:
@@ -304,6 +316,13 @@ def run_weights(args: argparse.Namespace) -> None:
         )
     print(f"\ncache: {packaged.cache_dir()} (set ${packaged.CACHE_ENV_VAR} to move it)")
     print(f"install all: pip install '{packaged.WEIGHTS_EXTRA}'")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    benchmark = importlib.import_module(f"benchmarks.{args.benchmark}")
+    return benchmark.main(args.arguments)
 
 
 if __name__ == "__main__":

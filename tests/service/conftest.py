@@ -12,24 +12,19 @@ import contextlib
 import functools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
 from PIL import Image
 
+from benchmarks.servers import free_port, running_server
 from data.synthetic import make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 120
 IMAGE_SIZE = 48  # probe images; the eval transform resizes them to the model's size
 
 
@@ -68,12 +63,6 @@ def subprocess_env(bentoml_home: Path) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -135,23 +124,17 @@ class Served:
 def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
     """``bentoml serve service.service:Convtune`` on a free local port, with ``env`` added."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     log_path = exported.root / f"{name}.log"
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:Convtune"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**exported.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, process, log_path)
-            yield Served(url, process, log_path)
-        finally:
-            stop(process)
+    with running_server(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        ready_url=f"{url}/readyz",
+        log_path=log_path,
+        env={**exported.env, **env},
+        cwd=REPO,
+    ) as process:
+        yield Served(url, process, log_path)
 
 
 @pytest.fixture(scope="session")
@@ -171,33 +154,3 @@ def served(exported: Exported) -> Iterator[Served]:
 def server(served: Served) -> str:
     """Base URL of the suite's server."""
     return served.url
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"bentoml serve not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server, which stops its worker; if it hangs, SIGKILL both."""
-    if process.poll() is not None:
-        return
-    # The worker runs in a process group of its own: note it now, by pid.
-    workers = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        for child in [*workers, process]:
-            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                child.kill()
-        process.wait(timeout=10)

@@ -1,0 +1,133 @@
+"""service.batching.GreedyBatcher: who runs together, who gets which rows, what fails."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import GreedyBatcher, QueueTimeout
+
+
+class RecordingModel:
+    """Rows = the input times two; remembers each call's batch size and the thread it ran on."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+        self.batch_sizes: list[int] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(pixels))
+        self.threads.add(threading.get_ident())
+        time.sleep(self.seconds)
+        return pixels * 2
+
+
+def requests(*sizes: int) -> list[np.ndarray]:
+    """One array per request, values unique across all of them."""
+    bounds = np.cumsum([0, *sizes])
+    return [np.arange(a, b, dtype=np.float32)[:, None] for a, b in itertools.pairwise(bounds)]
+
+
+def test_lone_request_runs_at_once_and_later_ones_share_a_call() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> tuple[list[np.ndarray], float]:
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
+        first = asyncio.create_task(batcher(requests(1)[0]))
+        await asyncio.sleep(0.01)  # the first call is running now
+        started = time.perf_counter()
+        others = await asyncio.gather(*(batcher(r) for r in requests(1, 2, 3)))
+        return [await first, *others], time.perf_counter() - started
+
+    inputs = [requests(1)[0], *requests(1, 2, 3)]
+    results, waited = asyncio.run(scenario())
+    # One call for the first, one for the three that queued behind it: no waiting for more.
+    assert model.batch_sizes == [1, 6]
+    assert waited < 3 * model.seconds
+    assert threading.get_ident() not in model.threads  # never on the event loop's thread
+    for given, got in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(got, given * 2)
+
+
+def test_batches_never_exceed_the_limit_and_keep_requests_whole() -> None:
+    model = RecordingModel(seconds=0.02)
+    sizes = (3, 3, 3, 3, 5)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = GreedyBatcher(model, max_batch_size=7, max_wait_s=10)
+        return await asyncio.gather(*(batcher(r) for r in requests(*sizes)))
+
+    results = asyncio.run(scenario())
+    assert sum(model.batch_sizes) == sum(sizes)
+    assert all(size <= 7 for size in model.batch_sizes)
+    for given, got in zip(requests(*sizes), results, strict=True):
+        np.testing.assert_array_equal(got, given * 2)
+
+
+def test_a_failing_call_fails_only_its_own_requests() -> None:
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        if (pixels < 0).any():
+            raise RuntimeError("bad batch")
+        time.sleep(0.02)
+        return pixels
+
+    async def scenario() -> tuple[object, ...]:
+        batcher = GreedyBatcher(infer, max_batch_size=1, max_wait_s=10)
+        bad = np.array([[-1.0]], dtype=np.float32)
+        good = np.array([[1.0]], dtype=np.float32)
+        return tuple(await asyncio.gather(batcher(bad), batcher(good), return_exceptions=True))
+
+    bad, good = asyncio.run(scenario())
+    assert isinstance(bad, RuntimeError)
+    np.testing.assert_array_equal(good, [[1.0]])
+
+
+def test_requests_queued_too_long_are_refused_and_cancelled_ones_skipped() -> None:
+    model = RecordingModel(seconds=0.2)
+
+    async def scenario() -> tuple[object, ...]:
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=0.05)
+        [a, b, c] = requests(1, 1, 1)
+        running = asyncio.create_task(batcher(a))
+        await asyncio.sleep(0.01)
+        cancelled = asyncio.create_task(batcher(b))
+        late = asyncio.create_task(batcher(c))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        return tuple(await asyncio.gather(running, cancelled, late, return_exceptions=True))
+
+    running, cancelled, late = asyncio.run(scenario())
+    np.testing.assert_array_equal(running, requests(1)[0] * 2)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert isinstance(late, QueueTimeout)
+    assert model.batch_sizes == [1]  # neither the cancelled nor the stale one ran
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_at_most_slots_calls_run_at_once(slots: int) -> None:
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.02)
+        with lock:
+            active -= 1
+        return pixels
+
+    async def scenario() -> None:
+        batcher = GreedyBatcher(infer, max_batch_size=1, max_wait_s=10, slots=slots)
+        await asyncio.gather(*(batcher(r) for r in requests(*[1] * 6)))
+
+    asyncio.run(scenario())
+    assert peak == slots
