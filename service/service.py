@@ -101,7 +101,7 @@ class Convtune:
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
-self.classifier = OnnxClassifier(self.model.path)
+        self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
         # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes: as
         # many at once as there are cores, instead of one per thread of the pool (40).
