@@ -22,17 +22,13 @@ import argparse
 import asyncio
 import contextlib
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +37,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import numpy as np
 
+from benchmarks.common import median_of, write_report
 from benchmarks.loadgen import run_load
 from benchmarks.servers import free_port, running_server
 
@@ -182,16 +179,6 @@ def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
-def median_of(rounds: list[dict[str, Any]], *keys: Any) -> float:
-    values = []
-    for one_round in rounds:
-        value: Any = one_round
-        for key in keys:
-            value = value[key]
-        values.append(value)
-    return statistics.median(values)
-
-
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds of every figure the table shows."""
     first = rounds[0]
@@ -237,19 +224,6 @@ def format_table(summary: dict[str, Any]) -> str:
     for key, value in summary["ratios"].items():
         lines.append(f"{value:>8.2f}  {GOALS[key]}")
     return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    versions = {}
-    for package in ("onnxruntime", "bentoml", "torch", "fastapi", "numpy", "pillow"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return {
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,15 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(rounds)
     print(format_table(summary))
     if args.json:
-        report = {
-            "benchmark": "serve",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(),
-            "arguments": {k: str(v) for k, v in vars(args).items()},
-            "median": summary,
-            "rounds": rounds,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, "serve", vars(args), summary, rounds)
     failed = sum(row["server_errors"] for part in ("service", "peer")
                  for row in summary.get(part, {}).values())  # fmt: skip
     return 1 if failed else 0

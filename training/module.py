@@ -38,8 +38,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.recipe = recipe
-        weight = torch.tensor(recipe.class_weights) if recipe.class_weights else None
-        self.loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+        self.loss = build_loss(recipe)
         num_classes = model.num_classes
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -67,29 +66,49 @@ class ClassifierModule(L.LightningModule):
         self.log("val/macro_f1", self.val_macro_f1, prog_bar=True)
 
     def configure_optimizers(self) -> dict:
-        recipe = self.recipe
-        groups = [
-            *param_groups(self.model.head, lr=recipe.lr, weight_decay=recipe.weight_decay),
-            *param_groups(
-                self.model.encoder,
-                lr=recipe.lr * recipe.backbone_lr_scale,
-                weight_decay=recipe.weight_decay,
-            ),
-        ]
-        if recipe.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
-        else:
-            optimizer = torch.optim.AdamW(groups)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = int(recipe.warmup_epochs * steps_per_epoch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        optimizer, schedule = build_optimizer(
+            model_param_groups(self.model, self.recipe),
+            self.recipe,
+            total_steps=total_steps,
+            warmup_steps=int(self.recipe.warmup_epochs * steps_per_epoch),
         )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step"},
         }
+
+
+def build_loss(recipe: Recipe) -> nn.CrossEntropyLoss:
+    weight = torch.tensor(recipe.class_weights) if recipe.class_weights else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+
+
+def build_optimizer(
+    groups: list[dict], recipe: Recipe, *, total_steps: int, warmup_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The recipe's optimizer over ``groups`` and its per-step warmup-cosine schedule."""
+    if recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+    )
+    return optimizer, schedule
+
+
+def model_param_groups(model: ImageClassifier, recipe: Recipe) -> list[dict]:
+    """The head at ``lr``, the encoder at ``lr × backbone_lr_scale``; see :func:`param_groups`."""
+    return [
+        *param_groups(model.head, lr=recipe.lr, weight_decay=recipe.weight_decay),
+        *param_groups(
+            model.encoder,
+            lr=recipe.lr * recipe.backbone_lr_scale,
+            weight_decay=recipe.weight_decay,
+        ),
+    ]
 
 
 def param_groups(module: nn.Module, *, lr: float, weight_decay: float) -> list[dict]:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from data.datamodule import ImageDataModule
 from models.factory import ImageClassifier
-from training.module import Recipe, param_groups, warmup_cosine
+from training.module import Recipe, build_loss, build_optimizer, param_groups
 
 log = logging.getLogger("convtune")
 
@@ -47,20 +47,15 @@ def linear_probe(
     train_x, train_y = encode(model, datamodule.eval_loader("train"))
     val_x, val_y = encode(model, datamodule.eval_loader("val"))
     head = model.head.train()
-    optimizer = torch.optim.SGD(
-        param_groups(head, lr=recipe.lr, weight_decay=recipe.weight_decay),
-        momentum=recipe.momentum,
-        nesterov=True,
-    )
     batch_size = datamodule.batch_size
     steps_per_epoch = max(1, len(train_x) // batch_size)
-    total = epochs * steps_per_epoch
-    warmup = int(recipe.warmup_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total)
+    optimizer, schedule = build_optimizer(
+        param_groups(head, lr=recipe.lr, weight_decay=recipe.weight_decay),
+        recipe,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=int(recipe.warmup_epochs * steps_per_epoch),
     )
-    weight = torch.tensor(recipe.class_weights) if recipe.class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+    loss_fn = build_loss(recipe)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator)

@@ -1,0 +1,40 @@
+"""A smoke run of ``convtune bench train`` on a tiny model and dataset, every part real.
+
+Checks that the benchmark runs end to end and reports what it measured; the figures
+themselves are in docs/benchmarks.md (benchmarks are not timed tests).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_runs_every_part_and_reports_them(tmp_path: Path) -> None:
+    report_file = tmp_path / "train.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "training.cli", "bench", "train",
+            "--model", "test_resnet", "--pretrained", "none", "--img-size", "32",
+            "--per-class", "8", "--batch-size", "4", "--num-workers", "0",
+            "--steps", "2", "--skip-steps", "1", "--pipeline-batches", "3",
+            "--freeze-epochs", "2", "--rounds", "1", "--json", str(report_file),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    median = report["median"]
+    assert report["benchmark"] == "train" and len(report["rounds"]) == 1
+    assert median["steps"]["lightning_images_per_s"] > 0
+    assert median["steps"]["plain_images_per_s"] > 0
+    assert median["pipeline"]["images_per_s"] > 0
+    assert median["frozen"]["normal_s"] > 0 and median["frozen"]["probe_s"] > 0
+    for mode in ("normal", "probe"):
+        assert 0.0 <= median["frozen"][f"{mode}_val_accuracy"] <= 1.0
+    assert set(median["ratios"]) == {"lightning_vs_plain", "pipeline_vs_model", "probe_speedup"}
+    assert "frozen epochs, cached features" in result.stdout
