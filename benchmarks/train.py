@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,24 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import median_of, write_report
 from data.datamodule import ImageDataModule
-from data.sources import load_labelled_images
-from data.splits import stratified_split
 from data.synthetic import make_shapes_dataset
-from models.factory import ImageClassifier, create_model
+from models.factory import ImageClassifier
 from training.callbacks import EncoderFreeze
-from training.fit import resolve_precision
+from training.config import FitConfig, resolve_config
+from training.fit import (
+    build_datamodule,
+    build_model,
+    build_recipe,
+    prepare_split,
+    resolve_precision,
+)
 from training.module import (
     ClassifierModule,
     Recipe,
@@ -61,19 +66,6 @@ GOALS = {  # the performance issue's goals, by ratio name
     "pipeline_vs_model": "data pipeline img/s ÷ model training img/s ≥ 2",
     "probe_speedup": "normal frozen epochs time ÷ cached-feature probe time ≥ 5",
 }
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What every part trains: one architecture, size, batch and dataset."""
-
-    model: str
-    pretrained: str
-    img_size: int | None
-    batch_size: int
-    num_workers: int
-    data: Path
-    workdir: Path
 
 
 class StepTimer(L.Callback):
@@ -143,47 +135,41 @@ def plain_images_per_s(
     return (len(loader) - skip) * loader.batch_size / (time.perf_counter() - started)
 
 
-def step_throughput(setup: Setup, *, steps: int, skip: int, lightning_first: bool) -> dict:
-    model = build_model(setup, num_classes=3)
-    loader = fixed_batches(model, batch_size=setup.batch_size, steps=steps + skip)
+def step_throughput(
+    config: FitConfig, workdir: Path, *, steps: int, skip: int, lightning_first: bool
+) -> dict:
+    model = build_model(config, num_classes=3)
+    loader = fixed_batches(model, batch_size=config.batch_size, steps=steps + skip)
     recipe = Recipe()
     results = {}
     for runner in ("lightning", "plain") if lightning_first else ("plain", "lightning"):
         fresh = copy.deepcopy(model)  # both start from identical weights
         if runner == "lightning":
             results[runner] = lightning_images_per_s(
-                fresh, recipe, loader, skip=skip, workdir=setup.workdir
+                fresh, recipe, loader, skip=skip, workdir=workdir
             )
         else:
             results[runner] = plain_images_per_s(fresh, recipe, loader, skip=skip)
     return {"lightning_images_per_s": results["lightning"], "plain_images_per_s": results["plain"]}
 
 
-def build_model(setup: Setup, *, num_classes: int) -> ImageClassifier:
-    return create_model(
-        setup.model, num_classes, pretrained=setup.pretrained, img_size=setup.img_size
-    )
+def prepared_datamodule(
+    config: FitConfig, workdir: Path
+) -> tuple[ImageClassifier, ImageDataModule, Recipe]:
+    """A fresh model, datamodule (set up: any image cache filled) and recipe, as fit makes."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    run_dir = workdir / f"run-{config.seed}"
+    run_dir.mkdir(exist_ok=True)
+    images, split = prepare_split(config, run_dir)
+    model = build_model(config, len(images.classes))
+    datamodule = build_datamodule(config, images, split, model)
+    datamodule.setup("fit")
+    return model, datamodule, build_recipe(config, images.subset(list(split.train)))
 
 
-def build_datamodule(setup: Setup, model: ImageClassifier, *, seed: int) -> ImageDataModule:
-    images = load_labelled_images(setup.data)
-    split = stratified_split(
-        images.labels, images.classes, val_fraction=0.2, test_fraction=0.0, seed=seed
-    )
-    return ImageDataModule(
-        images,
-        split,
-        model.preprocessing,
-        batch_size=setup.batch_size,
-        num_workers=setup.num_workers,
-        seed=seed,
-    )
-
-
-def pipeline_throughput(setup: Setup, *, min_batches: int) -> dict:
+def pipeline_throughput(config: FitConfig, workdir: Path, *, min_batches: int) -> dict:
     """The train loader alone: first-batch time (worker start-up), then images/s."""
-    model = build_model(setup, num_classes=3)
-    datamodule = build_datamodule(setup, model, seed=0)
+    _, datamodule, _ = prepared_datamodule(config, workdir)
     loader = datamodule.train_dataloader()
     started = time.perf_counter()
     first_batch_s = None
@@ -200,26 +186,26 @@ def pipeline_throughput(setup: Setup, *, min_batches: int) -> dict:
     return {"first_batch_s": first_batch_s, "images_per_s": images / elapsed}
 
 
-def frozen_phase(setup: Setup, *, epochs: int, seed: int, probe_first: bool) -> dict:
-    """Normal frozen epochs against the cached-feature probe: seconds and val accuracy."""
+def frozen_phase(config: FitConfig, workdir: Path, *, probe_first: bool) -> dict:
+    """Normal frozen epochs against the cached-feature probe: seconds and val accuracy.
+
+    Both start from the same seed, split and initial head; any image cache is filled
+    before the clock starts.
+    """
+    epochs = config.freeze_epochs
     results = {}
     for mode in ("probe", "normal") if probe_first else ("normal", "probe"):
-        L.seed_everything(seed, workers=True, verbose=False)
-        classes = len(load_labelled_images(setup.data).classes)
-        model = build_model(setup, num_classes=classes)
-        datamodule = build_datamodule(setup, model, seed=seed)
-        recipe = Recipe()
+        model, datamodule, recipe = prepared_datamodule(config, workdir)
         started = time.perf_counter()
         if mode == "probe":
-            datamodule.setup("fit")
-            accuracy = linear_probe(model, datamodule, recipe, epochs=epochs, seed=seed)
+            accuracy = linear_probe(model, datamodule, recipe, epochs=epochs, seed=config.seed)
         else:
             trainer = L.Trainer(
                 max_epochs=epochs,
                 accelerator="cpu",
                 precision=resolve_precision("auto"),
                 callbacks=[EncoderFreeze(epochs), RichProgressBar()],
-                logger=CSVLogger(setup.workdir, name="frozen"),
+                logger=CSVLogger(workdir, name="frozen"),
                 enable_checkpointing=False,
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
@@ -237,23 +223,43 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def format_table(summary: dict[str, Any], *, setup: Setup, epochs: int) -> str:
-    steps, pipeline, frozen = summary["steps"], summary["pipeline"], summary["frozen"]
-    ratios = summary["ratios"]
-    rows = [
-        ("training step, Lightning (img/s)", steps["lightning_images_per_s"]),
-        ("training step, plain loop (img/s)", steps["plain_images_per_s"]),
-        (f"data pipeline, {setup.num_workers} workers (img/s)", pipeline["images_per_s"]),
-        ("data pipeline, first batch (s)", pipeline["first_batch_s"]),
-        (f"{epochs} frozen epochs, normal (s)", frozen["normal_s"]),
-        ("  val accuracy", frozen["normal_val_accuracy"]),
-        (f"{epochs} frozen epochs, cached features (s)", frozen["probe_s"]),
-        ("  val accuracy", frozen["probe_val_accuracy"]),
-    ]
+def format_table(summary: dict[str, Any], config: FitConfig) -> str:
+    rows: list[tuple[str, float]] = []
+    if steps := summary.get("steps"):
+        rows += [
+            ("training step, Lightning (img/s)", steps["lightning_images_per_s"]),
+            ("training step, plain loop (img/s)", steps["plain_images_per_s"]),
+        ]
+    if pipeline := summary.get("pipeline"):
+        rows += [
+            (f"data pipeline, {config.num_workers} workers (img/s)", pipeline["images_per_s"]),
+            ("data pipeline, first batch (s)", pipeline["first_batch_s"]),
+        ]
+    if frozen := summary.get("frozen"):
+        epochs = config.freeze_epochs
+        rows += [
+            (f"{epochs} frozen epochs, normal (s)", frozen["normal_s"]),
+            ("  val accuracy", frozen["normal_val_accuracy"]),
+            (f"{epochs} frozen epochs, cached features (s)", frozen["probe_s"]),
+            ("  val accuracy", frozen["probe_val_accuracy"]),
+        ]
     lines = [f"{name:<44}{value:>10.3f}" for name, value in rows]
     lines.append("")
-    lines += [f"{ratios[key]:>8.2f}  {text}" for key, text in GOALS.items()]
+    lines += [f"{value:>8.2f}  {GOALS[key]}" for key, value in summary["ratios"].items()]
     return "\n".join(lines)
+
+
+# (option, FitConfig field, type, default without --config, help)
+_OPTIONS: list[tuple[str, str, Any, Any, str]] = [
+    ("--model", "model", str, "tf_efficientnet_lite0", "timm architecture"),
+    ("--pretrained", "pretrained", str, "auto", "encoder weights, as for convtune fit"),
+    ("--img-size", "img_size", int, None, "input size [the model's own]"),
+    ("--batch-size", "batch_size", int, 16, "images per batch"),
+    ("--num-workers", "num_workers", int, 2, "DataLoader worker processes"),
+    ("--freeze-epochs", "freeze_epochs", int, 5, "frozen epochs to compare"),
+    ("--data", "data", str, None, "folder tree or label file [generated 300×300 shapes]"),
+]
+PARTS = ("steps", "pipeline", "frozen")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,61 +268,90 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark training: Lightning against a plain loop, the data pipeline "
         "against the model, and the cached-feature probe against normal frozen epochs.",
     )
-    parser.add_argument("--model", default="tf_efficientnet_lite0", help="timm architecture")
     parser.add_argument(
-        "--pretrained", default="auto", help="encoder weights, as for convtune fit [auto]"
-    )
-    parser.add_argument("--img-size", type=int, help="input size [the model's own]")
-    parser.add_argument("--batch-size", type=int, default=16, help="[16]")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers [2]")
-    parser.add_argument(
-        "--data", type=Path, help="folder-per-class images [generated 300×300 shapes]"
-    )
+        "--config", type=Path,
+        help="a `convtune fit` YAML file: benchmark its model, data, sizes and recipe",
+    )  # fmt: skip
+    for flag, name, kind, default, text in _OPTIONS:
+        shown = "" if default is None else f" [{default}, or the config's]"
+        parser.add_argument(flag, dest=name, type=kind, help=text + shown)
     parser.add_argument("--per-class", type=int, default=64, help="generated images per class")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps [8]")
     parser.add_argument("--skip-steps", type=int, default=2, help="untimed steps first [2]")
     parser.add_argument("--pipeline-batches", type=int, default=20, help="timed batches [20]")
-    parser.add_argument("--freeze-epochs", type=int, default=5, help="frozen epochs [5]")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated subset to run [all three]"
+    )
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
     return parser
 
 
+def benchmark_config(args: argparse.Namespace, shapes: Path, seed: int) -> FitConfig:
+    """The fit configuration to benchmark: defaults < --config < explicit options."""
+    from_file = {} if args.config is None else yaml.safe_load(args.config.read_text()) or {}
+    overrides: dict[str, Any] = {"out": str(shapes.parent), "seed": seed}
+    for _, name, _, default, _ in _OPTIONS:
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+        elif name not in from_file and default is not None:
+            overrides[name] = default
+    if "data" not in overrides and "data" not in from_file:
+        overrides["data"] = str(shapes)
+    config = resolve_config(args.config, overrides)
+    if config.freeze_epochs < 1:
+        raise ValueError("the frozen-phase comparison needs --freeze-epochs ≥ 1")
+    return config
+
+
+def run_round(
+    config: FitConfig, workdir: Path, parts: set[str], args: argparse.Namespace, alternate: bool
+) -> dict[str, Any]:
+    one_round: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    if "steps" in parts:
+        steps = step_throughput(
+            config, workdir, steps=args.steps, skip=args.skip_steps, lightning_first=alternate
+        )
+        one_round["steps"] = steps
+        ratios["lightning_vs_plain"] = steps["lightning_images_per_s"] / steps["plain_images_per_s"]
+    if "pipeline" in parts:
+        pipeline = pipeline_throughput(config, workdir, min_batches=args.pipeline_batches)
+        one_round["pipeline"] = pipeline
+        if "steps" in parts:
+            ratios["pipeline_vs_model"] = (
+                pipeline["images_per_s"] / one_round["steps"]["lightning_images_per_s"]
+            )
+    if "frozen" in parts:
+        frozen = frozen_phase(config, workdir, probe_first=alternate)
+        one_round["frozen"] = frozen
+        ratios["probe_speedup"] = frozen["normal_s"] / frozen["probe_s"]
+    one_round["ratios"] = ratios
+    return one_round
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if min(args.steps, args.rounds, args.freeze_epochs, args.pipeline_batches) < 1:
-        raise ValueError("--steps, --rounds, --freeze-epochs and --pipeline-batches must be ≥ 1")
+    parts = {part.strip() for part in args.parts.split(",")}
+    if not parts or parts - set(PARTS):
+        raise ValueError(f"--parts takes a comma-separated subset of {', '.join(PARTS)}")
+    if min(args.steps, args.rounds, args.pipeline_batches, args.per_class) < 1:
+        raise ValueError("--steps, --rounds, --pipeline-batches and --per-class must be ≥ 1")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="convtune-bench-train-") as workdir_name:
         workdir = Path(workdir_name)
-        data = args.data or make_shapes_dataset(
-            workdir / "shapes", per_class=args.per_class, size=300
-        )
-        setup = Setup(args.model, args.pretrained, args.img_size, args.batch_size,
-                      args.num_workers, data, workdir)  # fmt: skip
+        shapes = workdir / "shapes"
         for number in range(args.rounds):
+            # Another seed each round: another split and head init, so the accuracies
+            # show the noise that the comparison must be judged against.
+            config = benchmark_config(args, shapes, seed=number)
+            if config.data == str(shapes) and not shapes.exists():
+                make_shapes_dataset(shapes, per_class=args.per_class, size=300)
             print(f"round {number + 1}/{args.rounds}", file=sys.stderr)
-            alternate = number % 2 == 0
-            one_round = {
-                "steps": step_throughput(
-                    setup, steps=args.steps, skip=args.skip_steps, lightning_first=alternate
-                ),
-                "pipeline": pipeline_throughput(setup, min_batches=args.pipeline_batches),
-                "frozen": frozen_phase(
-                    setup, epochs=args.freeze_epochs, seed=number, probe_first=alternate
-                ),
-            }
-            steps, frozen = one_round["steps"], one_round["frozen"]
-            one_round["ratios"] = {
-                "lightning_vs_plain": steps["lightning_images_per_s"] / steps["plain_images_per_s"],
-                "pipeline_vs_model": one_round["pipeline"]["images_per_s"]
-                / steps["lightning_images_per_s"],
-                "probe_speedup": frozen["normal_s"] / frozen["probe_s"],
-            }
-            rounds.append(one_round)
+            rounds.append(run_round(config, workdir, parts, args, alternate=number % 2 == 0))
     summary = summarise(rounds)
-    print(format_table(summary, setup=setup, epochs=args.freeze_epochs))
+    print(format_table(summary, config))
     if args.json:
         write_report(args.json, "train", vars(args), summary, rounds)
     return 0

@@ -59,28 +59,8 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
 
     images, split = prepare_split(config, run_dir)
     (run_dir / "classes.json").write_text(json.dumps(list(images.classes), indent=1))
-    model = create_model(
-        config.model,
-        len(images.classes),
-        pretrained=config.pretrained,
-        img_size=config.img_size,
-        head=HeadConfig(config.head_hidden, config.head_dropout, config.head_activation),
-    )
-    datamodule = ImageDataModule(
-        images,
-        split,
-        model.preprocessing,
-        augmentation=Augmentation(
-            scale=(config.aug_scale_min, 1.0),
-            hflip=config.hflip,
-            vflip=config.vflip,
-            color_jitter=config.color_jitter,
-        ),
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        cache_images=config.cache_images,
-        seed=config.seed,
-    )
+    model = build_model(config, len(images.classes))
+    datamodule = build_datamodule(config, images, split, model)
     recipe = build_recipe(config, images.subset(list(split.train)))
     module = ClassifierModule(model, recipe)
     # With --cache-features the frozen epochs run as a linear probe before Lightning
@@ -157,6 +137,36 @@ def finish_run(
         summary["test"] = {key: test[key] for key in _SUMMARY_KEYS}
         summary["report"] = str(report)
     return summary
+
+
+def build_model(config: FitConfig, num_classes: int) -> ImageClassifier:
+    return create_model(
+        config.model,
+        num_classes,
+        pretrained=config.pretrained,
+        img_size=config.img_size,
+        head=HeadConfig(config.head_hidden, config.head_dropout, config.head_activation),
+    )
+
+
+def build_datamodule(
+    config: FitConfig, images: LabelledImages, split: Split, model: ImageClassifier
+) -> ImageDataModule:
+    return ImageDataModule(
+        images,
+        split,
+        model.preprocessing,
+        augmentation=Augmentation(
+            scale=(config.aug_scale_min, 1.0),
+            hflip=config.hflip,
+            vflip=config.vflip,
+            color_jitter=config.color_jitter,
+        ),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        cache_images=config.cache_images,
+        seed=config.seed,
+    )
 
 
 def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Split]:
