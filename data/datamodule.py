@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from data.transforms import (
     Preprocessing,
     build_eval_transform,
     build_train_transform,
+    eval_decode_size,
 )
 
 
@@ -119,7 +119,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.cache_images and self.cache is None:
             # Large enough for the eval resize (size / crop_pct) and for train crops of
             # half the side without upsampling below the original's detail.
-            side = math.ceil(max(self.preprocessing.input_size) / self.preprocessing.crop_pct)
+            side, _ = eval_decode_size(self.preprocessing)
             self.cache = decode_resized(self.images.paths, shorter_side=round(side * 1.25))
 
     def part(self, name: str) -> LabelledImages:
@@ -134,7 +134,7 @@ class ImageDataModule(L.LightningDataModule):
             draft = (2 * width, 2 * height)
         else:
             transform = build_eval_transform(self.preprocessing)
-            draft = (width, height)
+            draft = eval_decode_size(self.preprocessing)
         return ImageDataset(self.part(name), transform, draft_size=draft, cache=self.cache)
 
     def eval_loader(self, name: str) -> DataLoader:
@@ -142,7 +142,7 @@ class ImageDataModule(L.LightningDataModule):
         dataset = ImageDataset(
             self.part(name),
             build_eval_transform(self.preprocessing),
-            draft_size=self.preprocessing.input_size[::-1],
+            draft_size=eval_decode_size(self.preprocessing),
             cache=self.cache,
         )
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -9,6 +9,7 @@ training and serving cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -132,6 +133,18 @@ def build_eval_transform(preprocessing: Preprocessing) -> A.Compose:
             *_normalise(preprocessing),
         ]
     )
+
+
+def eval_decode_size(preprocessing: Preprocessing) -> tuple[int, int]:
+    """The (width, height) a JPEG may be shrunk to while decoding, for the eval transform.
+
+    Decoding at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``) costs a fraction of a full
+    decode; at this size the centre crop is still no smaller than the input, so the eval
+    transform only ever shrinks. Training's val/test loaders, ``convtune predict`` and
+    ``evaluate`` and the service all decode this way, so they see the same pixels.
+    """
+    side = math.ceil(max(preprocessing.input_size) / preprocessing.crop_pct)
+    return side, side
 
 
 class CenterCropFraction(A.ImageOnlyTransform):

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from data.transforms import build_eval_transform
+from data.images import DEFAULT_MAX_PIXELS, decode_rgb
+from data.transforms import build_eval_transform, eval_decode_size
 from models.artifact import ONNX_FILE, read_manifest
 
 INPUT_NAME = "pixels"
@@ -50,12 +51,19 @@ class OnnxClassifier:
         self.manifest = read_manifest(self.directory)
         self.classes = self.manifest.classes
         self.transform = build_eval_transform(self.manifest.preprocessing)
+        self.decode_size = eval_decode_size(self.manifest.preprocessing)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
         self.session = ort.InferenceSession(
             str(self.directory / ONNX_FILE), options, providers=["CPUExecutionProvider"]
         )
+
+    def decode(
+        self, source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> np.ndarray:
+        """An image file or upload → ``(H, W, 3)`` RGB, JPEGs shrunk while decoding."""
+        return decode_rgb(source, max_pixels=max_pixels, draft_size=self.decode_size)
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """An ``(H, W, 3)`` uint8 image → the ``(3, h, w)`` float32 input of the graph."""

@@ -4,7 +4,8 @@
 both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``. They are
 routes of a small Starlette app mounted on the service, not ``@bentoml.api`` methods: BentoML's
 input handling fetches a URL sent as text in a file field and answers some bad input with a
-500. Here uploads are decoded by ``data.images.decode_rgb``, within limits set by
+500. Here uploads are decoded by ``data.images.decode_rgb`` (JPEGs at reduced scale when
+the model's input allows: ``data.transforms.eval_decode_size``), within limits set by
 ``CONVTUNE_MAX_*`` variables, and refused requests get a 4xx with ``{"error": "..."}``
 (``service.http``); each request writes one JSON log line. BentoML still provides the health
 probes, metrics and traffic limits (429, 504); concurrent requests share onnxruntime calls
@@ -29,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from data.images import ImageDecodeError, decode_rgb
+from data.images import ImageDecodeError
 from models.inference import OnnxClassifier, format_prediction
 from service.batching import GreedyBatcher, QueueTimeout
 from service.http import (
@@ -118,7 +119,7 @@ class Convtune:
         images = []
         for index, (name, data) in enumerate(uploads):
             try:
-                rgb = decode_rgb(data, max_pixels=self.limits.max_pixels)
+                rgb = self.classifier.decode(data, max_pixels=self.limits.max_pixels)
             except ImageDecodeError as error:
                 raise BadRequest(f"{name}: {error}", index=index) from error
             images.append(self.classifier.preprocess(rgb))

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.datamodule import ImageDataset, seed_worker_transforms
+from data.images import decode_rgb
 from data.sources import (
     DatasetError,
     LabelFileFormat,
@@ -19,7 +20,12 @@ from data.sources import (
     load_labelled_images,
 )
 from data.splits import load_split, save_split, stratified_split
-from data.transforms import Preprocessing, build_eval_transform, build_train_transform
+from data.transforms import (
+    Preprocessing,
+    build_eval_transform,
+    build_train_transform,
+    eval_decode_size,
+)
 
 PREPROCESSING = Preprocessing(
     input_size=(32, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_pct=0.875
@@ -222,3 +228,26 @@ def test_eval_transform_of_an_extremely_elongated_image_stays_small() -> None:
     pixels = np.full((1, 40_000, 3), 200, dtype=np.uint8)
     out = build_eval_transform(PREPROCESSING)(image=pixels)["image"]
     assert out.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("fmt, shrinks", [("JPEG", True), ("PNG", False)])
+def test_eval_decode_shrinks_big_jpegs_but_never_below_the_crop(
+    tmp_path: Path, fmt: str, shrinks: bool
+) -> None:
+    preprocessing = Preprocessing(
+        input_size=(224, 224), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
+        crop_pct=0.875,
+    )  # fmt: skip
+    side, _ = eval_decode_size(preprocessing)
+    assert side * preprocessing.crop_pct >= 224
+    path = tmp_path / f"big.{fmt.lower()}"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(path, fmt)
+
+    decoded = decode_rgb(path, draft_size=eval_decode_size(preprocessing))
+    height, width = decoded.shape[:2]
+    if shrinks:  # 1/4 scale: the largest reduction that keeps both sides ≥ 256
+        assert (width, height) == (500, 375)
+    else:
+        assert (width, height) == (2000, 1500)
+    assert build_eval_transform(preprocessing)(image=decoded)["image"].shape == (3, 224, 224)

@@ -249,14 +249,13 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from data.images import decode_rgb
     from models.inference import OnnxClassifier, format_prediction
     from training.export import locate_artifact
 
     if args.top_k < 1:
         raise ValueError("--top-k must be a positive integer")
     classifier = OnnxClassifier(locate_artifact(args.model))
-    probabilities = classifier.classify([decode_rgb(path) for path in args.images])
+    probabilities = classifier.classify([classifier.decode(path) for path in args.images])
     results = [
         {"image": str(path), **format_prediction(row, classifier.classes, args.top_k)}
         for path, row in zip(args.images, probabilities, strict=True)

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 from rich.progress import track
 
-from data.images import decode_rgb
 from data.sources import DatasetError, LabelledImages
 from models.inference import OnnxClassifier
 from training.calibration import calibration_summary
@@ -108,6 +107,6 @@ def artifact_logits(
     logits = []
     starts = range(0, len(images), batch_size)
     for start in track(starts, description="Evaluating", transient=True):
-        batch = [decode_rgb(path) for path in images.paths[start : start + batch_size]]
+        batch = [classifier.decode(path) for path in images.paths[start : start + batch_size]]
         logits.append(classifier.logits(np.stack([classifier.preprocess(b) for b in batch])))
     return np.concatenate(logits), labels, classifier
