@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         shown = "" if default is None else f" [{default}, or the config's]"
         parser.add_argument(flag, dest=name, type=kind, help=text + shown)
     parser.add_argument("--per-class", type=int, default=64, help="generated images per class")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps [8]")
+    parser.add_argument("--steps", type=int, default=16, help="timed training steps [16]")
     parser.add_argument("--skip-steps", type=int, default=2, help="untimed steps first [2]")
     parser.add_argument("--pipeline-batches", type=int, default=20, help="timed batches [20]")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
