@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -60,15 +61,17 @@ class LoadPlan:
     field: str = "image"
 
 
-def generated_pngs(count: int, size: int, seed: int = 0) -> list[bytes]:
-    """``count`` distinct ``size``×``size`` PNGs of the synthetic shapes."""
+def generated_images(
+    count: int, size: int, image_format: str = "PNG", seed: int = 0
+) -> list[bytes]:
+    """``count`` distinct ``size``×``size`` images of the synthetic shapes, encoded."""
     from data.synthetic import SHAPES, draw_shape
 
     rng = np.random.default_rng(seed)
     images = []
     for index in range(count):
         buffer = io.BytesIO()
-        draw_shape(SHAPES[index % len(SHAPES)], rng, size).save(buffer, format="PNG")
+        draw_shape(SHAPES[index % len(SHAPES)], rng, size).save(buffer, format=image_format)
         images.append(buffer.getvalue())
     return images
 
@@ -89,12 +92,21 @@ def time_calls(call: Callable[[], object], *, min_seconds: float, min_calls: int
 def measure_ceiling(
     artifact: Path, uploads: Sequence[bytes], *, batch_sizes: Sequence[int], min_seconds: float
 ) -> dict[str, Any]:
-    """The ONNX graph alone, on preprocessed tensors: median latency and img/s per batch."""
-    from data.images import decode_rgb
+    """The ONNX graph alone, on preprocessed tensors: median latency and img/s per batch.
+
+    Also times what the ceiling leaves out and the service must do for each upload:
+    decoding and preprocessing one image (median over the uploads, in turn).
+    """
     from models.inference import OnnxClassifier
 
     classifier = OnnxClassifier(artifact)
-    pixels = np.stack([classifier.preprocess(decode_rgb(data)) for data in uploads])
+    pixels = np.stack([classifier.preprocess(classifier.decode(data)) for data in uploads])
+    turn = itertools.cycle(uploads)
+    decode_times = time_calls(
+        lambda: classifier.preprocess(classifier.decode(next(turn))),
+        min_seconds=min_seconds,
+        min_calls=len(uploads),
+    )
     by_batch = {}
     for size in batch_sizes:
         batch = np.ascontiguousarray(np.resize(pixels, (size, *pixels.shape[1:])))
@@ -104,6 +116,7 @@ def measure_ceiling(
         by_batch[size] = {"latency_ms": median * 1000, "images_per_s": size / median}
     best = max(by_batch, key=lambda size: by_batch[size]["images_per_s"])
     return {
+        "decode_preprocess_ms": statistics.median(decode_times) * 1000,
         "batch_1_latency_ms": by_batch[1]["latency_ms"],
         "batch_1_images_per_s": by_batch[1]["images_per_s"],
         "best_batch": best,
@@ -114,7 +127,9 @@ def measure_ceiling(
 
 def drive(url: str, uploads: Sequence[bytes], plan: LoadPlan) -> dict[int, dict[str, Any]]:
     """Load ``url`` at each concurrency of ``plan``; the loadgen summary per concurrency."""
-    files = [[(plan.field, (f"{i}.png", data, "image/png"))] for i, data in enumerate(uploads)]
+    files = [
+        [(plan.field, (f"{i}", data, "application/octet-stream"))] for i, data in enumerate(uploads)
+    ]
     results = {}
     for concurrency in plan.concurrencies:
         # Warm-up: first requests pay for lazy initialisation and connection setup.
@@ -186,7 +201,12 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "ceiling": {
             key: median_of(rounds, "ceiling", key)
-            for key in ("batch_1_latency_ms", "batch_1_images_per_s", "best_images_per_s")
+            for key in (
+                "decode_preprocess_ms",
+                "batch_1_latency_ms",
+                "batch_1_images_per_s",
+                "best_images_per_s",
+            )
         },
         "ceiling_by_batch": {
             size: median_of(rounds, "ceiling", "by_batch", size, "images_per_s")
@@ -210,6 +230,7 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{'ceiling, batch 1':<24}{ceiling['batch_1_images_per_s']:>9.1f}"
         f"{ceiling['batch_1_latency_ms']:>9.2f}"
     )
+    lines.append(f"{'decode + preprocess':<24}{'':>9}{ceiling['decode_preprocess_ms']:>9.2f}")
     for size, images_per_s in summary["ceiling_by_batch"].items():
         if size != 1:
             lines.append(f"{f'ceiling, batch {size}':<24}{images_per_s:>9.1f}   (img/s)")
@@ -237,10 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--images", type=Path,
-        help="folder of images to send, in turn [generated 300×300 PNGs of shapes]",
+        help="folder of images to send, in turn [generated images of shapes]",
     )  # fmt: skip
     parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
     parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--image-format", default="PNG", choices=["PNG", "JPEG"], help="generated format [PNG]"
+    )
     parser.add_argument(
         "--concurrency", default="1,8",
         help="client counts, comma-separated; goals use 1 and the highest [1,8]",
@@ -278,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uploads = (
         load_images(args.images)
         if args.images
-        else generated_pngs(args.image_count, args.image_size)
+        else generated_images(args.image_count, args.image_size, args.image_format)
     )
     plan = LoadPlan(concurrencies, args.duration, args.warmup)
     extra_env = dict(item.split("=", 1) for item in args.service_env)

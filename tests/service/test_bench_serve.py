@@ -44,6 +44,7 @@ def test_bench_serve_runs_every_part_and_reports_them(exported, tmp_path) -> Non
     assert report["benchmark"] == "serve" and len(report["rounds"]) == 1
     assert set(median["ceiling_by_batch"]) == {"1", "2", "4", "8", "16", "32"}
     assert median["ceiling"]["batch_1_latency_ms"] > 0
+    assert median["ceiling"]["decode_preprocess_ms"] > 0
     for server in ("service", "peer"):
         assert set(median[server]) == {"1", "2"}
         for row in median[server].values():
