@@ -2,7 +2,8 @@
 
 One fresh interpreter blocks those packages, imports ``service.service``, builds the
 service (model from the store) and classifies the probe images: once as one request, then
-as concurrent requests, to check that the adaptive batching merges and splits correctly.
+as concurrent requests, to check that the greedy batching merges requests and hands each
+its own rows.
 """
 
 from __future__ import annotations
@@ -40,30 +41,27 @@ import service.service as module
 
 instance = module.Convtune()  # resolves convtune:latest from $BENTOML_HOME
 calls = []  # images per onnxruntime call
-run = instance.classifier.probabilities
-instance.classifier.probabilities = lambda pixels: calls.append(len(pixels)) or run(pixels)
+run = instance.classifier.logits
+instance.classifier.logits = lambda pixels: calls.append(len(pixels)) or run(pixels)
 
 async def main():
     uploads = [(path, open(path, "rb").read()) for path in sys.argv[1:]]
     pixels = instance._pixels(uploads)
-    try:
-        results = await instance.classify(uploads, 99)
-        # Queued together: one request per image, then 3 requests of 5x the images each.
-        del calls[:]
-        singles = await asyncio.gather(*(instance._probabilities(p[None]) for p in pixels))
-        single_calls = calls[:]
-        del calls[:]
-        big = np.concatenate([pixels] * 5)
-        bigs = await asyncio.gather(*(instance._probabilities(big) for _ in range(3)))
-        return {
-            "results": results,
-            "singles": np.concatenate(singles).tolist(),
-            "single_calls": single_calls,
-            "bigs": [b.tolist() for b in bigs],
-            "big_calls": calls[:],
-        }
-    finally:
-        instance.stop_batching()
+    results = await instance.classify(uploads, 99)
+    # Queued together: one request per image, then 3 requests of 5x the images each.
+    del calls[:]
+    singles = await asyncio.gather(*(instance._batcher(p[None]) for p in pixels))
+    single_calls = calls[:]
+    del calls[:]
+    big = np.concatenate([pixels] * 5)
+    bigs = await asyncio.gather(*(instance._batcher(big) for _ in range(3)))
+    return {
+        "results": results,
+        "singles": np.concatenate(singles).tolist(),
+        "single_calls": single_calls,
+        "bigs": [b.tolist() for b in bigs],
+        "big_calls": calls[:],
+    }
 
 answer = asyncio.run(main())
 answer["model"] = instance.tag
@@ -90,12 +88,13 @@ def test_prediction_path_imports_no_torch(in_process, exported, cli_results) -> 
 
 def test_batching_merges_and_splits_requests(in_process, exported, cli_results) -> None:
     expected = np.array([[r["probabilities"][c] for c in exported.classes] for r in cli_results])
-    # Requests queued together share one onnxruntime call; each gets its own row back.
-    assert in_process["single_calls"] == [len(cli_results)]
+    # The first request runs at once; those that queued meanwhile share the next call, and
+    # each gets its own row back.
+    assert in_process["single_calls"] == [1, len(cli_results) - 1]
     np.testing.assert_allclose(in_process["singles"], expected, atol=1e-5)
-    # Requests over the batch limit are split across calls and put back together.
-    limit = in_process["max_batch"]
-    assert max(in_process["big_calls"]) == limit
-    assert sum(in_process["big_calls"]) == 3 * 5 * len(cli_results)
+    # Two of these requests together would pass the batch limit: one call each, never split.
+    request = 5 * len(cli_results)
+    assert 2 * request > in_process["max_batch"]
+    assert in_process["big_calls"] == [request] * 3
     for rows in in_process["bigs"]:
         np.testing.assert_allclose(rows, np.concatenate([expected] * 5), atol=1e-5)
