@@ -12,9 +12,9 @@
    probe (features computed once), same data and seed: the speed-up (goal ≥ 5×) and the
    validation accuracy of each.
 
-Every part runs ``--rounds`` times (the order of the compared runs alternates); the table
-shows medians, each ratio is the median of the per-round ratios. Run as
-``convtune bench train`` or ``python -m benchmarks.train``.
+Everything runs on the CPU. Every part runs ``--rounds`` times (the order of the compared
+runs alternates); the table shows medians, each ratio is the median of the per-round
+ratios. Run as ``convtune bench train`` or ``python -m benchmarks.train``.
 """
 
 from __future__ import annotations
