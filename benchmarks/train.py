@@ -94,21 +94,27 @@ def fixed_batches(model: ImageClassifier, *, batch_size: int, steps: int) -> Dat
     return DataLoader(TensorDataset(pixels, labels), batch_size=batch_size)
 
 
+def benchmark_trainer(
+    workdir: Path, name: str, callbacks: list[L.Callback], **settings: Any
+) -> L.Trainer:
+    """convtune's trainer settings (training/fit.py) on the CPU, without checkpoints."""
+    return L.Trainer(
+        accelerator="cpu",
+        precision=resolve_precision("auto"),
+        callbacks=[*callbacks, RichProgressBar()],
+        logger=CSVLogger(workdir, name=name),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **settings,
+    )
+
+
 def lightning_images_per_s(
     model: ImageClassifier, recipe: Recipe, loader: DataLoader, *, skip: int, workdir: Path
 ) -> float:
-    """convtune's trainer settings (training/fit.py), minus validation and checkpoints."""
     timer = StepTimer(skip)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        precision=resolve_precision("auto"),
-        callbacks=[timer, RichProgressBar()],
-        logger=CSVLogger(workdir, name="lightning"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    trainer = benchmark_trainer(
+        workdir, "lightning", [timer], max_epochs=1, log_every_n_steps=1, limit_val_batches=0
     )
     trainer.fit(ClassifierModule(model, recipe), train_dataloaders=loader)
     return timer.steps * loader.batch_size / (timer.ended - timer.started)
@@ -153,23 +159,19 @@ def step_throughput(
     return {"lightning_images_per_s": results["lightning"], "plain_images_per_s": results["plain"]}
 
 
-def prepared_datamodule(
-    config: FitConfig, workdir: Path
-) -> tuple[ImageClassifier, ImageDataModule, Recipe]:
-    """A fresh model, datamodule (set up: any image cache filled) and recipe, as fit makes."""
-    L.seed_everything(config.seed, workers=True, verbose=False)
+def prepared_data(config: FitConfig, workdir: Path) -> tuple[ImageDataModule, Recipe]:
+    """The datamodule (set up: any image cache filled) and recipe, as fit makes them."""
     run_dir = workdir / f"run-{config.seed}"
     run_dir.mkdir(exist_ok=True)
     images, split = prepare_split(config, run_dir)
-    model = build_model(config, len(images.classes))
-    datamodule = build_datamodule(config, images, split, model)
+    datamodule = build_datamodule(config, images, split, build_model(config, len(images.classes)))
     datamodule.setup("fit")
-    return model, datamodule, build_recipe(config, images.subset(list(split.train)))
+    return datamodule, build_recipe(config, images.subset(list(split.train)))
 
 
 def pipeline_throughput(config: FitConfig, workdir: Path, *, min_batches: int) -> dict:
     """The train loader alone: first-batch time (worker start-up), then images/s."""
-    _, datamodule, _ = prepared_datamodule(config, workdir)
+    datamodule, _ = prepared_data(config, workdir)
     loader = datamodule.train_dataloader()
     started = time.perf_counter()
     first_batch_s = None
@@ -193,23 +195,19 @@ def frozen_phase(config: FitConfig, workdir: Path, *, probe_first: bool) -> dict
     before the clock starts.
     """
     epochs = config.freeze_epochs
+    datamodule, recipe = prepared_data(config, workdir)
     results = {}
     for mode in ("probe", "normal") if probe_first else ("normal", "probe"):
-        model, datamodule, recipe = prepared_datamodule(config, workdir)
+        L.seed_everything(config.seed, workers=True, verbose=False)  # the same initial head
+        model = build_model(config, len(datamodule.images.classes))
         started = time.perf_counter()
         if mode == "probe":
             accuracy = linear_probe(model, datamodule, recipe, epochs=epochs, seed=config.seed)
         else:
-            trainer = L.Trainer(
-                max_epochs=epochs,
-                accelerator="cpu",
-                precision=resolve_precision("auto"),
-                callbacks=[EncoderFreeze(epochs), RichProgressBar()],
-                logger=CSVLogger(workdir, name="frozen"),
-                enable_checkpointing=False,
-                enable_model_summary=False,
+            trainer = benchmark_trainer(
+                workdir, "frozen", [EncoderFreeze(epochs)], max_epochs=epochs,
                 num_sanity_val_steps=0,
-            )
+            )  # fmt: skip
             trainer.fit(ClassifierModule(model, recipe), datamodule=datamodule)
             accuracy = float(trainer.callback_metrics["val/accuracy"])
         results[f"{mode}_s"] = time.perf_counter() - started
