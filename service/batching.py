@@ -1,12 +1,17 @@
 """Greedy in-process batching: run everything that is waiting, as soon as the model is free.
 
-Requests queue their preprocessed pixels; whenever an inference slot is free, everything
-queued (up to ``max_batch_size`` images) goes into one call on a worker thread. Nothing
-waits for a batch to fill: a lone request runs at once, and under load the batch is what
-arrived during the previous call. This replaced BentoML's CorkDispatcher, which waits to
-fill batches and polls every 1 ms while one runs (taking the GIL from the inference
-thread): on 2 cores a lone request's p50 went from 27.6 to 22.1 ms and 8 clients got 7 %
-more requests/s (``benchmarks/serve.py``, docs/benchmarks.md).
+Each request brings a ``prepare`` function that makes its pixels (decoding, preprocessing).
+When the model is idle, the request's ``prepare`` and its inference run in one call on a
+worker thread. Otherwise ``prepare`` runs on a worker thread while the model is busy and
+the pixels join a queue; whenever an inference slot frees up, everything queued (up to
+``max_batch_size`` images) goes into one call. Nothing waits for a batch to fill: a lone
+request runs at once, and under load the batch is what arrived during the previous call.
+
+This replaced BentoML's CorkDispatcher, which waits to fill batches and polls every 1 ms
+while one runs (taking the GIL from the inference thread): on 2 cores a lone request's p50
+went from 27.6 to 22.1 ms and 8 clients got 7 % more requests/s. Preparing and inferring
+in one call saves a lone request a thread hand-off each way, about 0.4 ms of the 0.8-1 ms
+that the two hand-offs cost on that machine (``benchmarks/serve.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ class _Job:
 
 
 class GreedyBatcher:
-    """``await batcher(pixels)``: ``infer`` on ``pixels`` (n, ...), batched with others.
+    """``await batcher(prepare)``: ``infer`` on ``prepare()`` (n, ...), batched with others.
 
     ``infer`` maps an (N, ...) array to N rows; it runs on a worker thread, at most
     ``slots`` calls at once. A request's images are never split across calls, so one call
-    may exceed ``max_batch_size`` only when a single request does.
+    may exceed ``max_batch_size`` only when a single request does. ``prepare`` runs on a
+    worker thread too; ``prepare_limiter`` bounds how many run at once outside inference
+    calls (a big image takes a lot of memory while it decodes).
     """
 
     def __init__(
@@ -47,16 +54,26 @@ class GreedyBatcher:
         max_batch_size: int,
         max_wait_s: float,
         slots: int = 1,
+        prepare_limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self._infer = infer
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._slots = slots
+        self._prepare_limiter = prepare_limiter
         self._running = 0
         self._queue: deque[_Job] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
-    async def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    async def __call__(self, prepare: Callable[[], np.ndarray]) -> np.ndarray:
+        if self._running < self._slots and not self._queue:
+            self._running += 1
+            try:
+                return await anyio.to_thread.run_sync(lambda: self._infer(prepare()))
+            finally:
+                self._running -= 1
+                self._start_calls()
+        pixels = await anyio.to_thread.run_sync(prepare, limiter=self._prepare_limiter)
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(pixels, future, time.monotonic()))
         self._start_calls()

@@ -104,13 +104,13 @@ class Convtune:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
         self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
-        # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes: as
-        # many at once as there are cores, instead of one per thread of the pool (40).
-        self._decode_slots = anyio.CapacityLimiter(os.cpu_count() or 1)
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
             max_batch_size=MAX_BATCH_SIZE,
             max_wait_s=MAX_QUEUE_WAIT_S,
+            # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes:
+            # as many at once as there are cores, not one per thread of the pool (40).
+            prepare_limiter=anyio.CapacityLimiter(os.cpu_count() or 1),
         )
         setup_request_log()
 
@@ -126,10 +126,9 @@ class Convtune:
         return np.stack(images)
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
-        """Decode and preprocess off the event loop, then queue for a batched forward pass."""
-        pixels = await anyio.to_thread.run_sync(self._pixels, uploads, limiter=self._decode_slots)
+        """Decode, preprocess and run the model off the event loop, batched with others."""
         try:
-            probabilities = await self._batcher(pixels)
+            probabilities = await self._batcher(functools.partial(self._pixels, uploads))
         except QueueTimeout as error:
             raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -28,6 +29,11 @@ class RecordingModel:
         return pixels * 2
 
 
+def ready(pixels: np.ndarray) -> Callable[[], np.ndarray]:
+    """A request's ``prepare`` whose pixels are already made."""
+    return lambda: pixels
+
+
 def requests(*sizes: int) -> list[np.ndarray]:
     """One array per request, values unique across all of them."""
     bounds = np.cumsum([0, *sizes])
@@ -39,10 +45,10 @@ def test_lone_request_runs_at_once_and_later_ones_share_a_call() -> None:
 
     async def scenario() -> tuple[list[np.ndarray], float]:
         batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
-        first = asyncio.create_task(batcher(requests(1)[0]))
+        first = asyncio.create_task(batcher(ready(requests(1)[0])))
         await asyncio.sleep(0.01)  # the first call is running now
         started = time.perf_counter()
-        others = await asyncio.gather(*(batcher(r) for r in requests(1, 2, 3)))
+        others = await asyncio.gather(*(batcher(ready(r)) for r in requests(1, 2, 3)))
         return [await first, *others], time.perf_counter() - started
 
     inputs = [requests(1)[0], *requests(1, 2, 3)]
@@ -61,7 +67,7 @@ def test_batches_never_exceed_the_limit_and_keep_requests_whole() -> None:
 
     async def scenario() -> list[np.ndarray]:
         batcher = GreedyBatcher(model, max_batch_size=7, max_wait_s=10)
-        return await asyncio.gather(*(batcher(r) for r in requests(*sizes)))
+        return await asyncio.gather(*(batcher(ready(r)) for r in requests(*sizes)))
 
     results = asyncio.run(scenario())
     assert sum(model.batch_sizes) == sum(sizes)
@@ -81,7 +87,9 @@ def test_a_failing_call_fails_only_its_own_requests() -> None:
         batcher = GreedyBatcher(infer, max_batch_size=1, max_wait_s=10)
         bad = np.array([[-1.0]], dtype=np.float32)
         good = np.array([[1.0]], dtype=np.float32)
-        return tuple(await asyncio.gather(batcher(bad), batcher(good), return_exceptions=True))
+        return tuple(
+            await asyncio.gather(batcher(ready(bad)), batcher(ready(good)), return_exceptions=True)
+        )
 
     bad, good = asyncio.run(scenario())
     assert isinstance(bad, RuntimeError)
@@ -94,10 +102,10 @@ def test_requests_queued_too_long_are_refused_and_cancelled_ones_skipped() -> No
     async def scenario() -> tuple[object, ...]:
         batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=0.05)
         [a, b, c] = requests(1, 1, 1)
-        running = asyncio.create_task(batcher(a))
+        running = asyncio.create_task(batcher(ready(a)))
         await asyncio.sleep(0.01)
-        cancelled = asyncio.create_task(batcher(b))
-        late = asyncio.create_task(batcher(c))
+        cancelled = asyncio.create_task(batcher(ready(b)))
+        late = asyncio.create_task(batcher(ready(c)))
         await asyncio.sleep(0.01)
         cancelled.cancel()
         return tuple(await asyncio.gather(running, cancelled, late, return_exceptions=True))
@@ -127,7 +135,67 @@ def test_at_most_slots_calls_run_at_once(slots: int) -> None:
 
     async def scenario() -> None:
         batcher = GreedyBatcher(infer, max_batch_size=1, max_wait_s=10, slots=slots)
-        await asyncio.gather(*(batcher(r) for r in requests(*[1] * 6)))
+        await asyncio.gather(*(batcher(ready(r)) for r in requests(*[1] * 6)))
 
     asyncio.run(scenario())
     assert peak == slots
+
+
+def test_an_idle_model_prepares_and_infers_without_a_trip_through_the_event_loop() -> None:
+    loop_blocked_s = 0.2
+    times: dict[str, float] = {}
+
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        times.setdefault("inferred", time.perf_counter())
+        time.sleep(2 * loop_blocked_s)
+        times.setdefault("first call done", time.perf_counter())
+        return pixels * 2
+
+    async def scenario() -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        batcher = GreedyBatcher(infer, max_batch_size=64, max_wait_s=10)
+        [lone, late] = requests(1, 2)
+
+        def prepare_lone() -> np.ndarray:
+            # Keep the event loop busy from now on: an inference that had to be started
+            # from the loop would wait for it.
+            loop.call_soon_threadsafe(time.sleep, loop_blocked_s)
+            times["prepared"] = time.perf_counter()
+            return lone
+
+        def prepare_late() -> np.ndarray:
+            times["late prepared"] = time.perf_counter()
+            return late
+
+        first = asyncio.create_task(batcher(prepare_lone))
+        while "inferred" not in times:
+            await asyncio.sleep(0.005)
+        second = await batcher(prepare_late)  # the model is busy with the lone request
+        return [await first, second]
+
+    results = asyncio.run(scenario())
+    assert times["inferred"] - times["prepared"] < loop_blocked_s / 3
+    # The late request was prepared while the lone one's call still ran.
+    assert times["late prepared"] < times["first call done"]
+    for given, got in zip(requests(1, 2), results, strict=True):
+        np.testing.assert_array_equal(got, given * 2)
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_failing_prepare_fails_its_request_and_frees_the_model(busy: bool) -> None:
+    model = RecordingModel(seconds=0.02)
+
+    def broken() -> np.ndarray:
+        raise ValueError("not an image")
+
+    async def scenario() -> tuple[object, ...]:
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
+        first = asyncio.create_task(batcher(ready(requests(1)[0]))) if busy else None
+        await asyncio.sleep(0)
+        failed = await asyncio.gather(batcher(broken), return_exceptions=True)
+        after = await batcher(ready(requests(1)[0]))
+        return (*failed, after, await first if first else None)
+
+    failed, after, _ = asyncio.run(scenario())
+    assert isinstance(failed, ValueError)
+    np.testing.assert_array_equal(after, requests(1)[0] * 2)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # The finder goes in before anything else is imported, so any import of a blocked package,
 # direct or transitive, fails as if the package were not installed.
 SCRIPT = """
-import asyncio, json, sys
+import asyncio, json, sys, time
 
 BLOCKED = ("torch", "lightning", "pytorch_lightning", "timm", "torchvision")
 
@@ -42,7 +42,13 @@ import service.service as module
 instance = module.Convtune()  # resolves convtune:latest from $BENTOML_HOME
 calls = []  # images per onnxruntime call
 run = instance.classifier.logits
-instance.classifier.logits = lambda pixels: calls.append(len(pixels)) or run(pixels)
+# Each call takes 0.2 s longer, so requests prepared meanwhile are all queued when it ends.
+def recorded(pixels):
+    calls.append(len(pixels))
+    time.sleep(0.2)
+    return run(pixels)
+
+instance.classifier.logits = recorded
 
 async def main():
     uploads = [(path, open(path, "rb").read()) for path in sys.argv[1:]]
@@ -50,11 +56,11 @@ async def main():
     results = await instance.classify(uploads, 99)
     # Queued together: one request per image, then 3 requests of 5x the images each.
     del calls[:]
-    singles = await asyncio.gather(*(instance._batcher(p[None]) for p in pixels))
+    singles = await asyncio.gather(*(instance._batcher(lambda p=p: p[None]) for p in pixels))
     single_calls = calls[:]
     del calls[:]
     big = np.concatenate([pixels] * 5)
-    bigs = await asyncio.gather(*(instance._batcher(big) for _ in range(3)))
+    bigs = await asyncio.gather(*(instance._batcher(lambda: big) for _ in range(3)))
     return {
         "results": results,
         "singles": np.concatenate(singles).tolist(),
