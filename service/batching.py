@@ -10,8 +10,8 @@ request runs at once, and under load the batch is what arrived during the previo
 This replaced BentoML's CorkDispatcher, which waits to fill batches and polls every 1 ms
 while one runs (taking the GIL from the inference thread): on 2 cores a lone request's p50
 went from 27.6 to 22.1 ms and 8 clients got 7 % more requests/s. Preparing and inferring
-in one call saves a lone request a thread hand-off each way, about 0.4 ms of the 0.8-1 ms
-that the two hand-offs cost on that machine (``benchmarks/serve.py``, docs/benchmarks.md).
+in one call saves a lone request a thread hand-off each way: its p50 fell by 0.4 ms; the two
+hand-offs had cost 0.8-1.1 ms (``benchmarks/serve.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
