@@ -1,11 +1,12 @@
 """Greedy in-process batching: run everything that is waiting, as soon as the model is free.
 
 Each request brings a ``prepare`` function that makes its pixels (decoding, preprocessing).
-When the model is idle, the request's ``prepare`` and its inference run in one call on a
-worker thread. Otherwise ``prepare`` runs on a worker thread while the model is busy and
-the pixels join a queue; whenever an inference slot frees up, everything queued (up to
-``max_batch_size`` images) goes into one call. Nothing waits for a batch to fill: a lone
-request runs at once, and under load the batch is what arrived during the previous call.
+When the model is idle and ``prepare`` is cheap, the request's ``prepare`` and its
+inference run in one call on a worker thread. Otherwise ``prepare`` runs on a worker
+thread of its own (while the model is busy, if it is) and the pixels join a queue; whenever
+an inference slot frees up, everything queued (up to ``max_batch_size`` images) goes into
+one call. Nothing waits for a batch to fill: a lone request runs at once, and under load
+the batch is what arrived during the previous call.
 
 This replaced BentoML's CorkDispatcher, which waits to fill batches and polls every 1 ms
 while one runs (taking the GIL from the inference thread): on 2 cores a lone request's p50
@@ -65,8 +66,15 @@ class GreedyBatcher:
         self._queue: deque[_Job] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
-    async def __call__(self, prepare: Callable[[], np.ndarray]) -> np.ndarray:
-        if self._running < self._slots and not self._queue:
+    async def __call__(
+        self, prepare: Callable[[], np.ndarray], *, inline: bool = True
+    ) -> np.ndarray:
+        """Rows of ``infer`` for ``prepare()``'s pixels.
+
+        ``inline``: ``prepare`` may run inside the inference call when the model is idle.
+        Requests that arrive meanwhile wait for it, so pass False when it may be slow.
+        """
+        if inline and self._running < self._slots and not self._queue:
             self._running += 1
             try:
                 return await anyio.to_thread.run_sync(lambda: self._infer(prepare()))

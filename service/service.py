@@ -46,6 +46,9 @@ from service.openapi import merged_spec
 
 MAX_BATCH_SIZE = 64  # images per onnxruntime call
 MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503
+# Uploads up to this size decode in a few ms, little enough to do it while holding the idle
+# model (requests arriving meanwhile wait for it); bigger ones decode on their own thread.
+INLINE_DECODE_MAX_BYTES = 1 << 20
 
 
 async def predict(request: Request, exchange: Exchange) -> dict[str, Any]:
@@ -128,7 +131,10 @@ class Convtune:
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode, preprocess and run the model off the event loop, batched with others."""
         try:
-            probabilities = await self._batcher(functools.partial(self._pixels, uploads))
+            probabilities = await self._batcher(
+                functools.partial(self._pixels, uploads),
+                inline=sum(len(data) for _, data in uploads) <= INLINE_DECODE_MAX_BYTES,
+            )
         except QueueTimeout as error:
             raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
