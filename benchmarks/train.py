@@ -255,8 +255,7 @@ _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
     ("--img-size", "img_size", int, None, "input size [the model's own]"),
     ("--batch-size", "batch_size", int, 16, "images per batch"),
     ("--num-workers", "num_workers", int, 2, "DataLoader worker processes"),
-    # As many as configs/elpv.yaml's probe: the probe pays one encoder pass, the normal
-    # phase one per epoch, so the speed-up grows with the number of frozen epochs.
+    # As many as configs/elpv.yaml's probe; why the count matters: the module docstring.
     ("--freeze-epochs", "freeze_epochs", int, 10, "frozen epochs to compare"),
     ("--data", "data", str, None, "folder tree or label file [generated 300×300 shapes]"),
 ]
