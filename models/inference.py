@@ -6,6 +6,7 @@ endpoint give the same numbers. Must not import torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +42,28 @@ def format_prediction(
     }
 
 
+def _logits(session: Any, pixels: np.ndarray) -> np.ndarray:
+    return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+
+
 class OnnxClassifier:
     """A verified artifact loaded into an onnxruntime session."""
 
     def __init__(self, artifact_dir: str | Path, *, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         self.directory = Path(artifact_dir)
         self.manifest = read_manifest(self.directory)
         self.classes = self.manifest.classes
         self.transform = build_eval_transform(self.manifest.preprocessing)
         self.decode_size = eval_decode_size(self.manifest.preprocessing)
+        self.session = self._session(threads)
+
+    def _session(self, threads: int) -> Any:
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
-        self.session = ort.InferenceSession(
+        return ort.InferenceSession(
             str(self.directory / ONNX_FILE), options, providers=["CPUExecutionProvider"]
         )
 
@@ -70,11 +78,17 @@ class OnnxClassifier:
         return self.transform(image=rgb)["image"]
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+        return _logits(self.session, pixels)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a ``(N, 3, h, w)`` batch."""
         return softmax(self.logits(pixels), self.manifest.temperature)
+
+    def lane(self, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+        """``probabilities`` on a session of its own with ``threads`` threads, to run
+        beside this one and other lanes (``service.batching``)."""
+        session = self._session(threads)
+        return lambda pixels: softmax(_logits(session, pixels), self.manifest.temperature)
 
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities for decoded RGB images, shape ``(len(images), num_classes)``."""

@@ -1,26 +1,37 @@
 """Greedy in-process batching: run everything that is waiting, as soon as the model is free.
 
 Each request brings a ``prepare`` function that makes its pixels (decoding, preprocessing).
-When the model is idle and ``prepare`` is cheap, the request's ``prepare`` and its
+When the service is idle and ``prepare`` is cheap, the request's ``prepare`` and its
 inference run in one call on a worker thread. Otherwise ``prepare`` runs on a worker
 thread of its own (while the model is busy, if it is) and the pixels join a queue; whenever
-an inference slot frees up, everything queued (up to ``max_batch_size`` images) goes into
-one call. Nothing waits for a batch to fill: a lone request runs at once, and under load
-the batch is what arrived during the previous call.
+an inference slot frees up, what is queued (up to ``max_batch_size`` images) goes into one
+call. Nothing waits for a batch to fill: a lone request runs at once, and under load the
+batch is what arrived during the previous call.
+
+Two kinds of inference slot. ``infer`` spreads one call over every core: the fastest for a
+lone request, and the only slot without ``lanes``. With ``lanes`` (inference functions that
+each use one core or a few), it runs only while nothing else is running or being prepared;
+under load, the queue is shared out among the free lanes instead, which run side by side.
+On a CPU, an onnxruntime call spread over all cores stalls whenever any of its threads loses
+its core to a decode, at every one of the graph's parallel sections: on 2 cores, one
+2-thread session ran 62 images/s next to a busy decoding thread, two 1-thread sessions 108
+(both about 130-160 when alone).
 
 This replaced BentoML's CorkDispatcher, which waits to fill batches and polls every 1 ms
 while one runs (taking the GIL from the inference thread): on 2 cores a lone request's p50
 went from 27.6 to 22.1 ms and 8 clients got 7 % more requests/s. Preparing and inferring
 in one call saves a lone request a thread hand-off each way: its p50 fell by 0.4 ms; the two
-hand-offs had cost 0.8-1.1 ms (``benchmarks/serve.py``, docs/benchmarks.md).
+hand-offs had cost 0.8-1.1 ms. Lanes gave 8 clients 13 % more requests/s (3 lanes: 17 %)
+and left a lone request's latency as it was (``benchmarks/serve.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -38,31 +49,55 @@ class _Job:
     queued: float
 
 
-class GreedyBatcher:
-    """``await batcher(prepare)``: ``infer`` on ``prepare()`` (n, ...), batched with others.
+Infer = Callable[[np.ndarray], np.ndarray]
+LANES_ENV = "CONVTUNE_INFERENCE_LANES"
+MAX_DEFAULT_LANES = 8  # each lane is one more onnxruntime session: a copy of the weights
 
-    ``infer`` maps an (N, ...) array to N rows; it runs on a worker thread, at most
-    ``slots`` calls at once. A request's images are never split across calls, so one call
-    may exceed ``max_batch_size`` only when a single request does. ``prepare`` runs on a
-    worker thread too; ``prepare_limiter`` bounds how many run at once outside inference
-    calls (a big image takes a lot of memory while it decodes).
+
+def lane_layout(cores: int, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(lanes, threads per lane) for inference under load on ``cores`` cores.
+
+    One lane per core plus one, single-threaded where cores allow, so that a core freed by a
+    decode is never left idle; ``CONVTUNE_INFERENCE_LANES`` overrides the count (0: none,
+    every call spread over all cores). On 2 cores, 8 clients: 3 lanes gave 1.04x the
+    requests/s of 2 and 4 lanes 0.99x of 3 (docs/benchmarks.md).
+    """
+    text = environ.get(LANES_ENV, str(min(cores + 1, MAX_DEFAULT_LANES)))
+    if not text.isdigit():
+        raise ValueError(f"{LANES_ENV} must be a whole number, not {text!r}")
+    lanes = int(text)
+    return lanes, max(1, cores // max(lanes, 1))
+
+
+class GreedyBatcher:
+    """``await batcher(prepare)``: the model's rows for ``prepare()`` (n, ...), batched.
+
+    ``infer`` and each of ``lanes`` map an (N, ...) array to N rows (the same rows: they
+    are sessions of one model); each runs on a worker thread, one call at a time, and
+    ``infer`` never alongside a lane (see the module docstring). A request's images are
+    never split across calls, so one call may exceed ``max_batch_size`` only when a single
+    request does. ``prepare`` runs on a worker thread too; ``prepare_limiter`` bounds how
+    many run at once outside inference calls (a big image takes a lot of memory while it
+    decodes).
     """
 
     def __init__(
         self,
-        infer: Callable[[np.ndarray], np.ndarray],
+        infer: Infer,
         *,
         max_batch_size: int,
         max_wait_s: float,
-        slots: int = 1,
+        lanes: Sequence[Infer] = (),
         prepare_limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self._infer = infer
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
-        self._slots = slots
+        self._lane_count = len(lanes)
+        self._free_lanes = list(lanes)
         self._prepare_limiter = prepare_limiter
-        self._running = 0
+        self._running = 0  # inference calls in flight
+        self._preparing = 0  # prepare calls in flight outside inference calls
         self._queue: deque[_Job] = deque()
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
@@ -74,28 +109,52 @@ class GreedyBatcher:
         ``inline``: ``prepare`` may run inside the inference call when the model is idle.
         Requests that arrive meanwhile wait for it, so pass False when it may be slow.
         """
-        if inline and self._running < self._slots and not self._queue:
+        if inline and self._idle() and not self._queue:
             self._running += 1
             try:
                 return await anyio.to_thread.run_sync(lambda: self._infer(prepare()))
             finally:
                 self._running -= 1
                 self._start_calls()
-        pixels = await anyio.to_thread.run_sync(prepare, limiter=self._prepare_limiter)
+        self._preparing += 1
+        try:
+            pixels = await anyio.to_thread.run_sync(prepare, limiter=self._prepare_limiter)
+        finally:
+            self._preparing -= 1
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(pixels, future, time.monotonic()))
         self._start_calls()
         return await future
 
-    def _start_calls(self) -> None:
-        while self._running < self._slots and (jobs := self._take()):
-            self._running += 1
-            task = asyncio.create_task(self._run(jobs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _idle(self) -> bool:
+        """Whether ``infer`` may take the cores: nothing runs, and with lanes nothing is
+        being prepared either (a decode would slow every thread of ``infer``'s call)."""
+        return self._running == 0 and not (self._lane_count and self._preparing)
 
-    def _take(self) -> list[_Job]:
-        """The next batch: queued jobs in order, up to ``max_batch_size`` images."""
+    def _infer_running(self) -> bool:
+        return self._running > self._lane_count - len(self._free_lanes)
+
+    def _start_calls(self) -> None:
+        if self._idle():
+            if jobs := self._take():
+                self._launch(jobs, None)
+            return
+        # Shared out, so that two free lanes take half the queue each, not all and nothing.
+        while self._free_lanes and self._queue and not self._infer_running():
+            share = -(-len(self._queue) // len(self._free_lanes))
+            if not (jobs := self._take(max_jobs=share)):
+                return
+            self._launch(jobs, self._free_lanes.pop())
+
+    def _launch(self, jobs: list[_Job], lane: Infer | None) -> None:
+        self._running += 1
+        task = asyncio.create_task(self._run(jobs, lane))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take(self, max_jobs: int | None = None) -> list[_Job]:
+        """The next batch: queued jobs in order, up to ``max_batch_size`` images and
+        ``max_jobs`` requests."""
         jobs: list[_Job] = []
         images = 0
         now = time.monotonic()
@@ -108,16 +167,17 @@ class GreedyBatcher:
                 self._queue.popleft()
                 job.future.set_exception(QueueTimeout(f"queued over {self._max_wait_s:g} s"))
                 continue
-            if jobs and images + len(job.pixels) > self._max_batch_size:
+            if jobs and (images + len(job.pixels) > self._max_batch_size or len(jobs) == max_jobs):
                 break
             jobs.append(self._queue.popleft())
             images += len(job.pixels)
         return jobs
 
-    async def _run(self, jobs: list[_Job]) -> None:
+    async def _run(self, jobs: list[_Job], lane: Infer | None) -> None:
+        """One inference call for ``jobs``, on ``lane`` or (None) on ``infer``."""
         try:
             pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
-            rows = await anyio.to_thread.run_sync(self._infer, pixels)
+            rows = await anyio.to_thread.run_sync(lane or self._infer, pixels)
             bounds = np.cumsum([len(job.pixels) for job in jobs])[:-1]
             for job, part in zip(jobs, np.split(rows, bounds), strict=True):
                 if not job.future.done():
@@ -128,4 +188,6 @@ class GreedyBatcher:
                     job.future.set_exception(error)
         finally:
             self._running -= 1
+            if lane is not None:
+                self._free_lanes.append(lane)
             self._start_calls()

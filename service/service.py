@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from data.images import ImageDecodeError
 from models.inference import OnnxClassifier, format_prediction
-from service.batching import GreedyBatcher, QueueTimeout
+from service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from service.http import (
     BadRequest,
     Exchange,
@@ -92,9 +92,9 @@ app = Starlette(
 # /predict_batch and /docs.json (a test checks both), and / is still BentoML's Swagger UI.
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
-    # One worker: onnxruntime already spreads one batch over every core, and a single
-    # process holds one copy of the model and one batching queue (so, bigger batches).
-    # Scale out with replicas instead.
+    # One worker: its onnxruntime sessions already use every core (one call over all of
+    # them when idle, lanes side by side under load), and one process has one batching
+    # queue that schedules them. Scale out with replicas instead.
     workers=1,
     traffic={"timeout": 30, "max_concurrency": 64},
 )
@@ -107,8 +107,10 @@ class Convtune:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
         self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
+        lanes, threads = lane_layout(os.cpu_count() or 1)
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
+            lanes=[self.classifier.lane(threads=threads) for _ in range(lanes)],
             max_batch_size=MAX_BATCH_SIZE,
             max_wait_s=MAX_QUEUE_WAIT_S,
             # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes:

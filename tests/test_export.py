@@ -45,6 +45,9 @@ def test_onnx_graph_matches_pytorch_for_any_batch_size(artifact_dir, trained_run
         with torch.no_grad():
             expected = model(pixels).numpy()
         assert np.abs(classifier.logits(pixels.numpy()) - expected).max() <= 1e-4
+        # A single-threaded lane (the service's sessions under load) gives the same answer.
+        lane = classifier.lane(threads=1)(pixels.numpy())
+        np.testing.assert_allclose(lane, classifier.probabilities(pixels.numpy()), atol=1e-6)
 
 
 @pytest.mark.parametrize("victim", ["model.onnx", "weights.safetensors", "manifest.json"])

@@ -11,22 +11,30 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from service.batching import GreedyBatcher, QueueTimeout
+from service.batching import GreedyBatcher, QueueTimeout, lane_layout
 
 
 class RecordingModel:
-    """Rows = the input times two; remembers each call's batch size and the thread it ran on."""
+    """Rows = the input times two; remembers each call's batch size, thread and duration."""
 
     def __init__(self, seconds: float = 0.05) -> None:
         self.seconds = seconds
         self.batch_sizes: list[int] = []
         self.threads: set[int] = set()
+        self.calls: list[tuple[float, float]] = []  # (start, end) of each call
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(len(pixels))
         self.threads.add(threading.get_ident())
+        start = time.perf_counter()
         time.sleep(self.seconds)
+        self.calls.append((start, time.perf_counter()))
         return pixels * 2
+
+
+def overlaps(calls: list[tuple[float, float]]) -> int:
+    """How many pairs of the (start, end) intervals overlap."""
+    return sum(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(calls, 2))
 
 
 def ready(pixels: np.ndarray) -> Callable[[], np.ndarray]:
@@ -117,28 +125,47 @@ def test_requests_queued_too_long_are_refused_and_cancelled_ones_skipped() -> No
     assert model.batch_sizes == [1]  # neither the cancelled nor the stale one ran
 
 
-@pytest.mark.parametrize("slots", [1, 2])
-def test_at_most_slots_calls_run_at_once(slots: int) -> None:
-    active = 0
-    peak = 0
-    lock = threading.Lock()
-
-    def infer(pixels: np.ndarray) -> np.ndarray:
-        nonlocal active, peak
-        with lock:
-            active += 1
-            peak = max(peak, active)
-        time.sleep(0.02)
-        with lock:
-            active -= 1
-        return pixels
+def test_without_lanes_one_call_runs_at_a_time() -> None:
+    model = RecordingModel(seconds=0.02)
 
     async def scenario() -> None:
-        batcher = GreedyBatcher(infer, max_batch_size=1, max_wait_s=10, slots=slots)
+        batcher = GreedyBatcher(model, max_batch_size=1, max_wait_s=10)
         await asyncio.gather(*(batcher(ready(r)) for r in requests(*[1] * 6)))
 
     asyncio.run(scenario())
-    assert peak == slots
+    assert overlaps(model.calls) == 0
+    assert model.batch_sizes == [1] * 6
+
+
+def test_load_is_shared_among_lanes_and_the_all_core_call_never_runs_beside_them() -> None:
+    infer = RecordingModel(seconds=0.1)
+    lanes = [RecordingModel(seconds=0.2), RecordingModel(seconds=0.2)]
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = GreedyBatcher(infer, lanes=lanes, max_batch_size=64, max_wait_s=10)
+        [lone, slow, *quick] = requests(1, 1, 1, 1, 1, 1)
+
+        def prepare_slow() -> np.ndarray:
+            time.sleep(0.2)  # still decoding when the lone request's call ends
+            return slow
+
+        first = asyncio.create_task(batcher(ready(lone)))
+        await asyncio.sleep(0.02)  # the lone request runs on the all-core ``infer``
+        others = [asyncio.create_task(batcher(prepare_slow))]
+        others += [asyncio.create_task(batcher(ready(r))) for r in quick]
+        return [await first, *await asyncio.gather(*others)]
+
+    results = asyncio.run(scenario())
+    for given, got in zip(requests(1, 1, 1, 1, 1, 1), results, strict=True):
+        np.testing.assert_array_equal(got, given * 2)
+    # The lone request had the cores to itself; the four that queued behind it were split
+    # two and two between the lanes (a decode was still running, so not ``infer``); the
+    # slow one went to the first lane to come free.
+    assert infer.batch_sizes == [1]
+    assert sorted(lanes[0].batch_sizes + lanes[1].batch_sizes) == [1, 2, 2]
+    assert overlaps(lanes[0].calls + lanes[1].calls) > 0  # side by side
+    assert overlaps(infer.calls + lanes[0].calls) == overlaps(infer.calls + lanes[1].calls) == 0
+    assert overlaps(lanes[0].calls) == overlaps(lanes[1].calls) == 0
 
 
 @pytest.mark.parametrize("inline", [True, False])
@@ -205,3 +232,14 @@ def test_a_failing_prepare_fails_its_request_and_frees_the_model(busy: bool) -> 
     failed, after, _ = asyncio.run(scenario())
     assert isinstance(failed, ValueError)
     np.testing.assert_array_equal(after, requests(1)[0] * 2)
+
+
+def test_lane_layout_defaults_to_a_lane_per_core_plus_one_and_reads_the_environment() -> None:
+    assert lane_layout(1, {}) == (2, 1)
+    assert lane_layout(2, {}) == (3, 1)
+    assert lane_layout(16, {}) == (8, 2)  # capped: each lane holds a copy of the weights
+    assert lane_layout(2, {"CONVTUNE_INFERENCE_LANES": "0"}) == (0, 2)
+    assert lane_layout(8, {"CONVTUNE_INFERENCE_LANES": "2"}) == (2, 4)
+    for bad in ("-1", "two", "1.5", ""):
+        with pytest.raises(ValueError, match="CONVTUNE_INFERENCE_LANES must be a whole number"):
+            lane_layout(2, {"CONVTUNE_INFERENCE_LANES": bad})
