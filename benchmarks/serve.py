@@ -12,8 +12,10 @@ For one artifact and a set of images, in one run on one machine:
 
 Everything runs ``--rounds`` times, interleaved, so that noise on a shared machine hits all
 three alike; the table gives the median of the rounds, and each ratio is the median of the
-per-round ratios. ``--json`` writes every round too. Run as ``convtune bench serve`` or
-``python -m benchmarks.serve``.
+per-round ratios. The goal ratios compare each service load with the batch-1 ceiling
+measured right before and right after it (the mean of the two): on a shared machine the
+ceiling moves by a third within minutes. ``--json`` writes every round too. Run as
+``convtune bench serve`` or ``python -m benchmarks.serve``.
 """
 
 from __future__ import annotations
@@ -89,44 +91,60 @@ def time_calls(call: Callable[[], object], *, min_seconds: float, min_calls: int
     return times
 
 
-def measure_ceiling(
-    artifact: Path, uploads: Sequence[bytes], *, batch_sizes: Sequence[int], min_seconds: float
-) -> dict[str, Any]:
-    """The ONNX graph alone, on preprocessed tensors: median latency and img/s per batch.
+class Ceiling:
+    """The artifact's ONNX graph alone in this process, on the uploads preprocessed beforehand."""
 
-    Also times what the ceiling leaves out and the service must do for each upload:
-    decoding and preprocessing one image (median over the uploads, in turn).
-    """
-    from models.inference import OnnxClassifier
+    def __init__(self, artifact: Path, uploads: Sequence[bytes]) -> None:
+        from models.inference import OnnxClassifier
 
-    classifier = OnnxClassifier(artifact)
-    pixels = np.stack([classifier.preprocess(classifier.decode(data)) for data in uploads])
-    turn = itertools.cycle(uploads)
-    decode_times = time_calls(
-        lambda: classifier.preprocess(classifier.decode(next(turn))),
-        min_seconds=min_seconds,
-        min_calls=len(uploads),
-    )
-    by_batch = {}
-    for size in batch_sizes:
-        batch = np.ascontiguousarray(np.resize(pixels, (size, *pixels.shape[1:])))
+        self.classifier = OnnxClassifier(artifact)
+        self.uploads = uploads
+        self.pixels = np.stack([self._prepare(data) for data in uploads])
+
+    def _prepare(self, data: bytes) -> np.ndarray:
+        return self.classifier.preprocess(self.classifier.decode(data))
+
+    def batch(self, size: int, *, min_seconds: float) -> dict[str, float]:
+        """Median latency and images/s of calls on ``size`` images."""
+        batch = np.ascontiguousarray(np.resize(self.pixels, (size, *self.pixels.shape[1:])))
         median = statistics.median(
-            time_calls(lambda b=batch: classifier.logits(b), min_seconds=min_seconds, min_calls=5)
+            time_calls(lambda: self.classifier.logits(batch), min_seconds=min_seconds, min_calls=5)
         )
-        by_batch[size] = {"latency_ms": median * 1000, "images_per_s": size / median}
-    best = max(by_batch, key=lambda size: by_batch[size]["images_per_s"])
-    return {
-        "decode_preprocess_ms": statistics.median(decode_times) * 1000,
-        "batch_1_latency_ms": by_batch[1]["latency_ms"],
-        "batch_1_images_per_s": by_batch[1]["images_per_s"],
-        "best_batch": best,
-        "best_images_per_s": by_batch[best]["images_per_s"],
-        "by_batch": by_batch,
-    }
+        return {"latency_ms": median * 1000, "images_per_s": size / median}
+
+    def measure(self, *, batch_sizes: Sequence[int], min_seconds: float) -> dict[str, Any]:
+        """Every batch size, and what the ceiling leaves out and the service must do for
+        each upload: decoding and preprocessing one image (median over the uploads, in turn).
+        """
+        turn = itertools.cycle(self.uploads)
+        decode_times = time_calls(
+            lambda: self._prepare(next(turn)), min_seconds=min_seconds, min_calls=len(self.uploads)
+        )
+        by_batch = {size: self.batch(size, min_seconds=min_seconds) for size in batch_sizes}
+        best = max(by_batch, key=lambda size: by_batch[size]["images_per_s"])
+        return {
+            "decode_preprocess_ms": statistics.median(decode_times) * 1000,
+            "batch_1_latency_ms": by_batch[1]["latency_ms"],
+            "batch_1_images_per_s": by_batch[1]["images_per_s"],
+            "best_batch": best,
+            "best_images_per_s": by_batch[best]["images_per_s"],
+            "by_batch": by_batch,
+        }
 
 
-def drive(url: str, uploads: Sequence[bytes], plan: LoadPlan) -> dict[int, dict[str, Any]]:
-    """Load ``url`` at each concurrency of ``plan``; the loadgen summary per concurrency."""
+def drive(
+    url: str,
+    uploads: Sequence[bytes],
+    plan: LoadPlan,
+    *,
+    bracket: Callable[[], dict[str, float]] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Load ``url`` at each concurrency of ``plan``; the loadgen summary per concurrency.
+
+    ``bracket`` (the ceiling at batch 1) is measured right before and right after each
+    load, and the mean of the two goes into its summary as ``ceiling_batch_1``: the goals
+    compare the service with the machine as it was during that load, not a minute earlier.
+    """
     files = [
         [(plan.field, (f"{i}", data, "application/octet-stream"))] for i, data in enumerate(uploads)
     ]
@@ -134,10 +152,18 @@ def drive(url: str, uploads: Sequence[bytes], plan: LoadPlan) -> dict[int, dict[
     for concurrency in plan.concurrencies:
         # Warm-up: first requests pay for lazy initialisation and connection setup.
         asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=plan.warmup_s))
+        before = bracket() if bracket else None
         result = asyncio.run(
             run_load(url, files, concurrency=concurrency, duration_s=plan.duration_s)
         )
         results[concurrency] = result.summary()
+        if before is not None and bracket:
+            after = bracket()
+            results[concurrency]["ceiling_batch_1"] = {
+                **{key: (before[key] + after[key]) / 2 for key in before},
+                "before": before,
+                "after": after,
+            }
     return results
 
 
@@ -181,14 +207,15 @@ def naive_peer(artifact: Path, workdir: Path) -> Iterator[str]:
 
 
 def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
-    """The goal figures of one round (those whose inputs were measured)."""
-    ceiling, service, peer = one_round["ceiling"], one_round["service"], one_round.get("peer")
+    """The goal figures of one round (those whose inputs were measured), each against the
+    batch-1 ceiling measured around that load."""
+    service, peer = one_round["service"], one_round.get("peer")
     top = max(service)
-    ratios = {
-        "service_vs_ceiling": service[top]["throughput_rps"] / ceiling["batch_1_images_per_s"]
-    }
+    ceiling = service[top]["ceiling_batch_1"]
+    ratios = {"service_vs_ceiling": service[top]["throughput_rps"] / ceiling["images_per_s"]}
     if 1 in service:
-        ratios["latency_overhead_ms"] = service[1]["p50_ms"] - ceiling["batch_1_latency_ms"]
+        ceiling = service[1]["ceiling_batch_1"]
+        ratios["latency_overhead_ms"] = service[1]["p50_ms"] - ceiling["latency_ms"]
     if peer:
         ratios["service_vs_peer"] = service[top]["throughput_rps"] / peer[top]["throughput_rps"]
     return ratios
@@ -220,6 +247,13 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 concurrency: {key: median_of(rounds, server, concurrency, key) for key in load_keys}
                 for concurrency in first[server]
             }
+    summary["ceiling_around_service"] = {
+        concurrency: {
+            key: median_of(rounds, "service", concurrency, "ceiling_batch_1", key)
+            for key in ("latency_ms", "images_per_s")
+        }
+        for concurrency in first["service"]
+    }
     return summary
 
 
@@ -241,6 +275,12 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{row['p50_ms']:>9.2f}{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}"
                 f"{row['server_errors']:>6.0f}"
             )
+            if server == "service":
+                around = summary["ceiling_around_service"][concurrency]
+                lines.append(
+                    f"{'  ceiling b1 around it':<24}{around['images_per_s']:>9.1f}"
+                    f"{around['latency_ms']:>9.2f}"
+                )
     lines.append("")
     for key, value in summary["ratios"].items():
         lines.append(f"{value:>8.2f}  {GOALS[key]}")
@@ -312,15 +352,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("starting the service" + ("" if args.no_peer else " and the peer"), file=sys.stderr)
         service_url = stack.enter_context(convtune_service(artifact, workdir, extra_env))
         peer_url = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
+        ceiling = Ceiling(artifact, uploads)
+        seconds = args.ceiling_seconds
         for number in range(1, args.rounds + 1):
             print(f"round {number}/{args.rounds}: ceiling", file=sys.stderr)
             one_round: dict[str, Any] = {
-                "ceiling": measure_ceiling(
-                    artifact, uploads, batch_sizes=BATCH_SIZES, min_seconds=args.ceiling_seconds
-                )
+                "ceiling": ceiling.measure(batch_sizes=BATCH_SIZES, min_seconds=seconds)
             }
             print(f"round {number}/{args.rounds}: service", file=sys.stderr)
-            one_round["service"] = drive(f"{service_url}/predict", uploads, plan)
+            one_round["service"] = drive(
+                f"{service_url}/predict",
+                uploads,
+                plan,
+                bracket=lambda: ceiling.batch(1, min_seconds=seconds),
+            )
             if peer_url:
                 print(f"round {number}/{args.rounds}: peer", file=sys.stderr)
                 one_round["peer"] = drive(f"{peer_url}/predict", uploads, plan)

@@ -54,6 +54,16 @@ def test_bench_serve_runs_every_part_and_reports_them(exported, tmp_path) -> Non
     for server in ("service", "peer"):
         for row in report["rounds"][0][server].values():
             assert row["statuses"] == {"200": row["requests"]}
+    # The goals compare each load with the ceiling measured right before and after it.
+    first = report["rounds"][0]
+    for row in first["service"].values():
+        around = row["ceiling_batch_1"]
+        both = (around["before"]["latency_ms"], around["after"]["latency_ms"])
+        assert around["latency_ms"] == pytest.approx(sum(both) / 2) and min(both) > 0
+    alone = first["service"]["1"]
+    overhead = alone["p50_ms"] - alone["ceiling_batch_1"]["latency_ms"]
+    assert first["ratios"]["latency_overhead_ms"] == pytest.approx(overhead)
+    assert "ceiling b1 around it" in table
     assert set(median["ratios"]) == {
         "service_vs_ceiling", "latency_overhead_ms", "service_vs_peer"
     }  # fmt: skip
