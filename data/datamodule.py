@@ -17,6 +17,7 @@ from data.sources import LabelledImages
 from data.splits import Split
 from data.transforms import (
     Augmentation,
+    EvalTransform,
     Preprocessing,
     build_eval_transform,
     build_train_transform,
@@ -30,7 +31,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         images: LabelledImages,
-        transform: Compose,
+        transform: Compose | EvalTransform,
         *,
         draft_size: tuple[int, int] | None = None,
         cache: dict[Path, np.ndarray] | None = None,
@@ -85,8 +86,10 @@ def seed_worker_transforms(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     info = get_worker_info()
-    if info is not None and isinstance(info.dataset, ImageDataset):
-        info.dataset.transform.set_random_seed(seed)
+    # Only training's pipeline is random (an albumentations Compose); the eval one is fixed.
+    dataset = info.dataset if info is not None else None
+    if isinstance(dataset, ImageDataset) and isinstance(dataset.transform, Compose):
+        dataset.transform.set_random_seed(seed)
 
 
 class ImageDataModule(L.LightningDataModule):

