@@ -128,7 +128,7 @@ class Convtune:
             except ImageDecodeError as error:
                 raise BadRequest(f"{name}: {error}", index=index) from error
             images.append(self.classifier.preprocess(rgb))
-        return np.stack(images)
+        return images[0][np.newaxis] if len(images) == 1 else np.stack(images)  # no copy of one
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode, preprocess and run the model off the event loop, batched with others."""
