@@ -181,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench = commands.add_parser(
         "bench",
-        help="benchmark serving or training (convtune bench serve|train --help)",
+        help="benchmark serving or training (convtune bench serve|paired|lanes|train --help)",
         description="Run a benchmark from benchmarks/: `serve` (the service against the "
-        "in-process ceiling and a naive FastAPI peer) or `train` (Lightning against a plain "
-        "loop, data pipeline against the model, cached-feature probe against frozen epochs).",
+        "in-process ceiling and a naive FastAPI peer), `paired` (two configurations of the "
+        "service, alternating short loads), `lanes` (onnxruntime sessions next to decoding "
+        "threads) or `train` (Lightning against a plain loop, data pipeline against the model, "
+        "cached-feature probe against frozen epochs).",
     )
-    bench.add_argument("benchmark", choices=["serve", "train"])
+    bench.add_argument("benchmark", choices=["serve", "paired", "lanes", "train"])
     bench.add_argument(
         "arguments", nargs=argparse.REMAINDER, metavar="...", help="the benchmark's own options"
     )

@@ -68,3 +68,58 @@ def test_bench_serve_runs_every_part_and_reports_them(exported, tmp_path) -> Non
         "service_vs_ceiling", "latency_overhead_ms", "service_vs_peer"
     }  # fmt: skip
     assert "service, 2 clients" in table and "peer, 2 clients" in table
+
+
+def test_bench_paired_drives_both_configurations_in_alternating_pairs(exported, tmp_path):
+    report_file = tmp_path / "paired.json"
+    table = exported.run(
+        "-m",
+        "training.cli",
+        "bench",
+        "paired",
+        str(exported.artifact_dir),
+        "--a",
+        "CONVTUNE_INFERENCE_LANES=0",
+        "--pairs",
+        "2",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--concurrency",
+        "2",
+        "--image-count",
+        "3",
+        "--image-size",
+        "64",
+        "--json",
+        str(report_file),
+        timeout=240,
+    )  # fmt: skip  (exits non-zero on any 5xx)
+    report = json.loads(report_file.read_text())
+    assert report["benchmark"] == "paired" and len(report["rounds"]) == 2
+    for pair in report["rounds"]:
+        for side in ("a", "b"):
+            assert pair[side]["statuses"] == {"200": pair[side]["requests"]} != {}
+    median = report["median"]
+    assert median["pairs"] == 2 and 0 <= median["pairs_b_lower_p50"] <= 2
+    first = report["rounds"][0]
+    ratio = first["b"]["throughput_rps"] / first["a"]["throughput_rps"]
+    second = report["rounds"][1]
+    other = second["b"]["throughput_rps"] / second["a"]["throughput_rps"]
+    assert median["rps_ratio"] == pytest.approx((ratio + other) / 2)
+    assert "CONVTUNE_INFERENCE_LANES=0" in table and "(defaults)" in table
+
+
+def test_bench_lanes_measures_both_setups_alone_and_beside_decoding(exported, tmp_path):
+    report_file = tmp_path / "lanes.json"
+    table = exported.run(
+        "-m", "training.cli", "bench", "lanes", str(exported.artifact_dir), "--rounds", "1",
+        "--seconds", "0.3", "--image-size", "64", "--json", str(report_file),
+        timeout=120,
+    )  # fmt: skip
+    median = json.loads(report_file.read_text())["median"]
+    assert len(median) == 2 and "one session, every core" in table
+    for loads in median.values():
+        assert loads["0 decoders"]["images_per_s"] > 0 and loads["0 decoders"]["decodes_per_s"] == 0
+        assert loads["1 decoders"]["images_per_s"] > 0 and loads["1 decoders"]["decodes_per_s"] > 0
