@@ -14,15 +14,15 @@ each use one core or a few), it runs only while nothing else is running or being
 under load, the queue is shared out among the free lanes instead, which run side by side.
 On a CPU, an onnxruntime call spread over all cores stalls whenever any of its threads loses
 its core to a decode, at every one of the graph's parallel sections: on 2 cores, one
-2-thread session ran 62 images/s next to a busy decoding thread, two 1-thread sessions 108
-(both about 130-160 when alone).
+2-thread session ran 50 images/s next to a busy decoding thread, two 1-thread sessions 90
+(114 and 136 alone; ``convtune bench lanes``).
 
 This replaced BentoML's CorkDispatcher, which waits to fill batches and polls every 1 ms
 while one runs (taking the GIL from the inference thread): on 2 cores a lone request's p50
 went from 27.6 to 22.1 ms and 8 clients got 7 % more requests/s. Preparing and inferring
 in one call saves a lone request a thread hand-off each way: its p50 fell by 0.4 ms; the two
-hand-offs had cost 0.8-1.1 ms. Lanes gave 8 clients 13 % more requests/s (3 lanes: 17 %)
-and left a lone request's latency as it was (``benchmarks/serve.py``, docs/benchmarks.md).
+hand-offs had cost 0.8-1.1 ms. Lanes gave 8 clients 19 % more requests/s and left a lone
+request's latency as it was (``convtune bench serve`` and ``paired``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def lane_layout(cores: int, environ: Mapping[str, str] = os.environ) -> tuple[in
 
     One lane per core plus one, single-threaded where cores allow, so that a core freed by a
     decode is never left idle; ``CONVTUNE_INFERENCE_LANES`` overrides the count (0: none,
-    every call spread over all cores). On 2 cores, 8 clients: 3 lanes gave 1.04x the
-    requests/s of 2 and 4 lanes 0.99x of 3 (docs/benchmarks.md).
+    every call spread over all cores). On 2 cores, 8 clients: 3 lanes gave 1.01-1.04x the
+    requests/s of 2 and a lower p50, 4 lanes 0.99x of 3 (docs/benchmarks.md).
     """
     text = environ.get(LANES_ENV, str(min(cores + 1, MAX_DEFAULT_LANES)))
     if not text.isdigit():
