@@ -5,8 +5,12 @@ single-threaded session per core run side by side (the service's lanes), each al
 then with ``--decoders`` threads decoding the uploads non-stop beside them, as a loaded
 service does. A call spread over all cores waits at each of its parallel sections for its
 slowest thread, so it loses far more to a decode than the decode's share of the CPU; the
-single-threaded sessions lose only that share. Pairs alternate which setup runs first; the
-table gives medians over ``--rounds``. Run as ``convtune bench lanes`` or
+single-threaded sessions lose only that share. Last, the service's work without its HTTP
+side: as many threads as the service has lanes, each decoding, preprocessing and inferring
+one upload after another on a single-threaded session of its own; its images/s against the
+one all-core session alone (the serving benchmark's batch-1 ceiling) bounds what any HTTP
+front end could reach. Rounds alternate the order; the table gives medians over
+``--rounds``. Run as ``convtune bench lanes`` or
 ``python -m benchmarks.lanes``.
 """
 
@@ -27,6 +31,10 @@ import numpy as np
 
 from benchmarks.common import write_report
 from benchmarks.serve import generated_images
+from service.batching import lane_layout
+
+ALL_CORES = "one session, every core"  # the serving benchmark's batch-1 ceiling
+SERVICE_WORK = "service work, no HTTP"
 
 
 def run_side_by_side(
@@ -93,21 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     pixels = np.stack([classifier.preprocess(classifier.decode(data)) for data in uploads])
     batch = np.ascontiguousarray(np.resize(pixels, (args.batch, *pixels.shape[1:])))
     turn = itertools.cycle(uploads)
-    setups: dict[str, list[Callable[[np.ndarray], np.ndarray]]] = {
-        "one session, every core": [classifier.probabilities],
+    setups = {
+        ALL_CORES: [classifier.probabilities],
         f"{cores} sessions, 1 thread each": [classifier.lane(threads=1) for _ in range(cores)],
     }
+
+    def serve_uploads(session: Callable[[np.ndarray], np.ndarray]) -> Callable[[], int]:
+        in_turn = itertools.cycle(uploads)
+        return lambda: len(session(classifier.preprocess(classifier.decode(next(in_turn)))[None]))
+
+    lanes = max(lane_layout(cores)[0], 1)
+    service_work = [serve_uploads(classifier.lane(threads=1)) for _ in range(lanes)]
     rounds: list[dict[str, Any]] = []
     for number in range(args.rounds):
         print(f"round {number + 1}/{args.rounds}", file=sys.stderr)
-        order = list(setups) if number % 2 == 0 else list(setups)[::-1]
         one_round: dict[str, Any] = {}
-        for name in order:
+        for name in list(setups) if number % 2 == 0 else list(setups)[::-1]:
             calls = [lambda f=f: len(f(batch)) for f in setups[name]]
             for call in calls:
                 call()  # warm-up
             one_round[name] = {
-                f"{decoders} decoders": run_side_by_side(
+                str(decoders): run_side_by_side(
                     calls,
                     decode=lambda: classifier.decode(next(turn)),
                     decoders=decoders,
@@ -115,27 +129,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 for decoders in (0, args.decoders)
             }
-        rounds.append(one_round)
-    median = {
-        name: {
-            load: {
-                key: statistics.median(r[name][load][key] for r in rounds)
-                for key in rounds[0][name][load]
-            }
-            for load in rounds[0][name]
+        work = run_side_by_side(service_work, decode=lambda: None, decoders=0, seconds=args.seconds)
+        one_round[SERVICE_WORK] = {
+            **work,
+            "vs_ceiling": work["images_per_s"] / one_round[ALL_CORES]["0"]["images_per_s"],
         }
-        for name in setups
-    }
-    print(f"{'':<32}{'alone img/s':>12}{'beside decoding':>17}{'decodes/s':>11}")
-    for name, loads in median.items():
-        alone, beside = loads["0 decoders"], loads[f"{args.decoders} decoders"]
-        print(
-            f"{name:<32}{alone['images_per_s']:>12.1f}{beside['images_per_s']:>17.1f}"
-            f"{beside['decodes_per_s']:>11.0f}"
-        )
+        rounds.append(one_round)
+    median = median_over(rounds)
+    print(format_table(median, decoders=args.decoders, lanes=lanes))
     if args.json:
         write_report(args.json, "lanes", vars(args), median, rounds)
     return 0
+
+
+def median_over(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same nested dict as one round, each number the median over ``rounds``."""
+
+    def median_of(values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {key: median_of([value[key] for value in values]) for key in values[0]}
+        return statistics.median(values)
+
+    return median_of(rounds)
+
+
+def format_table(median: dict[str, Any], *, decoders: int, lanes: int) -> str:
+    lines = [f"{'':<32}{'alone img/s':>12}{'beside decoding':>17}{'decodes/s':>11}"]
+    for name, loads in median.items():
+        if name != SERVICE_WORK:
+            alone, beside = loads["0"], loads[str(decoders)]
+            lines.append(
+                f"{name:<32}{alone['images_per_s']:>12.1f}{beside['images_per_s']:>17.1f}"
+                f"{beside['decodes_per_s']:>11.0f}"
+            )
+    work = median[SERVICE_WORK]
+    lines.append(
+        f"\ndecode + preprocess + infer on {lanes} single-threaded sessions (the service's work "
+        f"without HTTP): {work['images_per_s']:.1f} img/s, {work['vs_ceiling']:.2f} x the "
+        "all-core session alone"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -109,19 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = LoadPlan((args.concurrency,), args.duration, args.warmup)
     pairs = []
     with contextlib.ExitStack() as stack:
-        urls = {}
+        servers = {}
         for side in ("a", "b"):
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convtune-ab-")))
-            urls[side] = stack.enter_context(convtune_service(artifact, workdir, env[side]))
+            servers[side] = stack.enter_context(convtune_service(artifact, workdir, env[side]))
         for number in range(args.pairs):
             order = ("a", "b") if number % 2 == 0 else ("b", "a")
             print(
                 f"pair {number + 1}/{args.pairs}: {' then '.join(order).upper()}", file=sys.stderr
             )
-            pair = {
-                side: drive(f"{urls[side]}/predict", uploads, plan)[args.concurrency]
-                for side in order
-            }
+            pair = {side: drive(servers[side], uploads, plan)[args.concurrency] for side in order}
             pairs.append(pair)
     result = compare(pairs)
     print(format_table(result, env))

@@ -54,6 +54,14 @@ GOALS = {  # the performance issue's goals, by ratio name
 
 
 @dataclass(frozen=True)
+class Served:
+    """A server started for the benchmark: its base URL and the pid of its process tree."""
+
+    url: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class LoadPlan:
     """How each server is driven: every concurrency, for ``duration_s`` after a warm-up."""
 
@@ -133,18 +141,20 @@ class Ceiling:
 
 
 def drive(
-    url: str,
+    server: Served,
     uploads: Sequence[bytes],
     plan: LoadPlan,
     *,
     bracket: Callable[[], dict[str, float]] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Load ``url`` at each concurrency of ``plan``; the loadgen summary per concurrency.
+    """Load ``server``'s /predict at each concurrency of ``plan``; the loadgen summary per
+    concurrency, with the CPU time each request cost (``cpu_ms_per_request``).
 
     ``bracket`` (the ceiling at batch 1) is measured right before and right after each
     load, and the mean of the two goes into its summary as ``ceiling_batch_1``: the goals
     compare the service with the machine as it was during that load, not a minute earlier.
     """
+    url = f"{server.url}/predict"
     files = [
         [(plan.field, (f"{i}", data, "application/octet-stream"))] for i, data in enumerate(uploads)
     ]
@@ -153,18 +163,45 @@ def drive(
         # Warm-up: first requests pay for lazy initialisation and connection setup.
         asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=plan.warmup_s))
         before = bracket() if bracket else None
+        server_cpu, own_cpu = cpu_seconds(server.pid), time.process_time()
         result = asyncio.run(
             run_load(url, files, concurrency=concurrency, duration_s=plan.duration_s)
         )
-        results[concurrency] = result.summary()
+        own_cpu = time.process_time() - own_cpu
+        server_cpu = {
+            key: value - server_cpu[key] for key, value in cpu_seconds(server.pid).items()
+        }
+        summary = result.summary()
+        per_request = 1000 / max(result.requests, 1)
+        summary["cpu_ms_per_request"] = {
+            **{key: value * per_request for key, value in server_cpu.items()},
+            "server": sum(server_cpu.values()) * per_request,
+            "load_generator": own_cpu * per_request,
+        }
         if before is not None and bracket:
             after = bracket()
-            results[concurrency]["ceiling_batch_1"] = {
+            summary["ceiling_batch_1"] = {
                 **{key: (before[key] + after[key]) / 2 for key in before},
                 "before": before,
                 "after": after,
             }
+        results[concurrency] = summary
     return results
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time so far of the process ``pid`` and its children: their main threads (where
+    the servers run their event loops) and all their other threads."""
+    import psutil
+
+    root = psutil.Process(pid)
+    totals = {"server_main_threads": 0.0, "server_other_threads": 0.0}
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for thread in process.threads():
+                kind = "main" if thread.id == process.pid else "other"
+                totals[f"server_{kind}_threads"] += thread.user_time + thread.system_time
+    return totals
 
 
 def server_env(**extra: str) -> dict[str, str]:
@@ -173,8 +210,8 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -> Iterator[str]:
-    """``bentoml serve`` of ``artifact`` from a private model store; yields its base URL."""
+def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -> Iterator[Served]:
+    """``bentoml serve`` of ``artifact`` from a private model store, until the block ends."""
     from training.export import register_in_store
 
     home = workdir / "bentoml"
@@ -187,13 +224,13 @@ def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -
         log_path=workdir / "service.log",
         env=server_env(BENTOML_HOME=str(home), CONVTUNE_MODEL=tag, **extra_env),
         cwd=ROOT,
-    ):
-        yield f"http://127.0.0.1:{port}"
+    ) as process:
+        yield Served(f"http://127.0.0.1:{port}", process.pid)
 
 
 @contextlib.contextmanager
-def naive_peer(artifact: Path, workdir: Path) -> Iterator[str]:
-    """``uvicorn benchmarks.naive_peer:app`` serving ``artifact``; yields its base URL."""
+def naive_peer(artifact: Path, workdir: Path) -> Iterator[Served]:
+    """``uvicorn benchmarks.naive_peer:app`` serving ``artifact``, until the block ends."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "benchmarks.naive_peer:app"]
     with running_server(
@@ -202,8 +239,8 @@ def naive_peer(artifact: Path, workdir: Path) -> Iterator[str]:
         log_path=workdir / "peer.log",
         env=server_env(CONVTUNE_PEER_ARTIFACT=str(artifact.resolve())),
         cwd=ROOT,
-    ):
-        yield f"http://127.0.0.1:{port}"
+    ) as process:
+        yield Served(f"http://127.0.0.1:{port}", process.pid)
 
 
 def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
@@ -244,7 +281,13 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for server in ("service", "peer"):
         if server in first:
             summary[server] = {
-                concurrency: {key: median_of(rounds, server, concurrency, key) for key in load_keys}
+                concurrency: {
+                    **{key: median_of(rounds, server, concurrency, key) for key in load_keys},
+                    "cpu_ms_per_request": {
+                        key: median_of(rounds, server, concurrency, "cpu_ms_per_request", key)
+                        for key in first[server][concurrency]["cpu_ms_per_request"]
+                    },
+                }
                 for concurrency in first[server]
             }
     summary["ceiling_around_service"] = {
@@ -258,7 +301,9 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    lines = [f"{'':<24}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'5xx':>6}"]
+    lines = [
+        f"{'':<24}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'5xx':>6}{'CPU ms/req':>12}"
+    ]
     ceiling = summary["ceiling"]
     lines.append(
         f"{'ceiling, batch 1':<24}{ceiling['batch_1_images_per_s']:>9.1f}"
@@ -273,7 +318,7 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"{f'{server}, {concurrency} clients':<24}{row['throughput_rps']:>9.1f}"
                 f"{row['p50_ms']:>9.2f}{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}"
-                f"{row['server_errors']:>6.0f}"
+                f"{row['server_errors']:>6.0f}{row['cpu_ms_per_request']['server']:>12.2f}"
             )
             if server == "service":
                 around = summary["ceiling_around_service"][concurrency]
@@ -281,6 +326,15 @@ def format_table(summary: dict[str, Any]) -> str:
                     f"{'  ceiling b1 around it':<24}{around['images_per_s']:>9.1f}"
                     f"{around['latency_ms']:>9.2f}"
                 )
+    lines.append("")
+    for concurrency, row in summary["service"].items():
+        cpu = row["cpu_ms_per_request"]
+        lines.append(
+            f"service CPU per request at {concurrency} clients: "
+            f"{cpu['server_main_threads']:.2f} ms in the event loop, "
+            f"{cpu['server_other_threads']:.2f} ms in other threads "
+            f"(decoding, inference); the load generator {cpu['load_generator']:.2f} ms"
+        )
     lines.append("")
     for key, value in summary["ratios"].items():
         lines.append(f"{value:>8.2f}  {GOALS[key]}")
@@ -350,8 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convtune-bench-")))
         print("starting the service" + ("" if args.no_peer else " and the peer"), file=sys.stderr)
-        service_url = stack.enter_context(convtune_service(artifact, workdir, extra_env))
-        peer_url = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
+        service = stack.enter_context(convtune_service(artifact, workdir, extra_env))
+        peer = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
         ceiling = Ceiling(artifact, uploads)
         seconds = args.ceiling_seconds
         for number in range(1, args.rounds + 1):
@@ -361,14 +415,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             print(f"round {number}/{args.rounds}: service", file=sys.stderr)
             one_round["service"] = drive(
-                f"{service_url}/predict",
+                service,
                 uploads,
                 plan,
                 bracket=lambda: ceiling.batch(1, min_seconds=seconds),
             )
-            if peer_url:
+            if peer:
                 print(f"round {number}/{args.rounds}: peer", file=sys.stderr)
-                one_round["peer"] = drive(f"{peer_url}/predict", uploads, plan)
+                one_round["peer"] = drive(peer, uploads, plan)
             one_round["ratios"] = round_ratios(one_round)
             rounds.append(one_round)
     summary = summarise(rounds)

@@ -50,6 +50,14 @@ def test_bench_serve_runs_every_part_and_reports_them(exported, tmp_path) -> Non
         for row in median[server].values():
             assert row["throughput_rps"] > 0 and row["server_errors"] == 0
             assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    # The CPU each request cost: the servers' threads and the load generator all worked.
+    for server in ("service", "peer"):
+        for row in median[server].values():
+            cpu = row["cpu_ms_per_request"]
+            assert cpu["server_main_threads"] > 0 and cpu["load_generator"] > 0
+            parts = cpu["server_main_threads"] + cpu["server_other_threads"]
+            assert cpu["server"] == pytest.approx(parts)
+    assert "service CPU per request at 2 clients" in table
     # Every answer was a 200: the service and the peer classified the uploads.
     for server in ("service", "peer"):
         for row in report["rounds"][0][server].values():
@@ -119,7 +127,10 @@ def test_bench_lanes_measures_both_setups_alone_and_beside_decoding(exported, tm
         timeout=120,
     )  # fmt: skip
     median = json.loads(report_file.read_text())["median"]
+    work = median.pop("service work, no HTTP")
+    assert work["images_per_s"] > 0 and work["vs_ceiling"] > 0
     assert len(median) == 2 and "one session, every core" in table
     for loads in median.values():
-        assert loads["0 decoders"]["images_per_s"] > 0 and loads["0 decoders"]["decodes_per_s"] == 0
-        assert loads["1 decoders"]["images_per_s"] > 0 and loads["1 decoders"]["decodes_per_s"] > 0
+        assert loads["0"]["images_per_s"] > 0 and loads["0"]["decodes_per_s"] == 0
+        assert loads["1"]["images_per_s"] > 0 and loads["1"]["decodes_per_s"] > 0
+    assert "the service's work without HTTP" in table
