@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import write_report
-from benchmarks.serve import LoadPlan, convtune_service, drive, generated_images, load_images
+from benchmarks.serve import LoadPlan, add_upload_arguments, convtune_service, drive, uploads_for
 
 
 def compare(pairs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -78,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{side}", action="append", default=[], metavar="NAME=VALUE",
             help=f"environment of service {side.upper()}; repeatable [none: the defaults]",
         )  # fmt: skip
-    parser.add_argument("--images", type=Path, help="folder of images to send [generated]")
-    parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
-    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    add_upload_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=8, help="clients [8]")
     parser.add_argument("--pairs", type=int, default=8, help="pairs of loads [8]")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load [5]")
@@ -101,11 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "note: A and B have the same environment (an A/A run shows the noise)", file=sys.stderr
         )
     artifact = locate_artifact(args.model)
-    uploads = (
-        load_images(args.images)
-        if args.images
-        else generated_images(args.image_count, args.image_size)
-    )
+    uploads = uploads_for(args)
     plan = LoadPlan((args.concurrency,), args.duration, args.warmup)
     pairs = []
     with contextlib.ExitStack() as stack:

@@ -350,15 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
     )
-    parser.add_argument(
-        "--images", type=Path,
-        help="folder of images to send, in turn [generated images of shapes]",
-    )  # fmt: skip
-    parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
-    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
-    parser.add_argument(
-        "--image-format", default="PNG", choices=["PNG", "JPEG"], help="generated format [PNG]"
-    )
+    add_upload_arguments(parser)
     parser.add_argument(
         "--concurrency", default="1,8",
         help="client counts, comma-separated; goals use 1 and the highest [1,8]",
@@ -378,10 +370,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_images(folder: Path) -> list[bytes]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def add_upload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the clients send: ``--images`` or generated ones (read by :func:`uploads_for`)."""
+    parser.add_argument(
+        "--images", type=Path,
+        help="folder of images to send, in turn [generated images of shapes]",
+    )  # fmt: skip
+    parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
+    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--image-format", default="PNG", choices=["PNG", "JPEG"], help="generated format [PNG]"
+    )
+
+
+def uploads_for(args: argparse.Namespace) -> list[bytes]:
+    """The files of ``--images``, or the generated images the upload arguments describe."""
+    if args.images is None:
+        return generated_images(args.image_count, args.image_size, args.image_format)
+    files = sorted(p for p in args.images.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise ValueError(f"{folder} has no files to send")
+        raise ValueError(f"{args.images} has no files to send")
     return [p.read_bytes() for p in files]
 
 
@@ -393,11 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(concurrencies) < 1 or args.rounds < 1 or args.duration <= 0:
         raise ValueError("--concurrency, --rounds and --duration must be positive")
     artifact = locate_artifact(args.model)
-    uploads = (
-        load_images(args.images)
-        if args.images
-        else generated_images(args.image_count, args.image_size, args.image_format)
-    )
+    uploads = uploads_for(args)
     plan = LoadPlan(concurrencies, args.duration, args.warmup)
     extra_env = dict(item.split("=", 1) for item in args.service_env)
     rounds = []

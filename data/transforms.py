@@ -134,12 +134,13 @@ class EvalTransform:
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.height, self.width = preprocessing.input_size
         self.crop_pct = preprocessing.crop_pct
+        self.square = self.height == self.width
         self.interpolation = _INTERPOLATIONS[preprocessing.interpolation]
         every_value = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
         self.lookup = _normalisation(preprocessing)(image=every_value)["image"]
 
     def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
-        crop = center_crop_fraction(image, self.crop_pct, square=self.height == self.width)
+        crop = center_crop_fraction(image, self.crop_pct, square=self.square)
         resized = cv2.resize(crop, (self.width, self.height), interpolation=self.interpolation)
         normalised = cv2.LUT(resized, self.lookup)
         return {"image": np.ascontiguousarray(normalised.transpose(2, 0, 1))}

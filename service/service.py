@@ -107,7 +107,8 @@ class Convtune:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
         self.classifier = OnnxClassifier(self.model.path)
         self.tag = str(self.model.tag)
-        lanes, threads = lane_layout(os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        lanes, threads = lane_layout(cores)
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
             lanes=[self.classifier.lane(threads=threads) for _ in range(lanes)],
@@ -115,7 +116,7 @@ class Convtune:
             max_wait_s=MAX_QUEUE_WAIT_S,
             # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes:
             # as many at once as there are cores, not one per thread of the pool (40).
-            prepare_limiter=anyio.CapacityLimiter(os.cpu_count() or 1),
+            prepare_limiter=anyio.CapacityLimiter(cores),
         )
         setup_request_log()
 
