@@ -25,6 +25,9 @@ class FitConfig:
     pretrained: str = "auto"
     epochs: int = 10
     img_size: int | None = None
+    eval_img_size: int | None = None
+    crop_pct: float | None = None
+    crop_mode: str | None = None
     batch_size: int = 32
     freeze_epochs: int = 1
     lr: float = 0.01
@@ -38,9 +41,14 @@ class FitConfig:
     head_hidden: int = 0
     head_dropout: float = 0.0
     head_activation: str = "relu"
+    random_crop: bool = True
     aug_scale_min: float = 0.25
     hflip: float = 0.5
     vflip: float = 0.0
+    rotate90: bool = False
+    affine_scale: float = 0.0
+    affine_shift: float = 0.0
+    affine_rotate: float = 0.0
     color_jitter: float = 0.2
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -57,6 +65,11 @@ class FitConfig:
     cache_images: bool = False
     cache_features: bool = False
     keep_bn_eval: bool = False
+    bn_recalibrate: bool = True
+    freeze_stages: int = 0
+    ema_decay: float = 0.0
+    tta: str = "none"
+    time_limit: float | None = None
     precision: str = "auto"
     accelerator: str = "auto"
     seed: int = 0
@@ -72,6 +85,14 @@ class FitConfig:
             "class_weights": self.class_weights in ("none", "auto"),
             "monitor": self.monitor in ("accuracy", "macro_f1", "loss"),
             "img_size": self.img_size is None or self.img_size >= 16,
+            "eval_img_size": self.eval_img_size is None or self.eval_img_size >= 16,
+            "crop_pct": self.crop_pct is None or 0.0 < self.crop_pct <= 1.0,
+            "crop_mode": self.crop_mode in (None, "center", "squash", "border"),
+            "freeze_stages": self.freeze_stages >= 0,
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
+            "tta": self.tta in ("none", "flip", "d4"),
+            "time_limit": self.time_limit is None or self.time_limit > 0,
+            "affine": min(self.affine_scale, self.affine_shift, self.affine_rotate) >= 0,
             "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
             "label_separator": self.label_separator in ("auto", ",", "\t", ";", "whitespace"),
         }
