@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -54,25 +53,21 @@ class ImageDataset(Dataset):
         return torch.from_numpy(tensor), self.images.labels[index]
 
 
-def decode_resized(paths: tuple[Path, ...], *, shorter_side: int) -> dict[Path, np.ndarray]:
-    """Decode every image once, shrunk so its shorter side is at most ``shorter_side``.
+def decode_all(paths: tuple[Path, ...], *, draft_size: tuple[int, int]) -> dict[Path, np.ndarray]:
+    """Decode every image once, as the eval view decodes it (JPEGs shrunk while decoding).
 
-    Decoding a PNG or JPEG costs more than augmenting the small array it yields, and on
-    a machine with few cores DataLoader workers compete with the model for them. Filled
-    in the main process before workers fork, the arrays are shared, not copied.
+    Decoding a PNG or JPEG costs more than augmenting the array it yields, and on a
+    machine with few cores DataLoader workers compete with the model for them. The cached
+    arrays are exactly what ``convtune evaluate`` and the service decode, so validation,
+    calibration and the test report see the served pixels. Filled in the main process
+    before workers fork, the arrays are shared, not copied.
     """
     from rich.progress import track
 
-    cache = {}
-    for path in track(paths, description="Caching decoded images", transient=True):
-        pixels = decode_rgb(path, draft_size=(shorter_side, shorter_side))
-        height, width = pixels.shape[:2]
-        scale = shorter_side / min(height, width)
-        if scale < 1:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-        cache[path] = pixels
-    return cache
+    return {
+        path: decode_rgb(path, draft_size=draft_size)
+        for path in track(paths, description="Caching decoded images", transient=True)
+    }
 
 
 def seed_worker_transforms(worker_id: int) -> None:
@@ -102,6 +97,7 @@ class ImageDataModule(L.LightningDataModule):
         preprocessing: Preprocessing,
         *,
         augmentation: Augmentation | None = None,
+        train_size: tuple[int, int] | None = None,
         batch_size: int = 32,
         num_workers: int = 2,
         cache_images: bool = False,
@@ -112,6 +108,7 @@ class ImageDataModule(L.LightningDataModule):
         self.split = split
         self.preprocessing = preprocessing
         self.augmentation = augmentation or Augmentation()
+        self.train_size = train_size or preprocessing.input_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache_images = cache_images
@@ -120,35 +117,40 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache_images and self.cache is None:
-            # Large enough for the eval resize (size / crop_pct) and for train crops of
-            # half the side without upsampling below the original's detail.
-            side, _ = eval_decode_size(self.preprocessing)
-            self.cache = decode_resized(self.images.paths, shorter_side=round(side * 1.25))
+            self.cache = decode_all(
+                self.images.paths, draft_size=eval_decode_size(self.preprocessing)
+            )
 
     def part(self, name: str) -> LabelledImages:
         return self.images.subset(list(self.split.part(name)))
 
     def dataset(self, name: str) -> ImageDataset:
-        height, width = self.preprocessing.input_size
-        if name == "train":
-            transform = build_train_transform(self.preprocessing, self.augmentation)
-            transform.set_random_seed(self.seed)
-            # RandomResizedCrop may take a quarter of the area; keep enough pixels for it.
-            draft = (2 * width, 2 * height)
-        else:
-            transform = build_eval_transform(self.preprocessing)
-            draft = eval_decode_size(self.preprocessing)
+        if name != "train":
+            return self.eval_dataset(name)
+        transform = build_train_transform(
+            self.preprocessing, self.augmentation, input_size=self.train_size
+        )
+        transform.set_random_seed(self.seed)
+        height, width = self.train_size
+        # RandomResizedCrop may take a quarter of the area; keep enough pixels for it.
+        draft = (2 * width, 2 * height)
         return ImageDataset(self.part(name), transform, draft_size=draft, cache=self.cache)
 
-    def eval_loader(self, name: str) -> DataLoader:
-        """Part ``name`` through the eval transform, in order (for features and logits)."""
-        dataset = ImageDataset(
+    def eval_dataset(self, name: str) -> ImageDataset:
+        """Part ``name`` through the eval view: the pixels ``convtune evaluate`` and the
+        service compute for the same files."""
+        return ImageDataset(
             self.part(name),
             build_eval_transform(self.preprocessing),
             draft_size=eval_decode_size(self.preprocessing),
             cache=self.cache,
         )
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def eval_loader(self, name: str) -> DataLoader:
+        """Part ``name`` through the eval view, in order (for features and logits)."""
+        return DataLoader(
+            self.eval_dataset(name), batch_size=self.batch_size, num_workers=self.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -10,7 +10,7 @@ training and serving cannot drift apart.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import albumentations as A
@@ -24,6 +24,7 @@ _INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,
 }
+CROP_MODES = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Preprocessing:
             )
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"unknown crop_mode {self.crop_mode!r}; one of {CROP_MODES}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,12 +65,23 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Training-time augmentation strengths (the defaults suit small fine-tuning sets)."""
+    """Training-time augmentation (the defaults suit photos in small fine-tuning sets).
 
+    ``random_crop`` off trains on the eval view of the whole image, which suits inspection
+    data (cells, documents, X-rays) where the evidence may sit anywhere, the border
+    included; ``rotate90`` with both flips then covers the 8 symmetries of a square, and
+    the affine ranges add the small scale, shift and rotation changes a fixture allows.
+    """
+
+    random_crop: bool = True
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     vflip: float = 0.0
+    rotate90: bool = False
+    affine_scale: float = 0.0
+    affine_shift: float = 0.0
+    affine_rotate: float = 0.0
     color_jitter: float = 0.2
     color_jitter_p: float = 0.8
 
@@ -82,24 +96,61 @@ class ToChannelsFirst(A.ImageOnlyTransform):
         return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
 
 
+class EvalView(A.ImageOnlyTransform):
+    """The eval view's geometry (crop and resize, no normalisation) as a pipeline step."""
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        super().__init__(p=1.0)
+        self.geometry = EvalGeometry(preprocessing)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return self.geometry(img)
+
+
 def build_train_transform(
-    preprocessing: Preprocessing, augmentation: Augmentation | None = None
+    preprocessing: Preprocessing,
+    augmentation: Augmentation | None = None,
+    *,
+    input_size: tuple[int, int] | None = None,
 ) -> A.Compose:
-    """RandomResizedCrop + flips + colour jitter, then the encoder's normalisation."""
+    """A view of the image at ``input_size`` (a random crop, or the eval view), flips and
+    rotations, a small affine, colour jitter, then the encoder's normalisation.
+
+    ``input_size`` defaults to the eval input size; training may run smaller (cheaper) and
+    evaluate at the model's full size.
+    """
     aug = augmentation or Augmentation()
-    interpolation = _INTERPOLATIONS[preprocessing.interpolation]
+    size = input_size or preprocessing.input_size
+    if aug.rotate90 and size[0] != size[1]:
+        raise ValueError(f"rotate90 needs a square input size, got {size[0]}x{size[1]}")
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
-            size=preprocessing.input_size,
+            size=size,
             scale=aug.scale,
             ratio=aug.ratio,
-            interpolation=interpolation,
+            interpolation=_INTERPOLATIONS[preprocessing.interpolation],
+            area_for_downscale="image",
         )
+        if aug.random_crop
+        else EvalView(replace(preprocessing, input_size=size))
     ]
     if aug.hflip > 0:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.vflip > 0:
         steps.append(A.VerticalFlip(p=aug.vflip))
+    if aug.rotate90:
+        steps.append(A.RandomRotate90(p=1.0))
+    if aug.affine_scale or aug.affine_shift or aug.affine_rotate:
+        steps.append(
+            A.Affine(
+                scale=(1 - aug.affine_scale, 1 + aug.affine_scale),
+                translate_percent=(-aug.affine_shift, aug.affine_shift),
+                rotate=(-aug.affine_rotate, aug.affine_rotate),
+                interpolation=cv2.INTER_LINEAR,
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=1.0,
+            )
+        )
     if aug.color_jitter > 0:
         strength = aug.color_jitter
         steps.append(
@@ -115,34 +166,94 @@ def build_train_transform(
 
 
 def build_eval_transform(preprocessing: Preprocessing) -> EvalTransform:
-    """timm's eval view: the centre ``crop_pct`` of the image, resized to the input size."""
+    """timm's eval view (``crop_pct`` and ``crop_mode``), resized to the input size."""
     return EvalTransform(preprocessing)
 
 
-class EvalTransform:
-    """timm's eval view, called as ``transform(image=rgb)["image"]`` like the training pipeline.
+def resize(image: np.ndarray, size: tuple[int, int], *, interpolation: str) -> np.ndarray:
+    """``image`` resized to ``size`` (width, height): pixel-area averaging when it shrinks
+    on both axes, so a large image does not alias; ``interpolation`` otherwise.
 
-    timm resizes the shorter side to ``size / crop_pct`` and then crops ``size``; cropping
-    first and resizing second keeps the same region but never builds the enlarged
-    intermediate, which for a 40000x1 upload would be gigabytes. Three OpenCV calls rather
-    than an ``A.Compose`` of ``Resize`` and ``Normalize``: the same pixels (the lookup table
-    is ``A.Normalize``'s own output for each of the 256 values, and a test compares the two)
-    in two thirds of the time (0.33 against 0.48 ms at 224 px, timed once by hand), which
-    the service pays on every request.
+    Every eval view goes through here, so a large PNG and its JPEG twin (which the JPEG
+    decoder already shrank by averaging) give nearly the same input.
+    """
+    height, width = image.shape[:2]
+    if (width, height) == size:
+        return image
+    shrinking = size[0] <= width and size[1] <= height
+    flag = cv2.INTER_AREA if shrinking else _INTERPOLATIONS[interpolation]
+    return cv2.resize(image, size, interpolation=flag)
+
+
+class EvalGeometry:
+    """timm's eval geometry for one ``crop_mode``, on uint8 RGB, without normalisation.
+
+    With ``scale_size = size / crop_pct``: ``center`` resizes the shorter side to it and
+    crops the centre (aspect kept, the border lost unless ``crop_pct`` is 1); ``squash``
+    resizes each side to it and crops the centre (aspect not kept); ``border`` resizes the
+    longer side to it and pads with the mean colour (nothing lost at ``crop_pct`` 1).
+    The region that survives is cut out before resizing, so an elongated upload never
+    builds a huge intermediate.
     """
 
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.height, self.width = preprocessing.input_size
         self.crop_pct = preprocessing.crop_pct
-        self.square = self.height == self.width
-        self.interpolation = _INTERPOLATIONS[preprocessing.interpolation]
+        self.mode = preprocessing.crop_mode
+        self.interpolation = preprocessing.interpolation
+        self.fill = tuple(round(255 * m) for m in preprocessing.mean)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.mode == "border":
+            return self._fit_and_pad(image)
+        h, w = image.shape[:2]
+        if self.mode == "center" and self.height == self.width:
+            crop_h = crop_w = max(1, round(min(h, w) * self.crop_pct))
+        elif self.mode == "center":
+            # Shorter side to scale, keeping aspect: the crop spans size/scale of each side.
+            scale = max(self.height / h, self.width / w) / self.crop_pct
+            crop_h = min(h, max(1, round(self.height / scale)))
+            crop_w = min(w, max(1, round(self.width / scale)))
+        else:
+            crop_h, crop_w = max(1, round(h * self.crop_pct)), max(1, round(w * self.crop_pct))
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        crop = image[top : top + crop_h, left : left + crop_w]
+        return resize(crop, (self.width, self.height), interpolation=self.interpolation)
+
+    def _fit_and_pad(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        scale = min(self.height / h, self.width / w) / self.crop_pct
+        crop_h, crop_w = min(h, round(self.height / scale)), min(w, round(self.width / scale))
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        out_h = min(self.height, max(1, round(crop_h * scale)))
+        out_w = min(self.width, max(1, round(crop_w * scale)))
+        fitted = resize(
+            image[top : top + crop_h, left : left + crop_w],
+            (out_w, out_h),
+            interpolation=self.interpolation,
+        )
+        pad_top, pad_left = (self.height - out_h) // 2, (self.width - out_w) // 2
+        return cv2.copyMakeBorder(
+            fitted, pad_top, self.height - out_h - pad_top, pad_left,
+            self.width - out_w - pad_left, cv2.BORDER_CONSTANT, value=self.fill,
+        )  # fmt: skip
+
+
+class EvalTransform:
+    """The eval view, called as ``transform(image=rgb)["image"]`` like the training pipeline.
+
+    Geometry, then one lookup table for normalisation (``A.Normalize``'s own output for
+    each of the 256 values) and a transpose, rather than an ``A.Compose``: the same pixels
+    in less time, which the service pays on every request.
+    """
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.geometry = EvalGeometry(preprocessing)
         every_value = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
         self.lookup = _normalisation(preprocessing)(image=every_value)["image"]
 
     def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
-        crop = center_crop_fraction(image, self.crop_pct, square=self.square)
-        resized = cv2.resize(crop, (self.width, self.height), interpolation=self.interpolation)
-        normalised = cv2.LUT(resized, self.lookup)
+        normalised = cv2.LUT(self.geometry(image), self.lookup)
         return {"image": np.ascontiguousarray(normalised.transpose(2, 0, 1))}
 
 
@@ -150,24 +261,13 @@ def eval_decode_size(preprocessing: Preprocessing) -> tuple[int, int]:
     """The (width, height) a JPEG may be shrunk to while decoding, for the eval transform.
 
     Decoding at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``) costs a fraction of a full
-    decode; at this size the centre crop is still no smaller than the input, so the eval
-    transform only ever shrinks. Training's val/test loaders, ``convtune predict`` and
-    ``evaluate`` and the service all decode this way, so they see the same pixels.
+    decode; at this size the eval region is still no smaller than the input, so the eval
+    transform only ever shrinks. Training's val/test loaders (and its image cache),
+    ``convtune predict`` and ``evaluate`` and the service all decode this way, so they see
+    the same pixels.
     """
     side = math.ceil(max(preprocessing.input_size) / preprocessing.crop_pct)
     return side, side
-
-
-def center_crop_fraction(image: np.ndarray, fraction: float, *, square: bool) -> np.ndarray:
-    """The centred ``fraction`` of ``image`` (a view): of its shorter side, as a square, for
-    square inputs; of each side otherwise."""
-    h, w = image.shape[:2]
-    if square:
-        crop_h = crop_w = max(1, round(min(h, w) * fraction))
-    else:
-        crop_h, crop_w = max(1, round(h * fraction)), max(1, round(w * fraction))
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    return image[top : top + crop_h, left : left + crop_w]
 
 
 def _normalisation(preprocessing: Preprocessing) -> A.Normalize:

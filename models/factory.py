@@ -70,9 +70,14 @@ def create_model(
     *,
     pretrained: str | WeightSource = "none",
     img_size: int | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
     head: HeadConfig | None = None,
 ) -> ImageClassifier:
     """Build ``name`` from timm with pretrained weights and a fresh ``num_classes`` head.
+
+    ``img_size``, ``crop_pct`` and ``crop_mode`` override the encoder's pretrained eval
+    view (None keeps the encoder's own).
 
     With ``num_classes`` equal to the pretrained classifier's (1000 for ImageNet) and a
     plain linear head, the pretrained classifier is kept instead of a new one.
@@ -121,14 +126,22 @@ def create_model(
         encoder,
         head_module,
         architecture=name,
-        preprocessing=resolve_preprocessing(encoder, img_size=img_size),
+        preprocessing=resolve_preprocessing(
+            encoder, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode
+        ),
         head_config=head_config,
         num_classes=num_classes,
     )
 
 
-def resolve_preprocessing(encoder: nn.Module, *, img_size: int | None = None) -> Preprocessing:
-    """The encoder's pretrained data config, with the input size optionally overridden."""
+def resolve_preprocessing(
+    encoder: nn.Module,
+    *,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
+) -> Preprocessing:
+    """The encoder's pretrained data config, with the eval view optionally overridden."""
     config = resolve_model_data_config(encoder)
     size = (img_size, img_size) if img_size else tuple(config["input_size"][1:])
     return Preprocessing(
@@ -136,8 +149,8 @@ def resolve_preprocessing(encoder: nn.Module, *, img_size: int | None = None) ->
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         interpolation=config["interpolation"],
-        crop_pct=float(config["crop_pct"]),
-        crop_mode=config.get("crop_mode", "center"),
+        crop_pct=float(crop_pct if crop_pct is not None else config["crop_pct"]),
+        crop_mode=crop_mode or config.get("crop_mode", "center"),
     )
 
 

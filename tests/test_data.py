@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import albumentations as A
@@ -23,10 +24,10 @@ from data.sources import (
 )
 from data.splits import load_split, save_split, stratified_split
 from data.transforms import (
+    Augmentation,
     Preprocessing,
     build_eval_transform,
     build_train_transform,
-    center_crop_fraction,
     eval_decode_size,
 )
 
@@ -156,27 +157,123 @@ def test_eval_transform_resizes_crops_and_normalises() -> None:
 
 
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])
-@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "area"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_eval_transform_gives_the_pixels_of_the_albumentations_pipeline(size, interpolation):
+    # The reference: timm's center mode spelled out with albumentations steps.
     preprocessing = Preprocessing(
         input_size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         interpolation=interpolation, crop_pct=0.9,
     )  # fmt: skip
-    flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
-    square = size[0] == size[1]
-    reference = A.Compose([
-        A.Lambda(image=lambda image, **_: center_crop_fraction(image, 0.9, square=square)),
-        A.Resize(*size, interpolation=flag[interpolation]),
-        A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
-    ])  # fmt: skip
+    flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
+
+    def reference(pixels: np.ndarray) -> np.ndarray:
+        h, w = pixels.shape[:2]
+        scale = max(size[0] / h, size[1] / w) / 0.9
+        crop_h, crop_w = (
+            min(h, max(1, round(size[0] / scale))),
+            min(w, max(1, round(size[1] / scale))),
+        )
+        shrinks = size[0] <= crop_h and size[1] <= crop_w
+        steps = A.Compose([
+            A.CenterCrop(crop_h, crop_w),
+            A.Resize(*size, interpolation=cv2.INTER_AREA if shrinks else flag[interpolation]),
+            A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
+        ])  # fmt: skip
+        return steps(image=pixels)["image"].transpose(2, 0, 1)
+
     transform = build_eval_transform(preprocessing)
     rng = np.random.default_rng(0)
     for shape in [(300, 300), (60, 90), (17, 400), size, (1, 40)]:
         pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        expected = reference(image=pixels)["image"].transpose(2, 0, 1)
         out = transform(image=pixels)["image"]
         assert out.flags.c_contiguous and out.dtype == np.float32
-        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out, reference(pixels))
+
+
+def _corner_marks(size: int) -> np.ndarray:
+    """Grey image with a white 4-pixel mark in each corner."""
+    pixels = np.full((size, size, 3), 128, dtype=np.uint8)
+    for rows in (slice(0, 4), slice(size - 4, size)):
+        for cols in (slice(0, 4), slice(size - 4, size)):
+            pixels[rows, cols] = 255
+    return pixels
+
+
+@pytest.mark.parametrize("mode", ["center", "squash", "border"])
+def test_eval_view_at_crop_pct_1_keeps_the_border(mode: str) -> None:
+    preprocessing = replace(PREPROCESSING, crop_pct=1.0, crop_mode=mode)
+    out = build_eval_transform(preprocessing)(image=_corner_marks(64))["image"]
+    red = out[0] * PREPROCESSING.std[0] + PREPROCESSING.mean[0]
+    assert min(red[0, 0], red[0, -1], red[-1, 0], red[-1, -1]) > 0.9
+    # timm's default crop loses the marks.
+    cropped = build_eval_transform(replace(preprocessing, crop_pct=0.875))(image=_corner_marks(64))
+    red = cropped["image"][0] * PREPROCESSING.std[0] + PREPROCESSING.mean[0]
+    assert red.max() < 0.6
+
+
+def test_border_mode_pads_a_wide_image_with_the_mean_colour() -> None:
+    preprocessing = replace(PREPROCESSING, crop_pct=1.0, crop_mode="border")
+    pixels = np.full((16, 64, 3), 255, dtype=np.uint8)
+    out = build_eval_transform(preprocessing)(image=pixels)["image"]  # 64x16 → 32x8 + padding
+    assert out.shape == (3, 32, 32)
+    np.testing.assert_allclose(out[:, :12], 0.0, atol=0.02)  # the mean, normalised
+    assert out[:, 12:20].min() > 1.0  # white, normalised
+
+
+def test_squash_mode_keeps_all_of_a_wide_image() -> None:
+    preprocessing = replace(PREPROCESSING, crop_pct=1.0, crop_mode="squash")
+    pixels = np.zeros((32, 128, 3), dtype=np.uint8)
+    pixels[:, :8, 0] = 255  # a red left edge, which the centre mode crops away
+    out = build_eval_transform(preprocessing)(image=pixels)["image"]
+    assert out[0, :, 0].mean() > out[0, :, 16].mean() + 1.0
+    centre = build_eval_transform(replace(preprocessing, crop_mode="center"))(image=pixels)
+    np.testing.assert_allclose(centre["image"][0, :, 0], centre["image"][0, :, 16])
+
+
+def test_a_large_png_and_its_jpeg_twin_give_nearly_the_same_input(tmp_path: Path) -> None:
+    # Fine stripes alias when a large image is point-sampled down; averaged, they are grey.
+    preprocessing = replace(PREPROCESSING, input_size=(224, 224), crop_pct=1.0)
+    x = np.arange(2048)
+    stripes = np.where((x[None, :] + x[:, None]) % 3 == 0, 255, 0).astype(np.uint8)
+    rgb = np.repeat(stripes[:, :, None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)
+    transform = build_eval_transform(preprocessing)
+    decode_size = eval_decode_size(preprocessing)
+    png, jpeg = (
+        transform(image=decode_rgb(tmp_path / name, draft_size=decode_size))["image"]
+        for name in ("big.png", "big.jpg")
+    )
+    assert np.abs(png - jpeg).mean() < 0.1
+    # A single bicubic resize of the PNG (no averaging) is far from the JPEG's input.
+    pointwise = cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_CUBIC)
+    pointwise = (pointwise / 255.0 - PREPROCESSING.mean[0]) / PREPROCESSING.std[0]
+    assert np.abs(pointwise.transpose(2, 0, 1) - jpeg).mean() > 0.5
+
+
+def test_train_transform_without_random_crop_is_the_eval_view_up_to_symmetries() -> None:
+    preprocessing = replace(PREPROCESSING, crop_pct=1.0)
+    augmentation = Augmentation(random_crop=False, hflip=0.5, vflip=0.5, rotate90=True,
+                                color_jitter=0.0)  # fmt: skip
+    transform = build_train_transform(preprocessing, augmentation)
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    view = build_eval_transform(preprocessing)(image=pixels)["image"]
+    symmetries = [np.rot90(v, k, axes=(1, 2)) for v in (view, view[:, :, ::-1]) for k in range(4)]
+    seen = set()
+    for _ in range(64):
+        out = transform(image=pixels)["image"]
+        matches = [i for i, s in enumerate(symmetries) if np.allclose(out, s, atol=1e-5)]
+        assert matches
+        seen.add(matches[0])
+    assert len(seen) == 8
+
+
+def test_train_transform_can_train_smaller_than_it_evaluates() -> None:
+    transform = build_train_transform(PREPROCESSING, input_size=(16, 16))
+    pixels = np.zeros((40, 40, 3), dtype=np.uint8)
+    assert transform(image=pixels)["image"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="square"):
+        build_train_transform(PREPROCESSING, Augmentation(rotate90=True), input_size=(16, 24))
 
 
 def test_eval_loader_workers_start_without_a_random_pipeline_to_seed(tmp_path: Path) -> None:

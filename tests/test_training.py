@@ -164,8 +164,16 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     datamodule = small_datamodule(shapes_dir, model)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head[-1].weight.clone()
-    accuracy = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
-    assert 0.0 <= accuracy <= 1.0
+    result = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
+    val_labels = torch.tensor(datamodule.part("val").labels)
+    assert result.val_logits.shape == (len(val_labels), 3)
+    expected = (result.val_logits.argmax(1) == val_labels).float().mean().item()
+    assert result.val_accuracy == pytest.approx(expected)
+    # The probe's val logits are the model's own on the val part's eval view.
+    with torch.no_grad():
+        model.eval()
+        pixels = torch.stack([datamodule.eval_dataset("val")[i][0] for i in range(2)])
+        torch.testing.assert_close(model(pixels), result.val_logits[:2], atol=1e-4, rtol=1e-4)
     for name, value in model.encoder.state_dict().items():
         assert torch.equal(value, encoder_before[name]), name
     assert not torch.equal(model.head[-1].weight, head_before)

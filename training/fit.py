@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,19 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
 from data.datamodule import ImageDataModule
 from data.sources import LabelledImages, drop_unreadable, load_labelled_images
 from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
 from data.transforms import Augmentation
 from models.factory import HeadConfig, ImageClassifier, create_model
-from training.calibration import collect_logits, fit_temperature
+from models.inference import softmax
+from training.batchnorm import recalibrate_batchnorm
+from training.calibration import collect_logits, fit_temperature, negative_log_likelihood
 from training.callbacks import EncoderFreeze
 from training.config import FitConfig, save_config
-from training.evaluate import evaluation_metrics
+from training.evaluate import classification_metrics, evaluation_metrics
 from training.module import ClassifierModule, Recipe
 from training.probe import linear_probe
 from training.report import write_report
@@ -44,6 +48,8 @@ log = logging.getLogger("convtune")
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_DESCRIPTION = "model.json"
 _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+# Enough batches for stable BatchNorm means and variances, a few seconds on a CPU.
+_RECALIBRATION_IMAGES = 512
 _SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "nll", "ece", "temperature")
 
 
@@ -61,14 +67,24 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     (run_dir / "classes.json").write_text(json.dumps(list(images.classes), indent=1))
     model = build_model(config, len(images.classes))
     datamodule = build_datamodule(config, images, split, model)
-    recipe = build_recipe(config, images.subset(list(split.train)))
+    probe = config.cache_features and config.freeze_epochs > 0
+    recipe = build_recipe(
+        config, images.subset(list(split.train)), freeze_epochs=0 if probe else config.freeze_epochs
+    )
     module = ClassifierModule(model, recipe)
     # With --cache-features the frozen epochs run as a linear probe before Lightning
     # takes over, and the trainer only runs the unfrozen ones.
-    probe = config.cache_features and config.freeze_epochs > 0
-    if probe and not resume:
+    candidate = None
+    if not resume:
         datamodule.setup("fit")
-        linear_probe(model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed)
+        if config.bn_recalibrate:
+            recalibrate(model, datamodule, seed=config.seed)
+        if probe:
+            result = linear_probe(
+                model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed
+            )
+            # The probe's model competes with the fine-tuned ones for the final choice.
+            candidate = ({k: v.clone() for k, v in model.state_dict().items()}, result)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -106,15 +122,67 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     best = checkpoint.best_model_path or str(last_checkpoint)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    return finish_run(model.cpu(), datamodule, config, run_dir)
+    model = model.cpu()
+    val_logits, val_labels = collect_logits(model, datamodule.val_dataloader())
+    if candidate is not None:
+        probe_state, result = candidate
+        probe_logits = result.val_logits.numpy()
+        tuned, probed = (
+            validation_score(logits, val_labels, config.monitor, len(datamodule.images.classes))
+            for logits in (val_logits, probe_logits)
+        )
+        log.info("val %s: fine-tuned %.4f, linear probe %.4f", config.monitor, tuned, probed)
+        if probed > tuned:
+            log.info("keeping the linear probe's model: fine-tuning did not beat it on val")
+            model.load_state_dict(probe_state)
+            val_logits = probe_logits
+    return finish_run(model, datamodule, config, run_dir, val_logits=val_logits)
+
+
+def recalibrate(model: ImageClassifier, datamodule: ImageDataModule, *, seed: int) -> None:
+    """Re-estimate the encoder's BatchNorm statistics on a shuffled sample of training
+    images in the eval view (see training/batchnorm.py)."""
+    loader = DataLoader(
+        datamodule.eval_dataset("train"),
+        batch_size=datamodule.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=datamodule.num_workers,
+    )
+    start = time.perf_counter()
+    seen = recalibrate_batchnorm(
+        model.encoder, loader, max_batches=_RECALIBRATION_IMAGES // datamodule.batch_size + 1
+    )
+    if seen:
+        log.info("BatchNorm statistics re-estimated on %d training images in %.1f s",
+                 seen, time.perf_counter() - start)  # fmt: skip
+
+
+def validation_score(
+    logits: np.ndarray, labels: np.ndarray, monitor: str, num_classes: int
+) -> float:
+    """The monitored val metric, larger is better (negative NLL for ``loss``)."""
+    if monitor == "loss":
+        return -negative_log_likelihood(softmax(logits), labels)
+    metrics = classification_metrics(labels, logits.argmax(axis=1), tuple(range(num_classes)))
+    return metrics[monitor]
 
 
 def finish_run(
-    model: ImageClassifier, datamodule: ImageDataModule, config: FitConfig, run_dir: Path
+    model: ImageClassifier,
+    datamodule: ImageDataModule,
+    config: FitConfig,
+    run_dir: Path,
+    *,
+    val_logits: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Calibrate on val, save the model, and report on the test part if there is one."""
+    """Calibrate on val, save the model, and report on the test part if there is one.
+
+    ``val_logits``: the model's val logits when the caller has them already."""
     classes = datamodule.images.classes
-    val_logits, val_labels = collect_logits(model, datamodule.val_dataloader())
+    val_labels = np.array(datamodule.part("val").labels)
+    if val_logits is None:
+        val_logits, _ = collect_logits(model, datamodule.val_dataloader())
     temperature = fit_temperature(val_logits, val_labels)
     val = evaluation_metrics(
         val_logits, val_labels, classes, temperature=temperature,
@@ -144,7 +212,9 @@ def build_model(config: FitConfig, num_classes: int) -> ImageClassifier:
         config.model,
         num_classes,
         pretrained=config.pretrained,
-        img_size=config.img_size,
+        img_size=config.eval_img_size or config.img_size,
+        crop_pct=config.crop_pct,
+        crop_mode=config.crop_mode,
         head=HeadConfig(config.head_hidden, config.head_dropout, config.head_activation),
     )
     # Channels-last convolution weights make every convolution run in NHWC: on CPU (oneDNN)
@@ -161,11 +231,17 @@ def build_datamodule(
         split,
         model.preprocessing,
         augmentation=Augmentation(
+            random_crop=config.random_crop,
             scale=(config.aug_scale_min, 1.0),
             hflip=config.hflip,
             vflip=config.vflip,
+            rotate90=config.rotate90,
+            affine_scale=config.affine_scale,
+            affine_shift=config.affine_shift,
+            affine_rotate=config.affine_rotate,
             color_jitter=config.color_jitter,
         ),
+        train_size=(config.img_size, config.img_size) if config.img_size else None,
         batch_size=config.batch_size,
         num_workers=config.num_workers,
         cache_images=config.cache_images,
@@ -193,7 +269,9 @@ def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Spl
     return images, split
 
 
-def build_recipe(config: FitConfig, train_images: LabelledImages) -> Recipe:
+def build_recipe(
+    config: FitConfig, train_images: LabelledImages, *, freeze_epochs: int = 0
+) -> Recipe:
     weights = None
     if config.class_weights == "auto":
         counts = np.bincount(train_images.labels, minlength=len(train_images.classes))
@@ -207,6 +285,7 @@ def build_recipe(config: FitConfig, train_images: LabelledImages) -> Recipe:
         warmup_epochs=config.warmup_epochs,
         label_smoothing=config.label_smoothing,
         class_weights=weights,
+        freeze_epochs=freeze_epochs,
     )
 
 

@@ -10,6 +10,7 @@ slowly while the new head catches up.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ class Recipe:
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
     class_weights: tuple[float, ...] | None = None
+    # Epochs before the encoder learns: its learning rate warms up again from there, so
+    # the first unfrozen steps do not hit pretrained weights at the peak rate.
+    freeze_epochs: int = 0
 
 
 class ClassifierModule(L.LightningModule):
@@ -69,7 +73,11 @@ class ClassifierModule(L.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         optimizer, schedule = build_optimizer(
-            model_param_groups(self.model, self.recipe),
+            model_param_groups(
+                self.model,
+                self.recipe,
+                encoder_start_step=int(self.recipe.freeze_epochs * steps_per_epoch),
+            ),
             self.recipe,
             total_steps=total_steps,
             warmup_steps=int(self.recipe.warmup_epochs * steps_per_epoch),
@@ -88,26 +96,41 @@ def build_loss(recipe: Recipe) -> nn.CrossEntropyLoss:
 def build_optimizer(
     groups: list[dict], recipe: Recipe, *, total_steps: int, warmup_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The recipe's optimizer over ``groups`` and its per-step warmup-cosine schedule."""
+    """The recipe's optimizer over ``groups`` and its per-step warmup-cosine schedule.
+
+    A group with a ``start_step`` warms up a second time from that step (see
+    :func:`delayed_warmup_cosine`).
+    """
     if recipe.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        optimizer,
+        [
+            functools.partial(
+                delayed_warmup_cosine,
+                start_step=group.get("start_step", 0),
+                warmup_steps=warmup_steps,
+                total_steps=total_steps,
+            )
+            for group in groups
+        ],
     )
     return optimizer, schedule
 
 
-def model_param_groups(model: ImageClassifier, recipe: Recipe) -> list[dict]:
-    """The head at ``lr``, the encoder at ``lr × backbone_lr_scale``; see :func:`param_groups`."""
+def model_param_groups(
+    model: ImageClassifier, recipe: Recipe, *, encoder_start_step: int = 0
+) -> list[dict]:
+    """The head at ``lr``, the encoder at ``lr × backbone_lr_scale`` warming up from
+    ``encoder_start_step``; see :func:`param_groups`."""
+    encoder_groups = param_groups(
+        model.encoder, lr=recipe.lr * recipe.backbone_lr_scale, weight_decay=recipe.weight_decay
+    )
     return [
         *param_groups(model.head, lr=recipe.lr, weight_decay=recipe.weight_decay),
-        *param_groups(
-            model.encoder,
-            lr=recipe.lr * recipe.backbone_lr_scale,
-            weight_decay=recipe.weight_decay,
-        ),
+        *({**group, "start_step": encoder_start_step} for group in encoder_groups),
     ]
 
 
@@ -128,3 +151,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def delayed_warmup_cosine(
+    step: int, *, start_step: int, warmup_steps: int, total_steps: int
+) -> float:
+    """:func:`warmup_cosine`, times a second linear ramp over ``warmup_steps`` that starts
+    at ``start_step`` (0 before it); from step 0 the first warmup is that ramp already."""
+    if start_step == 0:
+        return warmup_cosine(step, warmup_steps, total_steps)
+    if step < start_step:
+        return 0.0
+    ramp = min(1.0, (step - start_step + 1) / (warmup_steps + 1))
+    return ramp * warmup_cosine(step, warmup_steps, total_steps)

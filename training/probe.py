@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,6 +34,14 @@ def encode(model: ImageClassifier, loader: DataLoader) -> tuple[torch.Tensor, to
     return torch.cat(features), torch.cat(labels)
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """The probe's logits for the val part (in split order), to judge it as a candidate."""
+
+    val_logits: torch.Tensor
+    val_accuracy: float
+
+
 def linear_probe(
     model: ImageClassifier,
     datamodule: ImageDataModule,
@@ -41,8 +49,8 @@ def linear_probe(
     *,
     epochs: int,
     seed: int,
-) -> float:
-    """Train ``model.head`` for ``epochs`` on cached train features; return val accuracy."""
+) -> ProbeResult:
+    """Train ``model.head`` for ``epochs`` on cached train features."""
     start = time.perf_counter()
     train_x, train_y = encode(model, datamodule.eval_loader("train"))
     val_x, val_y = encode(model, datamodule.eval_loader("val"))
@@ -68,8 +76,9 @@ def linear_probe(
             schedule.step()
     head.eval()
     with torch.no_grad():
-        accuracy = float((head(val_x).argmax(1) == val_y).float().mean())
+        val_logits = head(val_x)
+    accuracy = float((val_logits.argmax(1) == val_y).float().mean())
     model.train()  # hand Lightning the model in the mode it expects at the start of fit
     log.info("linear probe: %d epochs on %d cached features in %.1f s, val accuracy %.4f",
              epochs, len(train_x), time.perf_counter() - start, accuracy)  # fmt: skip
-    return float(np.round(accuracy, 6))
+    return ProbeResult(val_logits=val_logits, val_accuracy=accuracy)
