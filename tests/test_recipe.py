@@ -1,0 +1,104 @@
+"""The fine-tuning recipe's phases: BatchNorm statistics, the encoder's warmup after
+unfreezing, and the final choice between the probe's and the fine-tuned model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.factory import create_model
+from training.batchnorm import recalibrate_batchnorm
+from training.cli import main
+from training.fit import validation_score
+from training.module import Recipe, build_optimizer, model_param_groups
+
+
+def test_recalibrated_statistics_match_the_data_and_no_weight_changes() -> None:
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=32)
+    # Grey, low-contrast images: batch statistics far from the pretrained running ones.
+    pixels = 0.3 + 0.05 * torch.randn(64, 1, 32, 32).expand(64, 3, 32, 32).contiguous()
+    loader = DataLoader(TensorDataset(pixels, torch.zeros(64)), batch_size=16)
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    encoder = model.encoder
+
+    def eval_train_gap() -> float:
+        with torch.no_grad():
+            encoder.eval()
+            frozen = encoder(pixels)
+            encoder.train()
+            batch = encoder(pixels)
+            encoder.eval()
+        return float((frozen - batch).abs().mean() / batch.abs().mean())
+
+    before = eval_train_gap()
+    momenta = [m.momentum for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert recalibrate_batchnorm(encoder, loader, max_batches=3) == 48
+    after = eval_train_gap()
+    # What the frozen phase sees is now close to what fine-tuning's batches will see.
+    assert after < before / 3, (before, after)
+    assert not encoder.training
+    for name, value in model.named_parameters():
+        assert torch.equal(value, weights[name]), name
+    assert momenta == [m.momentum for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # The first layer's running mean is the average of its three batches' means.
+    first = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stem = torch.nn.Sequential(*list(encoder.children())[:1])
+    with torch.no_grad():
+        means = [stem(pixels[i : i + 16]).mean(dim=(0, 2, 3)) for i in (0, 16, 32)]
+    torch.testing.assert_close(first.running_mean, torch.stack(means).mean(0), atol=1e-4, rtol=0)
+
+
+def test_the_encoder_warms_up_again_after_unfreezing() -> None:
+    model = create_model("test_resnet", 3)
+    recipe = Recipe(lr=0.1, backbone_lr_scale=0.5)
+    groups = model_param_groups(model, recipe, encoder_start_step=10)
+    optimizer, schedule = build_optimizer(groups, recipe, total_steps=40, warmup_steps=4)
+    head_lr, encoder_lr = [], []
+    for _ in range(40):
+        head_lr.append(optimizer.param_groups[0]["lr"])
+        encoder_lr.append(optimizer.param_groups[2]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert head_lr[4] == pytest.approx(0.1)  # the head is at its peak after 4 steps
+    assert encoder_lr[:10] == [0.0] * 10  # frozen: nothing to learn yet
+    assert encoder_lr[10] == pytest.approx(0.05 * 0.2 * head_lr[10] / 0.1)
+    assert encoder_lr[10] < encoder_lr[11] < encoder_lr[12] < encoder_lr[13]
+    assert encoder_lr[14] == pytest.approx(0.5 * head_lr[14])
+
+
+@pytest.mark.parametrize(
+    "monitor, better",
+    [("accuracy", "confident"), ("macro_f1", "confident"), ("loss", "hedging")],
+)
+def test_validation_score_is_larger_for_the_better_model(monitor: str, better: str) -> None:
+    labels = np.array([0, 0, 1, 1])
+    # Right on 3 of 4, very confident (and very wrong on the 4th) vs right on 2, hedging.
+    confident = np.array([[9.0, 0], [9, 0], [0, 9], [9, 0]])
+    hedging = np.array([[0.2, 0], [0.2, 0], [0, 0.2], [0.2, 0]]) * np.array([1, 1, 1, -1])[:, None]
+    hedging[1] = [-0.2, 0]
+    scores = {
+        name: validation_score(logits, labels, monitor, 2)
+        for name, logits in (("confident", confident), ("hedging", hedging))
+    }
+    assert max(scores, key=scores.get) == better
+
+
+def test_the_probe_is_kept_when_fine_tuning_makes_things_worse(
+    shapes_dir: Path, tmp_path: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An absurd encoder learning rate wrecks the fine-tuned model; the probe's must win.
+    args = [*fit_args, "--epochs", "2", "--freeze-epochs", "1", "--cache-features",
+            "--backbone-lr-scale", "1000", "--test-fraction", "0"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="convtune"):
+        assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
+    assert "keeping the linear probe's model" in caplog.text
+    probe_accuracy = float(caplog.text.split("val accuracy ")[1].split()[0])
+    saved = json.loads((tmp_path / "model.json").read_text())["val_metrics"]["accuracy"]
+    assert saved == pytest.approx(probe_accuracy, abs=1e-4)
