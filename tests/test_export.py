@@ -147,3 +147,33 @@ def test_evaluate_refuses_classes_the_model_does_not_know(artifact_dir, tmp_path
     (root / "circle").rename(root / "hexagon")
     with pytest.raises(ValueError, match="hexagon"):
         artifact_logits(artifact_dir, load_labelled_images(root))
+
+
+def test_evaluate_of_the_export_reproduces_the_runs_test_report(tmp_path, capsys) -> None:
+    # Images larger than the input, PNG and JPEG, through the image cache: the run's own
+    # test report must describe exactly what the exported model answers for those files.
+    from PIL import Image
+
+    from data.synthetic import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "data", per_class=20, size=96, seed=3)
+    for path in sorted(data.glob("*/*.png"))[::2]:
+        Image.open(path).save(path.with_suffix(".jpg"), quality=90)
+        path.unlink()
+    run = tmp_path / "run"
+    args = ["fit", "--data", str(data), "--out", str(run), "--model", "test_resnet",
+            "--pretrained", "none", "--epochs", "1", "--freeze-epochs", "0", "--img-size", "32",
+            "--batch-size", "8", "--num-workers", "0", "--cache-images",
+            "--test-fraction", "0.4"]  # fmt: skip
+    assert main(args) == 0
+    assert main(["export", str(run), "--name", "reproduce"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "artifact"), "--data", str(data), "--run", str(run),
+                 "--split", "test", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    evaluated = json.loads(capsys.readouterr().out)
+    reported = json.loads((run / "metrics.json").read_text())
+    assert evaluated["n"] == reported["n"] == 24
+    assert evaluated["confusion_matrix"] == reported["confusion_matrix"]
+    assert evaluated["accuracy"] == reported["accuracy"]
+    assert evaluated["nll"] == pytest.approx(reported["nll"], abs=1e-5)
+    assert evaluated["ece"] == pytest.approx(reported["ece"], abs=1e-5)

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from data.transforms import Augmentation
 from models.factory import HeadConfig, ImageClassifier, create_model
 from models.inference import softmax
 from training.batchnorm import recalibrate_batchnorm
+from training.budget import plan_epochs, time_eval_batch, time_train_step
 from training.calibration import collect_logits, fit_temperature, negative_log_likelihood
 from training.callbacks import EncoderFreeze
 from training.config import FitConfig, save_config
@@ -55,6 +59,7 @@ _SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "nll", "ece", "temperature")
 
 def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train as configured; return the best model's val (and test) metrics."""
+    started = time.monotonic()
     run_dir = Path(config.out)
     last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last_checkpoint.is_file():
@@ -85,6 +90,10 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
             )
             # The probe's model competes with the fine-tuned ones for the final choice.
             candidate = ({k: v.clone() for k, v in model.state_dict().items()}, result)
+        if config.time_limit:
+            elapsed = time.monotonic() - started
+            config = plan_to_time_limit(config, model, datamodule, recipe, elapsed=elapsed)
+            save_config(config, run_dir)  # the epochs that will run, for --resume
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -108,6 +117,10 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         )
     trainer = L.Trainer(
         max_epochs=config.epochs - config.freeze_epochs if probe else config.epochs,
+        # A backstop: a machine that slows down mid-run still stops near the limit.
+        max_time=timedelta(seconds=config.time_limit - (time.monotonic() - started))
+        if config.time_limit
+        else None,
         accelerator=config.accelerator,
         precision=resolve_precision(config.precision),
         callbacks=callbacks,
@@ -139,6 +152,38 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     return finish_run(model, datamodule, config, run_dir, val_logits=val_logits)
 
 
+def plan_to_time_limit(
+    config: FitConfig,
+    model: ImageClassifier,
+    datamodule: ImageDataModule,
+    recipe: Recipe,
+    *,
+    elapsed: float,
+) -> FitConfig:
+    """``config`` with as many epochs (at most ``config.epochs``) as fit in the time left;
+    see training/budget.py."""
+    probe = config.cache_features and config.freeze_epochs > 0
+    train_loader = datamodule.train_dataloader()
+    plan = plan_epochs(
+        seconds_left=config.time_limit - elapsed,
+        train_step=time_train_step(model, train_loader, recipe),
+        eval_batch=time_eval_batch(model, datamodule.val_dataloader()),
+        train_steps_per_epoch=len(train_loader),
+        val_batches=len(datamodule.val_dataloader()),
+        test_batches=len(datamodule.test_dataloader()),
+    )
+    done = config.freeze_epochs if probe else 0
+    epochs = min(config.epochs, done + plan.epochs)
+    if epochs <= config.freeze_epochs:
+        raise ValueError(
+            f"--time-limit {config.time_limit:.0f} leaves no epoch after the "
+            f"{config.freeze_epochs} frozen one(s): {plan.describe()}"
+        )
+    log.info("time limit %.0f s, %.0f s used: %s; running %d of at most %d epochs",
+             config.time_limit, elapsed, plan.describe(), epochs, config.epochs)  # fmt: skip
+    return replace(config, epochs=epochs)
+
+
 def recalibrate(model: ImageClassifier, datamodule: ImageDataModule, *, seed: int) -> None:
     """Re-estimate the encoder's BatchNorm statistics on a shuffled sample of training
     images in the eval view (see training/batchnorm.py)."""
@@ -151,7 +196,7 @@ def recalibrate(model: ImageClassifier, datamodule: ImageDataModule, *, seed: in
     )
     start = time.perf_counter()
     seen = recalibrate_batchnorm(
-        model.encoder, loader, max_batches=_RECALIBRATION_IMAGES // datamodule.batch_size + 1
+        model.encoder, loader, max_batches=math.ceil(_RECALIBRATION_IMAGES / datamodule.batch_size)
     )
     if seen:
         log.info("BatchNorm statistics re-estimated on %d training images in %.1f s",

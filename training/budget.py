@@ -1,0 +1,114 @@
+"""Plan a run to a wall-clock budget (``--time-limit``), as AutoGluon's ``time_limit``.
+
+Machines differ several times over in speed, so a fixed epoch count is a different run on
+each. Instead, once the data is ready and the frozen phase has run, time a few real
+training steps and a few evaluation batches on this machine, then give fine-tuning as
+many epochs as fit in what is left, keeping back what the final evaluation, calibration
+and report will take. The cosine schedule is planned for that many epochs, so the run
+ends on a finished schedule rather than being cut off mid-way; Lightning's ``max_time``
+still stops it at the limit if a machine slows down during the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from models.factory import ImageClassifier
+from training.module import Recipe, build_loss
+
+# Fixed costs of finishing a run beyond the model's own forward passes: fitting the
+# temperature, writing weights and the report.
+FINISH_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    epochs: int
+    seconds_left: float
+    train_step: float
+    eval_batch: float
+    epoch_seconds: float
+    finish_seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.seconds_left:.0f} s left: a training step takes {self.train_step:.2f} s, "
+            f"an eval batch {self.eval_batch:.2f} s, so an epoch {self.epoch_seconds:.0f} s "
+            f"and finishing {self.finish_seconds:.0f} s: {self.epochs} epoch(s) planned"
+        )
+
+
+def time_train_step(
+    model: ImageClassifier, loader: DataLoader, recipe: Recipe, *, steps: int = 3
+) -> float:
+    """Median seconds of one step (loading the batch, forward, backward, SGD) on a copy of
+    ``model`` (after one untimed step), the encoder training as in fine-tuning."""
+    trial = copy.deepcopy(model).train()
+    trial.requires_grad_(True)
+    loss_fn = build_loss(recipe)
+    optimizer = torch.optim.SGD(trial.parameters(), lr=0.0, momentum=recipe.momentum)
+    batches = itertools.cycle(loader)
+    timings = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        pixels, labels = next(batches)
+        loss = loss_fn(trial(pixels), torch.as_tensor(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings[1:])
+
+
+@torch.no_grad()
+def time_eval_batch(model: ImageClassifier, loader: DataLoader, *, batches: int = 2) -> float:
+    """Median seconds of loading a batch of ``loader`` and an eval-mode forward pass."""
+    was_training = model.training
+    model.eval()
+    timings = []
+    loaded = itertools.cycle(loader)
+    for _ in range(batches + 1):
+        start = time.perf_counter()
+        pixels, _ = next(loaded)
+        model(pixels)
+        timings.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(timings[1:])
+
+
+def plan_epochs(
+    *,
+    seconds_left: float,
+    train_step: float,
+    eval_batch: float,
+    train_steps_per_epoch: int,
+    val_batches: int,
+    test_batches: int,
+) -> EpochPlan:
+    """As many epochs (each: its training steps, then validation) as fit in
+    ``seconds_left`` after the final val and test passes and :data:`FINISH_SECONDS`."""
+    epoch_seconds = train_step * train_steps_per_epoch + eval_batch * val_batches
+    finish_seconds = eval_batch * (val_batches + test_batches) + FINISH_SECONDS
+    epochs = math.floor((seconds_left - finish_seconds) / epoch_seconds)
+    if epochs < 1:
+        raise ValueError(
+            f"the time limit leaves {seconds_left:.0f} s for fine-tuning, but one epoch and "
+            f"the final evaluation need about {epoch_seconds + finish_seconds:.0f} s on this "
+            "machine: raise --time-limit, or lower --img-size or the data"
+        )
+    return EpochPlan(
+        epochs=epochs,
+        seconds_left=seconds_left,
+        train_step=train_step,
+        eval_batch=eval_batch,
+        epoch_seconds=epoch_seconds,
+        finish_seconds=finish_seconds,
+    )
