@@ -17,7 +17,7 @@ from models.factory import create_model
 from training.callbacks import EncoderFreeze
 from training.cli import build_parser, main
 from training.config import FitConfig, resolve_config
-from training.module import ClassifierModule, Recipe, param_groups, warmup_cosine
+from training.module import ClassifierModule, Recipe, build_loss, param_groups, warmup_cosine
 
 
 def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
@@ -65,6 +65,55 @@ def test_keep_bn_eval_fine_tunes_weights_but_not_batchnorm_statistics(shapes_dir
     assert not torch.equal(model.encoder.bn1.weight, before["bn1.weight"])  # affine learns
     assert torch.equal(model.encoder.bn1.running_mean, before["bn1.running_mean"])
     assert torch.equal(model.encoder.bn1.running_var, before["bn1.running_var"])
+
+
+def loss_minimiser(loss_fn: torch.nn.Module, labels: torch.Tensor, num_classes: int):
+    """softmax of the logits (free, one row per label) that minimise ``loss_fn``."""
+    logits = torch.zeros(len(labels), num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [logits], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return logits.detach().softmax(dim=-1)
+
+
+def test_class_weights_do_not_move_the_smoothed_target() -> None:
+    # ELPV's class counts with `class_weights: auto`: the rarest grade weighs 14x the commonest.
+    counts = torch.tensor([1508.0, 295.0, 106.0, 715.0])
+    weights = counts.sum() / (len(counts) * counts)
+    labels = torch.arange(4)
+    smoothing = 0.1
+    target = torch.full((4, 4), smoothing / 4, dtype=torch.float64)
+    target += (1 - smoothing) * torch.eye(4, dtype=torch.float64)
+
+    loss = build_loss(Recipe(label_smoothing=smoothing, class_weights=tuple(weights.tolist())))
+    assert torch.allclose(loss_minimiser(loss, labels, 4), target, atol=1e-6)
+    # torch's own loss weights the smoothing term per class too (pytorch/pytorch#104776):
+    # a functional cell (class 0) is pushed to put far more than ε/K on the rare grades.
+    torch_loss = torch.nn.CrossEntropyLoss(weight=weights.double(), label_smoothing=smoothing)
+    torch_minimiser = loss_minimiser(torch_loss, labels, 4)
+    assert torch_minimiser[0, 2] > 0.1 > target[0, 2]
+
+
+def test_smoothed_loss_matches_torch_where_torch_is_right() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    weights = (0.5, 1.0, 3.0, 2.0)
+    for smoothing, class_weights in ((0.1, None), (0.1, (1.0,) * 4), (0.0, weights)):
+        ours = build_loss(Recipe(label_smoothing=smoothing, class_weights=class_weights))
+        theirs = torch.nn.CrossEntropyLoss(
+            weight=torch.tensor(class_weights) if class_weights else None,
+            label_smoothing=smoothing,
+        )
+        assert torch.allclose(ours(logits, labels), theirs(logits, labels), atol=1e-6)
 
 
 def test_warmup_then_cosine_schedule() -> None:
