@@ -13,10 +13,11 @@ import torch
 from data.datamodule import ImageDataModule
 from data.sources import load_labelled_images
 from data.splits import stratified_split
-from models.factory import create_model
+from models.factory import create_model, encoder_stages
 from training.callbacks import EncoderFreeze
 from training.cli import build_parser, main
 from training.config import FitConfig, resolve_config
+from training.fit import build_model
 from training.module import ClassifierModule, Recipe, build_loss, param_groups, warmup_cosine
 
 
@@ -28,13 +29,19 @@ def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
 
 
 def train_one_epoch(
-    module: ClassifierModule, datamodule, freeze_epochs: int, *, keep_bn_eval: bool = False
-) -> None:
-    freeze = EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval)
+    module: ClassifierModule,
+    datamodule,
+    freeze_epochs: int,
+    *,
+    keep_bn_eval: bool = False,
+    freeze_stages: int = 0,
+) -> L.Trainer:
+    freeze = EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval, freeze_stages=freeze_stages)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[freeze])  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
+    return trainer
 
 
 def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(shapes_dir: Path) -> None:
@@ -65,6 +72,41 @@ def test_keep_bn_eval_fine_tunes_weights_but_not_batchnorm_statistics(shapes_dir
     assert not torch.equal(model.encoder.bn1.weight, before["bn1.weight"])  # affine learns
     assert torch.equal(model.encoder.bn1.running_mean, before["bn1.running_mean"])
     assert torch.equal(model.encoder.bn1.running_var, before["bn1.running_var"])
+
+
+def own_tensors(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
+    return [tensor for module in modules
+            for tensor in itertools.chain(module.parameters(recurse=False),
+                                          module.buffers(recurse=False))]  # fmt: skip
+
+
+def test_frozen_stages_stay_as_they_were_while_later_stages_fine_tune(shapes_dir: Path):
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=40)
+    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    stages = encoder_stages(model.encoder)
+    frozen = own_tensors([module for stage in stages[:2] for module in stage])
+    later = own_tensors([module for stage in stages[2:] for module in stage])
+    assert any(tensor is model.encoder.bn1.running_var for tensor in frozen)  # stem included
+    frozen_before = [tensor.clone() for tensor in frozen]
+    later_before = [tensor.clone() for tensor in later]
+
+    trainer = train_one_epoch(module, small_datamodule(shapes_dir, model), 0, freeze_stages=2)
+    for tensor, before in zip(frozen, frozen_before, strict=True):  # weights and statistics
+        assert torch.equal(tensor, before)
+    for tensor, before in zip(later, later_before, strict=True):
+        assert not torch.equal(tensor, before)
+    # No gradients, so SGD skips them: no momentum buffers, no weight decay.
+    state = trainer.optimizers[0].state
+    assert not any(tensor in state for tensor in frozen)
+    assert all(parameter in state for parameter in model.encoder.blocks[2].parameters())
+
+
+def test_more_frozen_stages_than_the_encoder_has_fail_when_the_model_is_built() -> None:
+    config = FitConfig(data="d", model="test_efficientnet", out="o", pretrained="none",
+                       freeze_stages=6)  # fmt: skip
+    with pytest.raises(ValueError, match="freeze_stages=6, but EfficientNet has 5 stages"):
+        build_model(config, 3)
 
 
 def loss_minimiser(loss_fn: torch.nn.Module, labels: torch.Tensor, num_classes: int):

@@ -6,6 +6,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from models.factory import first_stages
+
 
 class EncoderFreeze(L.Callback):
     """Train only the head for the first ``freeze_epochs`` epochs, then the whole model.
@@ -18,23 +20,40 @@ class EncoderFreeze(L.Callback):
     scales and shifts still learn, but they normalise with the pretrained statistics, so
     the features the head was trained on do not jump when fine-tuning starts (small
     batches of images unlike ImageNet's, e.g. grayscale, give very different batch stats).
+
+    With ``freeze_stages`` N the encoder's first N stages (stem included, see
+    :func:`models.factory.encoder_stages`) stay frozen after unfreezing, BatchNorm in eval
+    mode: their generic low-level features are kept as pretrained, and backward passes stop
+    before them, which makes fine-tuning steps cheaper. Their parameters get no gradients,
+    so the optimizer skips them and keeps no state for them.
     """
 
-    def __init__(self, freeze_epochs: int, *, keep_bn_eval: bool = False) -> None:
+    def __init__(
+        self, freeze_epochs: int, *, keep_bn_eval: bool = False, freeze_stages: int = 0
+    ) -> None:
         self.freeze_epochs = freeze_epochs
         self.keep_bn_eval = keep_bn_eval
+        self.freeze_stages = freeze_stages
+        self._frozen_modules: list[nn.Module] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._frozen_modules = first_stages(pl_module.model.encoder, self.freeze_stages)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         encoder = pl_module.model.encoder
         frozen = trainer.current_epoch < self.freeze_epochs
-        was_frozen = not next(encoder.parameters()).requires_grad
+        was_frozen = not any(parameter.requires_grad for parameter in encoder.parameters())
         encoder.requires_grad_(not frozen)
         encoder.train(not frozen)
-        if self.keep_bn_eval:
-            for module in encoder.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        for module in self._frozen_modules:
+            # Only the module's own tensors: a container in the list spans later stages too.
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+        for module in encoder.modules() if self.keep_bn_eval else self._frozen_modules:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         if frozen and not was_frozen:
             rank_zero_info(f"Encoder frozen for epochs 0-{self.freeze_epochs - 1}")
         elif was_frozen and not frozen:
-            rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}")
+            kept = f" except its first {self.freeze_stages} stage(s)" if self.freeze_stages else ""
+            rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}{kept}")
