@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from pathlib import Path
@@ -9,12 +10,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import load_file
 
 from data.datamodule import ImageDataModule
 from data.sources import load_labelled_images
 from data.splits import stratified_split
 from models.factory import create_model, encoder_stages
-from training.callbacks import EncoderFreeze
+from training.callbacks import EncoderFreeze, WeightEMA
 from training.cli import build_parser, main
 from training.config import FitConfig, resolve_config
 from training.fit import build_model
@@ -107,6 +111,86 @@ def test_more_frozen_stages_than_the_encoder_has_fail_when_the_model_is_built() 
                        freeze_stages=6)  # fmt: skip
     with pytest.raises(ValueError, match="freeze_stages=6, but EfficientNet has 5 stages"):
         build_model(config, 3)
+
+
+class RecordHeadBias(L.Callback):
+    """The output layer's bias after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(pl_module.model.head[-1].bias.detach().clone())
+
+
+def manual_ema(values: list[torch.Tensor], decay: float) -> torch.Tensor:
+    average = values[0]
+    for updates, value in enumerate(values[1:], start=1):
+        warm_decay = min(decay, (1 + updates) / (10 + updates))
+        average = warm_decay * average + (1 - warm_decay) * value
+    return average
+
+
+def val_loss(module: ClassifierModule, datamodule: ImageDataModule) -> float:
+    """Mean loss per image over the val split, as Lightning averages ``val/loss``."""
+    module.eval()
+    with torch.no_grad():
+        batches = [(module.loss(module(x), y), len(y)) for x, y in datamodule.val_dataloader()]
+    return float(sum(loss * n for loss, n in batches) / sum(n for _, n in batches))
+
+
+def test_ema_weights_are_validated_and_checkpointed(shapes_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=40)
+    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    datamodule = small_datamodule(shapes_dir, model)
+    record = RecordHeadBias()
+    callbacks = [record, EncoderFreeze(0), WeightEMA(0.9),
+                 ModelCheckpoint(dirpath=tmp_path, filename="latest")]  # fmt: skip
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+
+    last = torch.load(tmp_path / "latest.ckpt", weights_only=True)
+    assert last["averaging_state"]["n_averaged"] == trainer.global_step == len(record.values)
+    ema, trained = last["state_dict"], last["current_model_state"]
+    key = "model.head.0.bias"
+    assert torch.allclose(ema[key], manual_ema(record.values, 0.9), atol=1e-6)
+    assert torch.equal(trained[key], record.values[-1])
+    assert not torch.allclose(ema[key], trained[key])
+    # BatchNorm statistics are averaged with the weights; its batch counter is copied.
+    bn = "model.encoder.bn1."
+    assert not torch.equal(ema[bn + "running_mean"], trained[bn + "running_mean"])
+    assert torch.equal(ema[bn + "num_batches_tracked"], trained[bn + "num_batches_tracked"])
+
+    # What was logged for the last epoch is the EMA's loss (now in the model), not the
+    # trained weights'.
+    with open(next(tmp_path.glob("lightning_logs/version_0/metrics.csv"))) as file:
+        logged = [float(row["val/loss"]) for row in csv.DictReader(file) if row["val/loss"]]
+    assert val_loss(module, datamodule) == pytest.approx(logged[-1], rel=1e-5)
+    module.load_state_dict(trained)
+    assert val_loss(module, datamodule) != pytest.approx(logged[-1], rel=1e-3)
+
+
+def test_fit_with_ema_keeps_the_ema_weights_and_resumes(
+    shapes_dir: Path, tmp_path: Path, fit_args: list[str]
+) -> None:
+    args = [*fit_args, "--ema-decay", "0.9"]
+    args[args.index("--epochs") + 1] = "1"
+    assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
+    assert main(["fit", "--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # saved by the resumed run
+    # One EMA update per optimizer step, across the resume.
+    assert last["averaging_state"]["n_averaged"] == last["global_step"]
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, value in saved.items():
+        assert torch.equal(value, best["state_dict"][f"model.{name}"]), name
+    assert not torch.equal(
+        saved["head.0.weight"], best["current_model_state"]["model.head.0.weight"]
+    )
 
 
 def loss_minimiser(loss_fn: torch.nn.Module, labels: torch.Tensor, num_classes: int):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -57,3 +61,45 @@ class EncoderFreeze(L.Callback):
         elif was_frozen and not frozen:
             kept = f" except its first {self.freeze_stages} stage(s)" if self.freeze_stages else ""
             rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}{kept}")
+
+
+class WeightEMA(WeightAveraging):
+    """An exponential moving average (EMA) of the weights, which is what gets validated and kept.
+
+    Lightning's ``WeightAveraging`` swaps the average in for validation, so checkpoints are
+    chosen by its metrics; saves it as a checkpoint's ``state_dict`` (the trained weights go
+    to ``current_model_state``, which resuming continues from); and leaves it in the model
+    when training ends. Buffers are averaged too, so BatchNorm statistics follow the weights
+    they normalise for (see :func:`ema_update`).
+
+    The average spans about ``1 / (1 - decay)`` optimizer steps: pick ``decay`` about
+    ``1 - 1 / (steps in a few epochs)``, e.g. 0.99 for 50 steps per epoch. A larger one keeps
+    weights from too long ago, when the model was still much worse.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(multi_avg_fn=partial(ema_update, decay=decay))
+
+
+@torch.no_grad()
+def ema_update(
+    averages: list[torch.Tensor],
+    currents: list[torch.Tensor],
+    num_averaged: torch.Tensor,
+    *,
+    decay: float,
+) -> None:
+    """One EMA step over tensors of one device and dtype (``AveragedModel``'s ``multi_avg_fn``).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, as in
+    TensorFlow's ``ExponentialMovingAverage``, so the first weights, from before the model
+    learned much, fade out quickly. Integer buffers (BatchNorm's ``num_batches_tracked``)
+    are counters, not estimates: they are copied.
+    """
+    if not averages[0].is_floating_point():
+        for average, current in zip(averages, currents, strict=True):
+            average.copy_(current)
+        return
+    updates = int(num_averaged)
+    warm_decay = min(decay, (1 + updates) / (10 + updates))
+    torch._foreach_lerp_(averages, currents, 1.0 - warm_decay)

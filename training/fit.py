@@ -33,7 +33,7 @@ from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_sp
 from data.transforms import Augmentation
 from models.factory import HeadConfig, ImageClassifier, create_model, first_stages
 from training.calibration import collect_logits, fit_temperature
-from training.callbacks import EncoderFreeze
+from training.callbacks import EncoderFreeze, WeightEMA
 from training.config import FitConfig, save_config
 from training.evaluate import evaluation_metrics
 from training.module import ClassifierModule, Recipe
@@ -86,6 +86,8 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         ),
         RichProgressBar(),
     ]
+    if config.ema_decay > 0:
+        callbacks.append(WeightEMA(config.ema_decay))
     if config.early_stopping > 0:
         callbacks.append(
             EarlyStopping(
