@@ -8,6 +8,7 @@ temperature-scaled softmax is applied where probabilities are reported.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 
 import timm
@@ -132,6 +133,50 @@ def create_model(
         head_config=head_config,
         num_classes=num_classes,
     )
+
+
+def encoder_stages(encoder: nn.Module) -> list[list[nn.Module]]:
+    """The encoder's modules grouped into the stages that timm's ``feature_info`` names.
+
+    Stage k holds every module registered after stage k-1's feature module, through stage
+    k's feature module and its submodules, so the stem belongs to the first stage; modules
+    after the last feature module (e.g. a final 1x1 convolution) belong to none. A module
+    stands for the parameters and buffers it holds itself (``recurse=False``): a container
+    such as ``blocks`` spans several stages and sits in the one where it is registered.
+    """
+    boundaries = [info["module"] for info in getattr(encoder, "feature_info", None) or []]
+    modules = list(encoder.named_modules())
+    ends = [
+        max((i for i, (name, _) in enumerate(modules) if _within(name, boundary)), default=-1)
+        for boundary in boundaries
+    ]
+    if not boundaries or min(ends) < 0 or ends != sorted(ends):
+        raise ValueError(
+            f"cannot split {type(encoder).__name__} into stages: its feature_info names "
+            f"{boundaries or 'no modules'}"
+        )
+    stages: list[list[nn.Module]] = [[] for _ in boundaries]
+    for index, (_, module) in enumerate(modules):
+        stage = bisect_left(ends, index)
+        if stage < len(stages):
+            stages[stage].append(module)
+    return stages
+
+
+def first_stages(encoder: nn.Module, count: int) -> list[nn.Module]:
+    """The modules of the encoder's first ``count`` stages (see :func:`encoder_stages`)."""
+    if count == 0:  # no need to understand the encoder's stages, it may have none
+        return []
+    stages = encoder_stages(encoder)
+    if count > len(stages):
+        raise ValueError(
+            f"freeze_stages={count}, but {type(encoder).__name__} has {len(stages)} stages"
+        )
+    return [module for stage in stages[:count] for module in stage]
+
+
+def _within(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(ancestor + ".")
 
 
 def resolve_preprocessing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from pathlib import Path
@@ -9,15 +10,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import load_file
 
 from data.datamodule import ImageDataModule
 from data.sources import load_labelled_images
 from data.splits import stratified_split
-from models.factory import create_model
-from training.callbacks import EncoderFreeze
+from models.factory import create_model, encoder_stages
+from training.callbacks import EncoderFreeze, WeightEMA
 from training.cli import build_parser, main
 from training.config import FitConfig, resolve_config
-from training.module import ClassifierModule, Recipe, param_groups, warmup_cosine
+from training.fit import build_model
+from training.module import ClassifierModule, Recipe, build_loss, param_groups, warmup_cosine
 
 
 def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
@@ -28,13 +33,19 @@ def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
 
 
 def train_one_epoch(
-    module: ClassifierModule, datamodule, freeze_epochs: int, *, keep_bn_eval: bool = False
-) -> None:
-    freeze = EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval)
+    module: ClassifierModule,
+    datamodule,
+    freeze_epochs: int,
+    *,
+    keep_bn_eval: bool = False,
+    freeze_stages: int = 0,
+) -> L.Trainer:
+    freeze = EncoderFreeze(freeze_epochs, keep_bn_eval=keep_bn_eval, freeze_stages=freeze_stages)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[freeze])  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
+    return trainer
 
 
 def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(shapes_dir: Path) -> None:
@@ -65,6 +76,170 @@ def test_keep_bn_eval_fine_tunes_weights_but_not_batchnorm_statistics(shapes_dir
     assert not torch.equal(model.encoder.bn1.weight, before["bn1.weight"])  # affine learns
     assert torch.equal(model.encoder.bn1.running_mean, before["bn1.running_mean"])
     assert torch.equal(model.encoder.bn1.running_var, before["bn1.running_var"])
+
+
+def own_tensors(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
+    return [tensor for module in modules
+            for tensor in itertools.chain(module.parameters(recurse=False),
+                                          module.buffers(recurse=False))]  # fmt: skip
+
+
+def test_frozen_stages_stay_as_they_were_while_later_stages_fine_tune(shapes_dir: Path):
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=40)
+    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    stages = encoder_stages(model.encoder)
+    frozen = own_tensors([module for stage in stages[:2] for module in stage])
+    later = own_tensors([module for stage in stages[2:] for module in stage])
+    assert any(tensor is model.encoder.bn1.running_var for tensor in frozen)  # stem included
+    frozen_before = [tensor.clone() for tensor in frozen]
+    later_before = [tensor.clone() for tensor in later]
+
+    trainer = train_one_epoch(module, small_datamodule(shapes_dir, model), 0, freeze_stages=2)
+    for tensor, before in zip(frozen, frozen_before, strict=True):  # weights and statistics
+        assert torch.equal(tensor, before)
+    for tensor, before in zip(later, later_before, strict=True):
+        assert not torch.equal(tensor, before)
+    # No gradients, so SGD skips them: no momentum buffers, no weight decay.
+    state = trainer.optimizers[0].state
+    assert not any(tensor in state for tensor in frozen)
+    assert all(parameter in state for parameter in model.encoder.blocks[2].parameters())
+
+
+def test_more_frozen_stages_than_the_encoder_has_fail_when_the_model_is_built() -> None:
+    config = FitConfig(data="d", model="test_efficientnet", out="o", pretrained="none",
+                       freeze_stages=6)  # fmt: skip
+    with pytest.raises(ValueError, match="freeze_stages=6, but EfficientNet has 5 stages"):
+        build_model(config, 3)
+
+
+class RecordHeadBias(L.Callback):
+    """The output layer's bias after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(pl_module.model.head[-1].bias.detach().clone())
+
+
+def manual_ema(values: list[torch.Tensor], decay: float) -> torch.Tensor:
+    average = values[0]
+    for updates, value in enumerate(values[1:], start=1):
+        warm_decay = min(decay, (1 + updates) / (10 + updates))
+        average = warm_decay * average + (1 - warm_decay) * value
+    return average
+
+
+def val_loss(module: ClassifierModule, datamodule: ImageDataModule) -> float:
+    """Mean loss per image over the val split, as Lightning averages ``val/loss``."""
+    module.eval()
+    with torch.no_grad():
+        batches = [(module.loss(module(x), y), len(y)) for x, y in datamodule.val_dataloader()]
+    return float(sum(loss * n for loss, n in batches) / sum(n for _, n in batches))
+
+
+def test_ema_weights_are_validated_and_checkpointed(shapes_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=40)
+    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    datamodule = small_datamodule(shapes_dir, model)
+    record = RecordHeadBias()
+    callbacks = [record, EncoderFreeze(0), WeightEMA(0.9),
+                 ModelCheckpoint(dirpath=tmp_path, filename="latest")]  # fmt: skip
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+
+    last = torch.load(tmp_path / "latest.ckpt", weights_only=True)
+    assert last["averaging_state"]["n_averaged"] == trainer.global_step == len(record.values)
+    ema, trained = last["state_dict"], last["current_model_state"]
+    key = "model.head.0.bias"
+    assert torch.allclose(ema[key], manual_ema(record.values, 0.9), atol=1e-6)
+    assert torch.equal(trained[key], record.values[-1])
+    assert not torch.allclose(ema[key], trained[key])
+    # BatchNorm statistics are averaged with the weights; its batch counter is copied.
+    bn = "model.encoder.bn1."
+    assert not torch.equal(ema[bn + "running_mean"], trained[bn + "running_mean"])
+    assert torch.equal(ema[bn + "num_batches_tracked"], trained[bn + "num_batches_tracked"])
+
+    # What was logged for the last epoch is the EMA's loss (now in the model), not the
+    # trained weights'.
+    with open(next(tmp_path.glob("lightning_logs/version_0/metrics.csv"))) as file:
+        logged = [float(row["val/loss"]) for row in csv.DictReader(file) if row["val/loss"]]
+    assert val_loss(module, datamodule) == pytest.approx(logged[-1], rel=1e-5)
+    module.load_state_dict(trained)
+    assert val_loss(module, datamodule) != pytest.approx(logged[-1], rel=1e-3)
+
+
+def test_fit_with_ema_keeps_the_ema_weights_and_resumes(
+    shapes_dir: Path, tmp_path: Path, fit_args: list[str]
+) -> None:
+    args = [*fit_args, "--ema-decay", "0.9"]
+    args[args.index("--epochs") + 1] = "1"
+    assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
+    assert main(["fit", "--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # saved by the resumed run
+    # One EMA update per optimizer step, across the resume.
+    assert last["averaging_state"]["n_averaged"] == last["global_step"]
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, value in saved.items():
+        assert torch.equal(value, best["state_dict"][f"model.{name}"]), name
+    assert not torch.equal(
+        saved["head.0.weight"], best["current_model_state"]["model.head.0.weight"]
+    )
+
+
+def loss_minimiser(loss_fn: torch.nn.Module, labels: torch.Tensor, num_classes: int):
+    """softmax of the logits (free, one row per label) that minimise ``loss_fn``."""
+    logits = torch.zeros(len(labels), num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [logits], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return logits.detach().softmax(dim=-1)
+
+
+def test_class_weights_do_not_move_the_smoothed_target() -> None:
+    # ELPV's class counts with `class_weights: auto`: the rarest grade weighs 14x the commonest.
+    counts = torch.tensor([1508.0, 295.0, 106.0, 715.0])
+    weights = counts.sum() / (len(counts) * counts)
+    labels = torch.arange(4)
+    smoothing = 0.1
+    target = torch.full((4, 4), smoothing / 4, dtype=torch.float64)
+    target += (1 - smoothing) * torch.eye(4, dtype=torch.float64)
+
+    loss = build_loss(Recipe(label_smoothing=smoothing, class_weights=tuple(weights.tolist())))
+    assert torch.allclose(loss_minimiser(loss, labels, 4), target, atol=1e-6)
+    # torch's own loss weights the smoothing term per class too (pytorch/pytorch#104776):
+    # a functional cell (class 0) is pushed to put far more than ε/K on the rare grades.
+    torch_loss = torch.nn.CrossEntropyLoss(weight=weights.double(), label_smoothing=smoothing)
+    torch_minimiser = loss_minimiser(torch_loss, labels, 4)
+    assert torch_minimiser[0, 2] > 0.1 > target[0, 2]
+
+
+def test_smoothed_loss_matches_torch_where_torch_is_right() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    weights = (0.5, 1.0, 3.0, 2.0)
+    for smoothing, class_weights in ((0.1, None), (0.1, (1.0,) * 4), (0.0, weights)):
+        ours = build_loss(Recipe(label_smoothing=smoothing, class_weights=class_weights))
+        theirs = torch.nn.CrossEntropyLoss(
+            weight=torch.tensor(class_weights) if class_weights else None,
+            label_smoothing=smoothing,
+        )
+        assert torch.allclose(ours(logits, labels), theirs(logits, labels), atol=1e-6)
 
 
 def test_warmup_then_cosine_schedule() -> None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from models.factory import first_stages
 
 
 class EncoderFreeze(L.Callback):
@@ -18,23 +24,82 @@ class EncoderFreeze(L.Callback):
     scales and shifts still learn, but they normalise with the pretrained statistics, so
     the features the head was trained on do not jump when fine-tuning starts (small
     batches of images unlike ImageNet's, e.g. grayscale, give very different batch stats).
+
+    With ``freeze_stages`` N the encoder's first N stages (stem included, see
+    :func:`models.factory.encoder_stages`) stay frozen after unfreezing, BatchNorm in eval
+    mode: their generic low-level features are kept as pretrained, and backward passes stop
+    before them, which makes fine-tuning steps cheaper. Their parameters get no gradients,
+    so the optimizer skips them and keeps no state for them.
     """
 
-    def __init__(self, freeze_epochs: int, *, keep_bn_eval: bool = False) -> None:
+    def __init__(
+        self, freeze_epochs: int, *, keep_bn_eval: bool = False, freeze_stages: int = 0
+    ) -> None:
         self.freeze_epochs = freeze_epochs
         self.keep_bn_eval = keep_bn_eval
+        self.freeze_stages = freeze_stages
+        self._frozen_modules: list[nn.Module] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._frozen_modules = first_stages(pl_module.model.encoder, self.freeze_stages)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         encoder = pl_module.model.encoder
         frozen = trainer.current_epoch < self.freeze_epochs
-        was_frozen = not next(encoder.parameters()).requires_grad
+        was_frozen = not any(parameter.requires_grad for parameter in encoder.parameters())
         encoder.requires_grad_(not frozen)
         encoder.train(not frozen)
-        if self.keep_bn_eval:
-            for module in encoder.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        for module in self._frozen_modules:
+            # Only the module's own tensors: a container in the list spans later stages too.
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+        for module in encoder.modules() if self.keep_bn_eval else self._frozen_modules:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         if frozen and not was_frozen:
             rank_zero_info(f"Encoder frozen for epochs 0-{self.freeze_epochs - 1}")
         elif was_frozen and not frozen:
-            rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}")
+            kept = f" except its first {self.freeze_stages} stage(s)" if self.freeze_stages else ""
+            rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}{kept}")
+
+
+class WeightEMA(WeightAveraging):
+    """An exponential moving average (EMA) of the weights, which is what gets validated and kept.
+
+    Lightning's ``WeightAveraging`` swaps the average in for validation, so checkpoints are
+    chosen by its metrics; saves it as a checkpoint's ``state_dict`` (the trained weights go
+    to ``current_model_state``, which resuming continues from); and leaves it in the model
+    when training ends. Buffers are averaged too, so BatchNorm statistics follow the weights
+    they normalise for (see :func:`ema_update`).
+
+    The average spans about ``1 / (1 - decay)`` optimizer steps: pick ``decay`` about
+    ``1 - 1 / (steps in a few epochs)``, e.g. 0.99 for 50 steps per epoch. A larger one keeps
+    weights from too long ago, when the model was still much worse.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(multi_avg_fn=partial(ema_update, decay=decay))
+
+
+@torch.no_grad()
+def ema_update(
+    averages: list[torch.Tensor],
+    currents: list[torch.Tensor],
+    num_averaged: torch.Tensor,
+    *,
+    decay: float,
+) -> None:
+    """One EMA step over tensors of one device and dtype (``AveragedModel``'s ``multi_avg_fn``).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, as in
+    TensorFlow's ``ExponentialMovingAverage``, so the first weights, from before the model
+    learned much, fade out quickly. Integer buffers (BatchNorm's ``num_batches_tracked``)
+    are counters, not estimates: they are copied.
+    """
+    if not averages[0].is_floating_point():
+        for average, current in zip(averages, currents, strict=True):
+            average.copy_(current)
+        return
+    updates = int(num_averaged)
+    warm_decay = min(decay, (1 + updates) / (10 + updates))
+    torch._foreach_lerp_(averages, currents, 1.0 - warm_decay)

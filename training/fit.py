@@ -36,12 +36,12 @@ from data.datamodule import ImageDataModule
 from data.sources import LabelledImages, drop_unreadable, load_labelled_images
 from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
 from data.transforms import Augmentation
-from models.factory import HeadConfig, ImageClassifier, create_model
+from models.factory import HeadConfig, ImageClassifier, create_model, first_stages
 from models.inference import softmax
 from training.batchnorm import recalibrate_batchnorm
 from training.budget import plan_epochs, time_eval_batch, time_train_step
 from training.calibration import collect_logits, fit_temperature, negative_log_likelihood
-from training.callbacks import EncoderFreeze
+from training.callbacks import EncoderFreeze, WeightEMA
 from training.config import FitConfig, save_config
 from training.evaluate import classification_metrics, evaluation_metrics
 from training.module import ClassifierModule, Recipe
@@ -104,9 +104,15 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     callbacks: list[L.Callback] = [
         checkpoint,
-        EncoderFreeze(0 if probe else config.freeze_epochs, keep_bn_eval=config.keep_bn_eval),
+        EncoderFreeze(
+            0 if probe else config.freeze_epochs,
+            keep_bn_eval=config.keep_bn_eval,
+            freeze_stages=config.freeze_stages,
+        ),
         RichProgressBar(),
     ]
+    if config.ema_decay > 0:
+        callbacks.append(WeightEMA(config.ema_decay))
     if config.early_stopping > 0:
         callbacks.append(
             EarlyStopping(
@@ -262,6 +268,7 @@ def build_model(config: FitConfig, num_classes: int) -> ImageClassifier:
         crop_mode=config.crop_mode,
         head=HeadConfig(config.head_hidden, config.head_dropout, config.head_activation),
     )
+    first_stages(model.encoder, config.freeze_stages)  # a bad count fails before any training
     # Channels-last convolution weights make every convolution run in NHWC: on CPU (oneDNN)
     # training steps ran ~1.5x faster for tf_efficientnet_lite0 (docs/benchmarks.md), and it
     # is what tensor cores want on GPUs. Saved weights are made contiguous again.

@@ -1,11 +1,11 @@
 """The LightningModule: the fine-tuning recipe and nothing else.
 
-Cross-entropy (optional label smoothing and class weights); SGD with Nesterov momentum
-by default, because momentum damps the zig-zag of plain SGD across ravines of the loss
-surface, or AdamW; linear warmup then cosine decay, stepped per batch; no weight decay on
-norms and biases (decaying a BatchNorm scale only fights its own normalisation); the
-encoder learns at ``backbone_lr_scale`` × the head's rate so pretrained features move
-slowly while the new head catches up.
+Cross-entropy (optional label smoothing and class weights, see :class:`SmoothedCrossEntropy`);
+SGD with Nesterov momentum by default, because momentum damps the zig-zag of plain SGD
+across ravines of the loss surface, or AdamW; linear warmup then cosine decay, stepped per
+batch; no weight decay on norms and biases (decaying a BatchNorm scale only fights its own
+normalisation); the encoder learns at ``backbone_lr_scale`` × the head's rate so pretrained
+features move slowly while the new head catches up.
 """
 
 from __future__ import annotations
@@ -88,9 +88,38 @@ class ClassifierModule(L.LightningModule):
         }
 
 
-def build_loss(recipe: Recipe) -> nn.CrossEntropyLoss:
+def build_loss(recipe: Recipe) -> SmoothedCrossEntropy:
     weight = torch.tensor(recipe.class_weights) if recipe.class_weights else None
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+    return SmoothedCrossEntropy(weight=weight, label_smoothing=recipe.label_smoothing)
+
+
+class SmoothedCrossEntropy(nn.Module):
+    """Cross-entropy against smoothed targets, each sample weighted by its true class.
+
+    The target is ``(1 - ε)·one_hot + ε/K``; the loss is ``Σ w_i·loss_i / Σ w_i`` with
+    ``w_i = weight[label_i]``, the weighted mean ``nn.CrossEntropyLoss`` uses. Unlike
+    ``nn.CrossEntropyLoss(weight=..., label_smoothing=...)``, which also weights each class's
+    share of the smoothing term (pytorch/pytorch#104776), a class weight only says how much a
+    sample counts, so the loss is always lowest at the smoothed target itself instead of
+    pushing smoothing mass towards heavily weighted (rare) classes. Without weights it equals
+    ``nn.CrossEntropyLoss(label_smoothing=ε)``.
+    """
+
+    def __init__(self, *, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        # A buffer named like nn.CrossEntropyLoss's, so checkpoints keep the same keys.
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_probs = logits.log_softmax(dim=-1)
+        true_class = -log_probs.gather(-1, labels[:, None]).squeeze(-1)
+        uniform = -log_probs.mean(dim=-1)
+        losses = (1.0 - self.label_smoothing) * true_class + self.label_smoothing * uniform
+        if self.weight is None:
+            return losses.mean()
+        sample_weights = self.weight[labels]
+        return (sample_weights * losses).sum() / sample_weights.sum()
 
 
 def build_optimizer(
