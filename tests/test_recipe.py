@@ -121,7 +121,7 @@ def test_plan_epochs_fits_the_budget_and_refuses_an_impossible_one() -> None:
 def test_fit_with_a_time_limit_plans_its_epochs_and_ends_in_time(
     shapes_dir: Path, tmp_path: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    limit = 60
+    limit = 120
     args = [*fit_args, "--epochs", "50", "--time-limit", str(limit)]
     start = time.monotonic()
     with caplog.at_level(logging.INFO, logger="convtune"):

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from models.factory import ImageClassifier
+from models.factory import ImageClassifier, first_stages
+from training.callbacks import hold_frozen
 from training.module import Recipe, build_loss
 
 # Fixed costs of finishing a run beyond the model's own forward passes: fitting the
@@ -47,12 +48,19 @@ class EpochPlan:
 
 
 def time_train_step(
-    model: ImageClassifier, loader: DataLoader, recipe: Recipe, *, steps: int = 3
+    model: ImageClassifier,
+    loader: DataLoader,
+    recipe: Recipe,
+    *,
+    freeze_stages: int = 0,
+    steps: int = 3,
 ) -> float:
     """Median seconds of one step (loading the batch, forward, backward, SGD) on a copy of
-    ``model`` (after one untimed step), the encoder training as in fine-tuning."""
+    ``model`` (after one untimed step), the encoder training as in fine-tuning, its first
+    ``freeze_stages`` stages frozen."""
     trial = copy.deepcopy(model).train()
     trial.requires_grad_(True)
+    hold_frozen(first_stages(trial.encoder, freeze_stages), train=False)
     loss_fn = build_loss(recipe)
     optimizer = torch.optim.SGD(trial.parameters(), lr=0.0, momentum=recipe.momentum)
     batches = itertools.cycle(loader)

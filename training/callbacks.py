@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 
 import lightning as L
@@ -49,18 +50,25 @@ class EncoderFreeze(L.Callback):
         was_frozen = not any(parameter.requires_grad for parameter in encoder.parameters())
         encoder.requires_grad_(not frozen)
         encoder.train(not frozen)
-        for module in self._frozen_modules:
-            # Only the module's own tensors: a container in the list spans later stages too.
-            for parameter in module.parameters(recurse=False):
-                parameter.requires_grad_(False)
-        for module in encoder.modules() if self.keep_bn_eval else self._frozen_modules:
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        hold_frozen(encoder.modules() if self.keep_bn_eval else [], train=True)
+        hold_frozen(self._frozen_modules, train=False)
         if frozen and not was_frozen:
             rank_zero_info(f"Encoder frozen for epochs 0-{self.freeze_epochs - 1}")
         elif was_frozen and not frozen:
             kept = f" except its first {self.freeze_stages} stage(s)" if self.freeze_stages else ""
             rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}{kept}")
+
+
+def hold_frozen(modules: Iterable[nn.Module], *, train: bool) -> None:
+    """Put the BatchNorm layers among ``modules`` in eval mode and, unless ``train``, stop
+    gradients to the modules' own tensors (only their own: a container such as ``blocks``
+    in a stage's module list spans later stages too)."""
+    for module in modules:
+        if not train:
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 class WeightEMA(WeightAveraging):

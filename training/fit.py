@@ -172,7 +172,7 @@ def plan_to_time_limit(
     train_loader = datamodule.train_dataloader()
     plan = plan_epochs(
         seconds_left=config.time_limit - elapsed,
-        train_step=time_train_step(model, train_loader, recipe),
+        train_step=time_train_step(model, train_loader, recipe, freeze_stages=config.freeze_stages),
         eval_batch=time_eval_batch(model, datamodule.val_dataloader()),
         train_steps_per_epoch=len(train_loader),
         val_batches=len(datamodule.val_dataloader()),
