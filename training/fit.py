@@ -32,10 +32,10 @@ from data.sources import LabelledImages, drop_unreadable, load_labelled_images
 from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
 from data.transforms import Augmentation
 from models.factory import HeadConfig, ImageClassifier, create_model
-from training.calibration import collect_logits, fit_temperature
+from training.calibration import collect_view_logits, fit_temperatures
 from training.callbacks import EncoderFreeze
 from training.config import FitConfig, save_config
-from training.evaluate import evaluation_metrics
+from training.evaluate import evaluation_metrics_with_views
 from training.module import ClassifierModule, Recipe
 from training.probe import linear_probe
 from training.report import write_report
@@ -112,29 +112,36 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
 def finish_run(
     model: ImageClassifier, datamodule: ImageDataModule, config: FitConfig, run_dir: Path
 ) -> dict[str, Any]:
-    """Calibrate on val, save the model, and report on the test part if there is one."""
-    classes = datamodule.images.classes
-    val_logits, val_labels = collect_logits(model, datamodule.val_dataloader())
-    temperature = fit_temperature(val_logits, val_labels)
-    val = evaluation_metrics(
-        val_logits, val_labels, classes, temperature=temperature,
+    """Calibrate on val, save the model, and report on the test part if there is one.
+
+    With ``config.tta`` views, they get a temperature of their own and their figures go
+    next to the single view's (a ``tta`` part).
+    """
+    classes, views = datamodule.images.classes, config.tta
+    val_logits, val_labels = collect_view_logits(model, datamodule.val_dataloader(), views=views)
+    temperatures = fit_temperatures(val_logits, val_labels, views=views)
+    val = evaluation_metrics_with_views(
+        val_logits, val_labels, classes, views=views, temperatures=temperatures,
         binary_negative=config.binary_negative,
     )  # fmt: skip
-    summary = {"val": {key: val[key] for key in _SUMMARY_KEYS}}
+    headline = (*_SUMMARY_KEYS, "tta")
+    summary = {"val": {key: val[key] for key in headline if key in val}}
     save_trained_model(model, run_dir, classes=classes, metrics=summary["val"],
-                       temperature=temperature)  # fmt: skip
+                       temperatures=temperatures)  # fmt: skip
     if datamodule.split.test:
-        test_logits, test_labels = collect_logits(model, datamodule.test_dataloader())
-        test = evaluation_metrics(
-            test_logits, test_labels, classes, temperature=temperature,
+        test_logits, test_labels = collect_view_logits(
+            model, datamodule.test_dataloader(), views=views
+        )
+        test = evaluation_metrics_with_views(
+            test_logits, test_labels, classes, views=views, temperatures=temperatures,
             binary_negative=config.binary_negative,
         )  # fmt: skip
         report = write_report(
-            run_dir, {"split": "test", **test}, logits=test_logits, labels=test_labels,
+            run_dir, {"split": "test", **test}, logits=test_logits[0], labels=test_labels,
             paths=datamodule.part("test").paths, classes=classes,
             title=f"{config.model} on {config.data}: test split",
         )  # fmt: skip
-        summary["test"] = {key: test[key] for key in _SUMMARY_KEYS}
+        summary["test"] = {key: test[key] for key in headline if key in test}
         summary["report"] = str(report)
     return summary
 
@@ -226,14 +233,17 @@ def save_trained_model(
     *,
     classes: tuple[str, ...],
     metrics: dict,
-    temperature: float,
+    temperatures: dict[str, float],
 ) -> None:
+    """The weights and ``model.json``; ``temperatures`` by view set, the single view's
+    (``none``) also as ``temperature``, which readers before test-time views know."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, run_dir / MODEL_WEIGHTS)
     description = {
         **model.describe(),
         "classes": list(classes),
-        "temperature": temperature,
+        "temperature": temperatures["none"],
+        "temperatures": temperatures,
         "val_metrics": metrics,
     }
     (run_dir / MODEL_DESCRIPTION).write_text(json.dumps(description, indent=2))
