@@ -9,7 +9,9 @@ the model's input allows: ``data.transforms.eval_decode_size``), within limits s
 ``CONVTUNE_MAX_*`` variables, and refused requests get a 4xx with ``{"error": "..."}``
 (``service.http``); each request writes one JSON log line. BentoML still provides the health
 probes, metrics and traffic limits (429, 504); concurrent requests share onnxruntime calls
-through ``service.batching``.
+through ``service.batching``. An artifact exported with ``--serve-tta VIEWS`` is answered
+like ``convtune predict --tta VIEWS``: each image's probabilities are the mean over its views,
+which run in the same onnxruntime call as the batch's images.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class Convtune:
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
-        self.classifier = OnnxClassifier(self.model.path)
+        # Averaged over the test-time views the artifact was exported to be served with.
+        self.classifier = OnnxClassifier(self.model.path, tta=None)
         self.tag = str(self.model.tag)
         cores = os.cpu_count() or 1
         lanes, threads = lane_layout(cores)
