@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from data.images import ImageDecodeError
-from models.inference import OnnxClassifier, format_prediction
+from models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from service.http import (
     BadRequest,
@@ -46,7 +46,7 @@ from service.http import (
 )
 from service.openapi import merged_spec
 
-MAX_BATCH_SIZE = 64  # images per onnxruntime call
+MAX_BATCH_SIZE = 64  # inputs per onnxruntime call: images × test-time views
 MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503
 # Uploads up to this size decode in a few ms, little enough to do it while holding the idle
 # model (requests arriving meanwhile wait for it); bigger ones decode on their own thread.
@@ -115,7 +115,8 @@ class Convtune:
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
             lanes=[self.classifier.lane(threads=threads) for _ in range(lanes)],
-            max_batch_size=MAX_BATCH_SIZE,
+            # Fewer images per call with views, so calls hold no more inputs than without.
+            max_batch_size=max(1, MAX_BATCH_SIZE // len(VIEW_SETS[self.classifier.tta])),
             max_wait_s=MAX_QUEUE_WAIT_S,
             # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes:
             # as many at once as there are cores, not one per thread of the pool (40).
