@@ -160,3 +160,17 @@ def test_evaluate_with_views_scores_what_predict_with_them_answers(
     labels = [classifier.classes.index(images.classes[label]) for label in images.labels]
     assert report["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-9)
     assert json.loads((tmp_path / "metrics.json").read_text())["views"] == "d4"
+
+
+def test_export_checks_the_view_set_it_is_to_serve(caplog: pytest.LogCaptureFixture) -> None:
+    from training.export import serving_settings
+
+    temperatures = {"none": 1.5, "d4": 1.2}
+    assert serving_settings(tta="d4", temperatures=temperatures, input_size=(40, 40)) == {
+        "tta": "d4"
+    }
+    assert "no temperature" not in caplog.text
+    with pytest.raises(ValueError, match="square"):
+        serving_settings(tta="d4", temperatures=temperatures, input_size=(40, 48))
+    assert serving_settings(tta="flip", temperatures=temperatures, input_size=(40, 48))
+    assert "no temperature fitted for flip views" in caplog.text
