@@ -363,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
     parser.add_argument(
+        "--serve-tta", metavar="VIEWS",
+        help="none | flip | d4: serve a copy of the artifact set to average over these views "
+        "(export --serve-tta); the ceiling and the peer stay single-view [as exported]",
+    )  # fmt: skip
+    parser.add_argument(
         "--service-env", action="append", default=[], metavar="NAME=VALUE",
         help="environment for the service (tuning: CONVTUNE_*); repeatable",
     )  # fmt: skip
@@ -395,7 +400,7 @@ def uploads_for(args: argparse.Namespace) -> list[bytes]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from training.export import locate_artifact
+    from training.export import locate_artifact, with_serving_tta
 
     concurrencies = tuple(sorted({int(c) for c in args.concurrency.split(",")}))
     if min(concurrencies) < 1 or args.rounds < 1 or args.duration <= 0:
@@ -407,8 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = []
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convtune-bench-")))
+        served = artifact
+        if args.serve_tta is not None:
+            served = with_serving_tta(artifact, workdir / "artifact", tta=args.serve_tta)
         print("starting the service" + ("" if args.no_peer else " and the peer"), file=sys.stderr)
-        service = stack.enter_context(convtune_service(artifact, workdir, extra_env))
+        service = stack.enter_context(convtune_service(served, workdir, extra_env))
         peer = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
         ceiling = Ceiling(artifact, uploads)
         seconds = args.ceiling_seconds

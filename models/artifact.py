@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ class Manifest:
     architecture: str
     classes: tuple[str, ...]
     preprocessing: Preprocessing
-    temperature: float
+    temperature: float  # the single view's
+    temperatures: Mapping[str, float]  # by test-time view set (models.inference.VIEW_SETS)
+    serving_tta: str  # the view set the service averages over
     raw: dict[str, Any]
 
 
@@ -86,12 +89,17 @@ def read_manifest(directory: str | Path) -> Manifest:
                 f"got {actual[:12]}…): the artifact is damaged or was modified"
             )
     try:
+        temperature = float(raw["temperature"])
+        # Artifacts exported before test-time views had only the single view's temperature.
+        temperatures = {"none": temperature, **raw.get("temperatures", {})}
         return Manifest(
             architecture=raw["architecture"],
             classes=tuple(raw["classes"]),
             preprocessing=Preprocessing.from_dict(raw["preprocessing"]),
-            temperature=float(raw["temperature"]),
+            temperature=temperature,
+            temperatures={str(views): float(t) for views, t in temperatures.items()},
+            serving_tta=str(raw.get("serving", {}).get("tta", "none")),
             raw=raw,
         )
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{path} is incomplete or malformed: {error!r}") from error

@@ -2,10 +2,17 @@
 
 Used by the service and by ``convtune predict``/``evaluate``, so the CLI and the HTTP
 endpoint give the same numbers. Must not import torch.
+
+Test-time augmentation (TTA) runs the model on several views of each image, the flips and
+quarter turns of the preprocessed tensor (``VIEW_SETS``), and averages the calibrated
+probabilities of the views (``view_probabilities``). Each view set has its own temperature,
+fitted on the validation split for the average (``training.calibration``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,14 @@ from models.artifact import ONNX_FILE, read_manifest
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
+log = logging.getLogger("convtune")
+
+# (quarter turns counterclockwise, mirrored left-right first) per view, the identity first.
+VIEW_SETS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flip": ((0, False), (0, True)),
+    "d4": tuple((turns, mirrored) for mirrored in (False, True) for turns in range(4)),
+}
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -26,6 +41,36 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     scaled -= scaled.max(axis=1, keepdims=True)
     exp = np.exp(scaled)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def check_view_set(views: str, *, input_size: tuple[int, int]) -> None:
+    """Refuse an unknown view set, or quarter turns of a non-square input (they would change
+    its shape)."""
+    if views not in VIEW_SETS:
+        raise ValueError(f"unknown view set {views!r}; one of {sorted(VIEW_SETS)}")
+    height, width = input_size
+    if views == "d4" and height != width:
+        raise ValueError(
+            f"d4 views rotate the input by 90 degrees, which needs a square input; "
+            f"the input is {height}x{width} (use flip)"
+        )
+
+
+def image_views(pixels: np.ndarray, views: str) -> list[np.ndarray]:
+    """The ``views`` copies of an ``(N, 3, H, W)`` batch, in ``VIEW_SETS`` order (the batch
+    itself first); numpy views, not copies, so they may not be contiguous."""
+    check_view_set(views, input_size=pixels.shape[-2:])
+    return [
+        np.rot90(pixels[..., ::-1] if mirrored else pixels, turns, axes=(-2, -1))
+        for turns, mirrored in VIEW_SETS[views]
+    ]
+
+
+def view_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``(V, N, C)`` logits of V views of N images → the ``(N, C)`` mean over the views of
+    ``softmax(logits_v / temperature)``. ``(N, C)`` logits are one view."""
+    by_view = logits.reshape(-1, *logits.shape[-2:])
+    return np.mean([softmax(view, temperature) for view in by_view], axis=0)
 
 
 def format_prediction(
@@ -46,16 +91,44 @@ def _logits(session: Any, pixels: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
 
-class OnnxClassifier:
-    """A verified artifact loaded into an onnxruntime session."""
+def _view_logits(session: Any, pixels: np.ndarray, views: str) -> np.ndarray:
+    """``(V, N, C)`` logits of every view, all in one call of V×N images."""
+    copies = image_views(pixels, views)
+    batch = pixels if len(copies) == 1 else np.concatenate(copies)  # no copy of one view
+    return _logits(session, batch).reshape(len(copies), len(pixels), -1)
 
-    def __init__(self, artifact_dir: str | Path, *, threads: int = 0) -> None:
+
+class OnnxClassifier:
+    """A verified artifact loaded into an onnxruntime session.
+
+    ``tta`` is the view set of ``probabilities`` (``VIEW_SETS``; None: the one the artifact
+    is served with, manifest ``serving.tta``), and ``temperature`` the one fitted for it,
+    or the single-view temperature (with a warning) where the run fitted none for it.
+    """
+
+    def __init__(
+        self, artifact_dir: str | Path, *, threads: int = 0, tta: str | None = "none"
+    ) -> None:
         self.directory = Path(artifact_dir)
         self.manifest = read_manifest(self.directory)
         self.classes = self.manifest.classes
+        self.tta = self.manifest.serving_tta if tta is None else tta
+        check_view_set(self.tta, input_size=self.manifest.preprocessing.input_size)
+        self.temperature = self._temperature()
         self.transform = build_eval_transform(self.manifest.preprocessing)
         self.decode_size = eval_decode_size(self.manifest.preprocessing)
         self.session = self._session(threads)
+
+    def _temperature(self) -> float:
+        fitted = self.manifest.temperatures.get(self.tta)
+        if fitted is not None:
+            return fitted
+        log.warning(
+            "%s has no temperature fitted for %s views (fit with --tta %s); using the "
+            "single-view one, %.3f",
+            self.directory, self.tta, self.tta, self.manifest.temperature,
+        )  # fmt: skip
+        return self.manifest.temperature
 
     def _session(self, threads: int) -> Any:
         import onnxruntime as ort
@@ -80,15 +153,22 @@ class OnnxClassifier:
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         return _logits(self.session, pixels)
 
+    def view_logits(self, pixels: np.ndarray) -> np.ndarray:
+        """``(V, N, C)`` logits of the ``tta`` views of a ``(N, 3, h, w)`` batch."""
+        return _view_logits(self.session, pixels, self.tta)
+
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a ``(N, 3, h, w)`` batch."""
-        return softmax(self.logits(pixels), self.manifest.temperature)
+        """Calibrated class probabilities for a ``(N, 3, h, w)`` batch, averaged over the
+        ``tta`` views."""
+        return self._probabilities(self.session, pixels)
+
+    def _probabilities(self, session: Any, pixels: np.ndarray) -> np.ndarray:
+        return view_probabilities(_view_logits(session, pixels, self.tta), self.temperature)
 
     def lane(self, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         """``probabilities`` on a session of its own with ``threads`` threads, to run
         beside this one and other lanes (``service.batching``)."""
-        session = self._session(threads)
-        return lambda pixels: softmax(_logits(session, pixels), self.manifest.temperature)
+        return functools.partial(self._probabilities, self._session(threads))
 
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities for decoded RGB images, shape ``(len(images), num_classes)``."""

@@ -40,7 +40,8 @@ def _schemas(max_batch_images: int) -> dict[str, Any]:
                 "probabilities": {
                     "type": "object",
                     "additionalProperties": probability,
-                    "description": "every class → softmax(logits / temperature); sums to 1",
+                    "description": "every class → softmax(logits / temperature), averaged "
+                    "over the test-time views the model is served with (if any); sums to 1",
                 },
                 "top_k": {
                     "type": "array",

@@ -9,7 +9,9 @@ the model's input allows: ``data.transforms.eval_decode_size``), within limits s
 ``CONVTUNE_MAX_*`` variables, and refused requests get a 4xx with ``{"error": "..."}``
 (``service.http``); each request writes one JSON log line. BentoML still provides the health
 probes, metrics and traffic limits (429, 504); concurrent requests share onnxruntime calls
-through ``service.batching``.
+through ``service.batching``. An artifact exported with ``--serve-tta VIEWS`` is answered
+like ``convtune predict --tta VIEWS``: each image's probabilities are the mean over its views,
+which run in the same onnxruntime call as the batch's images.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from data.images import ImageDecodeError
-from models.inference import OnnxClassifier, format_prediction
+from models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from service.http import (
     BadRequest,
@@ -44,7 +46,7 @@ from service.http import (
 )
 from service.openapi import merged_spec
 
-MAX_BATCH_SIZE = 64  # images per onnxruntime call
+MAX_BATCH_SIZE = 64  # inputs per onnxruntime call: images × test-time views
 MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503
 # Uploads up to this size decode in a few ms, little enough to do it while holding the idle
 # model (requests arriving meanwhile wait for it); bigger ones decode on their own thread.
@@ -105,14 +107,16 @@ class Convtune:
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
-        self.classifier = OnnxClassifier(self.model.path)
+        # Averaged over the test-time views the artifact was exported to be served with.
+        self.classifier = OnnxClassifier(self.model.path, tta=None)
         self.tag = str(self.model.tag)
         cores = os.cpu_count() or 1
         lanes, threads = lane_layout(cores)
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
             lanes=[self.classifier.lane(threads=threads) for _ in range(lanes)],
-            max_batch_size=MAX_BATCH_SIZE,
+            # Fewer images per call with views, so calls hold no more inputs than without.
+            max_batch_size=max(1, MAX_BATCH_SIZE // len(VIEW_SETS[self.classifier.tta])),
             max_wait_s=MAX_QUEUE_WAIT_S,
             # Decoding is CPU-bound and a big image takes hundreds of MB while it decodes:
             # as many at once as there are cores, not one per thread of the pool (40).

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.inference import softmax
+from models.inference import softmax, view_probabilities
 from training.calibration import (
     calibration_summary,
     expected_calibration_error,
     fit_temperature,
+    fit_temperatures,
     negative_log_likelihood,
     reliability_bins,
 )
@@ -67,3 +68,41 @@ def test_temperature_of_a_calibrated_model_stays_near_one() -> None:
     logits = rng.normal(0, 2, (4000, 4))
     labels = np.array([rng.choice(4, p=row) for row in softmax(logits)])
     assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.1)
+
+
+def views_of_known_temperature(
+    temperature: float, *, views: int = 8, n: int = 4000, seed: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(views, n, 4)`` logits, each view the image's logits plus its own noise, and
+    labels drawn from the mean over the views of ``softmax(logits_v / temperature)``."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(0, 3, (n, 4))
+    logits = shared + rng.normal(0, 1.5, (views, n, 4))
+    mean = view_probabilities(logits, temperature)
+    labels = np.array([rng.choice(4, p=row / row.sum()) for row in mean])
+    return logits, labels
+
+
+def test_temperature_for_views_recovers_the_one_the_labels_were_drawn_with() -> None:
+    logits, labels = views_of_known_temperature(2.5)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.06)
+    # Fitted for one view alone, the temperature is another: the mean softens on its own.
+    assert abs(fit_temperature(logits[0], labels) - 2.5) > 0.5
+
+
+def test_one_view_in_a_views_axis_is_plain_temperature_scaling() -> None:
+    logits, labels = overconfident_logits()
+    assert fit_temperature(logits[np.newaxis], labels) == pytest.approx(
+        fit_temperature(logits, labels), rel=1e-6
+    )
+    summary = calibration_summary(logits[np.newaxis], labels, 2.0)
+    assert summary == calibration_summary(logits, labels, 2.0)
+
+
+def test_fit_temperatures_gives_the_single_view_and_the_view_set() -> None:
+    logits, labels = views_of_known_temperature(2.5, n=1500)
+    temperatures = fit_temperatures(logits, labels, views="d4")
+    assert set(temperatures) == {"none", "d4"}
+    assert temperatures["none"] == fit_temperature(logits[0], labels)
+    assert temperatures["d4"] == fit_temperature(logits, labels)
+    assert fit_temperatures(logits[:1], labels, views="none") == {"none": temperatures["none"]}

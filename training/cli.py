@@ -102,6 +102,12 @@ _FIT_SWITCHES: list[tuple[str, str, str, str]] = [
 ]  # fmt: skip
 
 
+_TTA_HELP = (
+    "none | flip | d4: average the probabilities over these views of each image (flips, "
+    "quarter turns), with the temperature the run fitted for them [none]"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convtune",
@@ -139,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--name", required=True, help="model name in the BentoML store")
+    export.add_argument(
+        "--serve-tta", default="none", metavar="VIEWS",
+        help="none | flip | d4: views the service averages over, each image's probabilities "
+        "the mean of theirs at the run's temperature for them [none]",
+    )  # fmt: skip
 
     predict = commands.add_parser(
         "predict",
@@ -152,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--top-k", type=int, default=5, help="classes to list per image [5]")
+    predict.add_argument("--tta", default="none", metavar="VIEWS", help=_TTA_HELP)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -178,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", type=Path, help="write report.html and metrics.json here [the --run dir]"
     )
+    evaluate.add_argument("--tta", default="none", metavar="VIEWS", help=_TTA_HELP)
     for name in ("path_column", "label_column", "label_separator", "label_map",
                  "binary_negative"):  # fmt: skip
         _, kind, text = next(option for option in _FIT_OPTIONS if option[0] == name)
@@ -262,7 +275,7 @@ def run_fit(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from training.export import ARTIFACT_DIR, build_artifact, register_in_store
 
-    artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR)
+    artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta)
     print(register_in_store(artifact, args.name))
 
 
@@ -272,7 +285,7 @@ def run_predict(args: argparse.Namespace) -> None:
 
     if args.top_k < 1:
         raise ValueError("--top-k must be a positive integer")
-    classifier = OnnxClassifier(locate_artifact(args.model))
+    classifier = OnnxClassifier(locate_artifact(args.model), tta=args.tta)
     probabilities = classifier.classify([classifier.decode(path) for path in args.images])
     results = [
         {"image": str(path), **format_prediction(row, classifier.classes, args.top_k)}
@@ -300,12 +313,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
         split = load_split(args.run / SPLIT_FILE, images)
         images = images.subset(list(split.part(args.split)))
     artifact = locate_artifact(args.model)
-    logits, labels, classifier = artifact_logits(artifact, images)
+    logits, labels, classifier = artifact_logits(artifact, images, tta=args.tta)
     metrics = evaluation_metrics(
-        logits, labels, classifier.classes, temperature=classifier.manifest.temperature,
+        logits, labels, classifier.classes, temperature=classifier.temperature,
         binary_negative=config.binary_negative,
     )  # fmt: skip
-    result = {"model": args.model, "split": args.split or "all", **metrics}
+    result = {"model": args.model, "split": args.split or "all", "views": args.tta, **metrics}
     out_dir = args.out or args.run
     if out_dir is not None:
         report = write_report(

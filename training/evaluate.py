@@ -9,8 +9,10 @@ import numpy as np
 from rich.progress import track
 
 from data.sources import DatasetError, LabelledImages
-from models.inference import OnnxClassifier
+from models.inference import OnnxClassifier, view_probabilities
 from training.calibration import calibration_summary
+
+_TTA_KEYS = ("accuracy", "macro_f1", "nll", "ece", "temperature")
 
 
 def classification_metrics(
@@ -80,8 +82,12 @@ def evaluation_metrics(
     temperature: float,
     binary_negative: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Everything the report shows: classification, calibration and the binary view."""
-    predicted = logits.argmax(axis=1)
+    """Everything the report shows: classification, calibration and the binary view.
+
+    ``logits``: one view's ``(N, C)`` or V views' ``(V, N, C)``, whose mean calibrated
+    probability decides the predicted class.
+    """
+    predicted = view_probabilities(logits, temperature).argmax(axis=1)
     metrics = {
         **classification_metrics(labels, predicted, classes),
         **calibration_summary(logits, labels, temperature),
@@ -91,11 +97,35 @@ def evaluation_metrics(
     return metrics
 
 
+def evaluation_metrics_with_views(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    *,
+    views: str,
+    temperatures: dict[str, float],
+    binary_negative: list[str] | None = None,
+) -> dict[str, Any]:
+    """``evaluation_metrics`` of the single view (the first of the ``(V, N, C)`` logits of
+    the ``views`` set) and, unless ``views`` is ``none``, a ``tta`` part with the headline
+    figures of the mean over the views, at their own temperature."""
+    metrics = evaluation_metrics(
+        logits[0], labels, classes, temperature=temperatures["none"],
+        binary_negative=binary_negative,
+    )  # fmt: skip
+    if views != "none":
+        mean = evaluation_metrics(logits, labels, classes, temperature=temperatures[views])
+        metrics["tta"] = {"views": views, **{key: mean[key] for key in _TTA_KEYS}}
+    return metrics
+
+
 def artifact_logits(
-    artifact_dir: Path, images: LabelledImages, *, batch_size: int = 32
+    artifact_dir: Path, images: LabelledImages, *, batch_size: int = 32, tta: str = "none"
 ) -> tuple[np.ndarray, np.ndarray, OnnxClassifier]:
-    """The artifact's logits for ``images`` and their labels in the model's class order."""
-    classifier = OnnxClassifier(artifact_dir)
+    """The artifact's ``(V, N, C)`` logits for the ``tta`` views of ``images``, their labels
+    in the model's class order, and the classifier (its ``temperature`` is the one for
+    those views)."""
+    classifier = OnnxClassifier(artifact_dir, tta=tta)
     index = {name: i for i, name in enumerate(classifier.classes)}
     unknown = sorted(set(images.classes) - set(index))
     if unknown:
@@ -108,5 +138,6 @@ def artifact_logits(
     starts = range(0, len(images), batch_size)
     for start in track(starts, description="Evaluating", transient=True):
         batch = [classifier.decode(path) for path in images.paths[start : start + batch_size]]
-        logits.append(classifier.logits(np.stack([classifier.preprocess(b) for b in batch])))
-    return np.concatenate(logits), labels, classifier
+        pixels = np.stack([classifier.preprocess(b) for b in batch])
+        logits.append(classifier.view_logits(pixels))
+    return np.concatenate(logits, axis=1), labels, classifier

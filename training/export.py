@@ -8,6 +8,7 @@ worse than no export.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -25,13 +26,15 @@ from models.artifact import (
     SCHEMA_VERSION,
     WEIGHTS_FILE,
     ArtifactError,
+    read_manifest,
     write_manifest,
 )
 from models.factory import ImageClassifier, rebuild_model
-from models.inference import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from models.inference import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, check_view_set
 from training.config import load_saved_config
 from training.fit import MODEL_DESCRIPTION, MODEL_WEIGHTS
 
+log = logging.getLogger("convtune")
 TOLERANCE = 1e-4
 ARTIFACT_DIR = "artifact"
 _VERSIONED_PACKAGES = (
@@ -77,14 +80,16 @@ def export_onnx(model: ImageClassifier, path: Path) -> None:
     )
 
 
-def build_artifact(run_dir: Path, destination: Path) -> Path:
-    """Write a verified artifact for ``run_dir`` into ``destination`` (replaced if present)."""
+def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none") -> Path:
+    """Write a verified artifact for ``run_dir`` into ``destination`` (replaced if present),
+    to be served averaging over the ``serve_tta`` views."""
     model, description = load_trained_model(run_dir)
+    manifest = build_manifest(run_dir, description, serve_tta=serve_tta)
     with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:
         staging = Path(staging_name)
         export_onnx(model, staging / ONNX_FILE)
         shutil.copyfile(run_dir / MODEL_WEIGHTS, staging / WEIGHTS_FILE)
-        write_manifest(staging, build_manifest(run_dir, description))
+        write_manifest(staging, manifest)
         check_onnx_matches(model, staging)
         if destination.exists():
             shutil.rmtree(destination)
@@ -92,7 +97,11 @@ def build_artifact(run_dir: Path, destination: Path) -> Path:
     return destination
 
 
-def build_manifest(run_dir: Path, description: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    run_dir: Path, description: dict[str, Any], *, serve_tta: str = "none"
+) -> dict[str, Any]:
+    temperature = description.get("temperature", 1.0)
+    temperatures = description.get("temperatures", {"none": temperature})
     return {
         "schema_version": SCHEMA_VERSION,
         "architecture": description["architecture"],
@@ -102,12 +111,44 @@ def build_manifest(run_dir: Path, description: dict[str, Any]) -> dict[str, Any]
         "preprocessing": description["preprocessing"],
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "kind": "logits"},
-        "temperature": description.get("temperature", 1.0),
+        "temperature": temperature,
+        "temperatures": temperatures,
+        "serving": serving_settings(
+            tta=serve_tta,
+            temperatures=temperatures,
+            input_size=tuple(description["preprocessing"]["input_size"]),
+        ),
         "metrics": {"val": description["val_metrics"]},
         "training_config": load_saved_config(run_dir).to_dict(),
         "versions": {name: _version(name) for name in _VERSIONED_PACKAGES},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def serving_settings(
+    *, tta: str, temperatures: dict[str, float], input_size: tuple[int, int]
+) -> dict[str, str]:
+    """The manifest's ``serving`` part: the view set the service averages over."""
+    check_view_set(tta, input_size=input_size)
+    if tta not in temperatures:
+        log.warning(
+            "the run has no temperature fitted for %s views (fit with --tta %s): the service "
+            "will use the single-view one", tta, tta,
+        )  # fmt: skip
+    return {"tta": tta}
+
+
+def with_serving_tta(artifact_dir: Path, destination: Path, *, tta: str) -> Path:
+    """A copy of an artifact in ``destination`` whose service averages over the ``tta``
+    views (the manifest is not covered by the files' hashes)."""
+    manifest = read_manifest(artifact_dir)
+    shutil.copytree(artifact_dir, destination)
+    serving = serving_settings(
+        tta=tta, temperatures=dict(manifest.temperatures),
+        input_size=manifest.preprocessing.input_size,
+    )  # fmt: skip
+    write_manifest(destination, {**manifest.raw, "serving": serving})
+    return destination
 
 
 def check_onnx_matches(model: ImageClassifier, artifact_dir: Path) -> float:

@@ -40,10 +40,15 @@ from models.factory import HeadConfig, ImageClassifier, create_model, first_stag
 from models.inference import softmax
 from training.batchnorm import recalibrate_batchnorm
 from training.budget import plan_epochs, time_eval_batch, time_train_step
-from training.calibration import collect_logits, fit_temperature, negative_log_likelihood
+from training.calibration import (
+    collect_logits,
+    collect_view_logits,
+    fit_temperatures,
+    negative_log_likelihood,
+)
 from training.callbacks import EncoderFreeze, WeightEMA
 from training.config import FitConfig, save_config
-from training.evaluate import classification_metrics, evaluation_metrics
+from training.evaluate import classification_metrics, evaluation_metrics_with_views
 from training.module import ClassifierModule, Recipe
 from training.probe import linear_probe
 from training.report import write_report
@@ -229,31 +234,40 @@ def finish_run(
 ) -> dict[str, Any]:
     """Calibrate on val, save the model, and report on the test part if there is one.
 
-    ``val_logits``: the model's val logits when the caller has them already."""
-    classes = datamodule.images.classes
-    val_labels = np.array(datamodule.part("val").labels)
-    if val_logits is None:
-        val_logits, _ = collect_logits(model, datamodule.val_dataloader())
-    temperature = fit_temperature(val_logits, val_labels)
-    val = evaluation_metrics(
-        val_logits, val_labels, classes, temperature=temperature,
+    ``val_logits``: the model's single-view val logits when the caller has them already.
+    With ``config.tta`` views, they get a temperature of their own and their figures go
+    next to the single view's (a ``tta`` part).
+    """
+    classes, views = datamodule.images.classes, config.tta
+    if val_logits is None or views != "none":
+        val_logits, val_labels = collect_view_logits(
+            model, datamodule.val_dataloader(), views=views
+        )
+    else:
+        val_logits, val_labels = val_logits[None], np.array(datamodule.part("val").labels)
+    temperatures = fit_temperatures(val_logits, val_labels, views=views)
+    val = evaluation_metrics_with_views(
+        val_logits, val_labels, classes, views=views, temperatures=temperatures,
         binary_negative=config.binary_negative,
     )  # fmt: skip
-    summary = {"val": {key: val[key] for key in _SUMMARY_KEYS}}
+    headline = (*_SUMMARY_KEYS, "tta")
+    summary = {"val": {key: val[key] for key in headline if key in val}}
     save_trained_model(model, run_dir, classes=classes, metrics=summary["val"],
-                       temperature=temperature)  # fmt: skip
+                       temperatures=temperatures)  # fmt: skip
     if datamodule.split.test:
-        test_logits, test_labels = collect_logits(model, datamodule.test_dataloader())
-        test = evaluation_metrics(
-            test_logits, test_labels, classes, temperature=temperature,
+        test_logits, test_labels = collect_view_logits(
+            model, datamodule.test_dataloader(), views=views
+        )
+        test = evaluation_metrics_with_views(
+            test_logits, test_labels, classes, views=views, temperatures=temperatures,
             binary_negative=config.binary_negative,
         )  # fmt: skip
         report = write_report(
-            run_dir, {"split": "test", **test}, logits=test_logits, labels=test_labels,
+            run_dir, {"split": "test", **test}, logits=test_logits[0], labels=test_labels,
             paths=datamodule.part("test").paths, classes=classes,
             title=f"{config.model} on {config.data}: test split",
         )  # fmt: skip
-        summary["test"] = {key: test[key] for key in _SUMMARY_KEYS}
+        summary["test"] = {key: test[key] for key in headline if key in test}
         summary["report"] = str(report)
     return summary
 
@@ -357,14 +371,17 @@ def save_trained_model(
     *,
     classes: tuple[str, ...],
     metrics: dict,
-    temperature: float,
+    temperatures: dict[str, float],
 ) -> None:
+    """The weights and ``model.json``; ``temperatures`` by view set, the single view's
+    (``none``) also as ``temperature``, which readers before test-time views know."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, run_dir / MODEL_WEIGHTS)
     description = {
         **model.describe(),
         "classes": list(classes),
-        "temperature": temperature,
+        "temperature": temperatures["none"],
+        "temperatures": temperatures,
         "val_metrics": metrics,
     }
     (run_dir / MODEL_DESCRIPTION).write_text(json.dumps(description, indent=2))

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from data.images import ImageDecodeError, decode_rgb
-from models.inference import softmax
+from models.inference import view_probabilities
 from training.calibration import reliability_bins
 
 METRICS_FILE = "metrics.json"
@@ -40,10 +40,14 @@ def write_report(
     classes: tuple[str, ...],
     title: str,
 ) -> Path:
-    """Write ``metrics.json`` and ``report.html`` into ``out_dir``; return the report path."""
+    """Write ``metrics.json`` and ``report.html`` into ``out_dir``; return the report path.
+
+    ``logits`` are those ``metrics`` were computed from: one view's ``(N, C)`` or V views'
+    ``(V, N, C)``. A ``tta`` part of ``metrics`` gets a column of its own in the summary.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     temperature = metrics["temperature"]
-    before, after = softmax(logits), softmax(logits, temperature)
+    before, after = view_probabilities(logits, 1.0), view_probabilities(logits, temperature)
     reliability = {
         "uncalibrated": reliability_bins(before, labels),
         "calibrated": reliability_bins(after, labels),
@@ -82,15 +86,27 @@ def write_report(
 
 
 def _summary_table(metrics: dict[str, Any]) -> str:
+    """The headline figures; with a ``tta`` part, the single view's and the views' side by
+    side."""
+    columns = [metrics] + ([metrics["tta"]] if "tta" in metrics else [])
     rows = [
-        ("images", f"{metrics['n']}"),
-        ("accuracy", f"{metrics['accuracy']:.4f}"),
-        ("macro-F1", f"{metrics['macro_f1']:.4f}"),
-        ("ECE (calibrated)", f"{metrics['ece']:.4f}"),
-        ("NLL (calibrated)", f"{metrics['nll']:.4f}"),
+        ("accuracy", "accuracy", ".4f"),
+        ("macro-F1", "macro_f1", ".4f"),
+        ("ECE (calibrated)", "ece", ".4f"),
+        ("NLL (calibrated)", "nll", ".4f"),
+        ("temperature", "temperature", ".3f"),
     ]
-    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
+    head = f"<tr><th>images</th><td colspan='{len(columns)}'>{metrics['n']}</td></tr>"
+    if "tta" in metrics:
+        views = html.escape(metrics["tta"]["views"])
+        head += f"<tr><th></th><th>single view</th><th>mean of the {views} views</th></tr>"
+    body = "".join(
+        f"<tr><th>{label}</th>"
+        + "".join(f"<td>{column[key]:{spec}}</td>" for column in columns)
+        + "</tr>"
+        for label, key, spec in rows
+    )
+    return f"<table>{head}{body}</table>"
 
 
 def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:

@@ -1,0 +1,119 @@
+"""The service of a model exported with ``--serve-tta d4``: the same numbers as
+``convtune predict --tta d4``, alone, batched and in inference lanes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_prediction, assert_same_numbers, image_file, post
+
+from data.images import decode_rgb
+from models.inference import OnnxClassifier
+from service.batching import GreedyBatcher
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def tta_tag(exported, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``convtune export --serve-tta d4`` of a copy of the suite's run (whose own artifact
+    the other tests use), into the suite's model store."""
+    run_dir = shutil.copytree(exported.run_dir, tmp_path_factory.mktemp("tta") / "run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args = ["export", str(run_dir), "--name", "convtune-tta", "--serve-tta", "d4"]
+        assert main(args) == 0
+    manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
+    assert manifest["serving"] == {"tta": "d4"}
+    return out.getvalue().strip()
+
+
+@pytest.fixture(scope="module")
+def tta_server(start_server, tta_tag: str) -> Iterator[str]:
+    with start_server("serve-tta", CONVTUNE_MODEL=tta_tag) as served:
+        yield served.url
+
+
+@pytest.fixture(scope="module")
+def cli_tta_results(exported, probe_images: list[Path]) -> list[dict]:
+    """``convtune predict --tta d4`` on the probe images, with the suite's own artifact."""
+    out = exported.run(
+        "-m", "training.cli", "predict", str(exported.artifact_dir), *map(str, probe_images),
+        "--top-k", "99", "--tta", "d4",
+    )  # fmt: skip
+    return json.loads(out)["results"]
+
+
+@pytest.mark.slow
+def test_served_views_give_the_numbers_of_predict_with_them(
+    tta_server, tta_tag, exported, probe_images, cli_tta_results, cli_results
+) -> None:
+    for path, expected in zip(probe_images, cli_tta_results, strict=True):
+        response = post(tta_server, "predict", files={"image": image_file(path)})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == tta_tag
+        assert_prediction(body, exported.classes, top_k=5)
+        assert_same_numbers(body, expected)
+    # The views change the answer: the single view's differs.
+    gaps = [
+        abs(tta["probabilities"][name] - single["probabilities"][name])
+        for tta, single in zip(cli_tta_results, cli_results, strict=True)
+        for name in exported.classes
+    ]
+    assert max(gaps) > 1e-4
+
+
+@pytest.mark.slow
+def test_served_views_survive_batching_and_lanes(tta_server, probe_images, cli_tta_results) -> None:
+    """Concurrent requests share onnxruntime calls of 8 views per image, in lanes too."""
+
+    def one(index: int) -> tuple[int, dict]:
+        response = post(tta_server, "predict", files={"image": image_file(probe_images[index])})
+        assert response.status_code == 200, response.text
+        return index, response.json()
+
+    def batch() -> list[dict]:
+        files = [("images", image_file(path)) for path in probe_images * 3]
+        response = post(tta_server, "predict_batch", files=files)
+        assert response.status_code == 200, response.text
+        return response.json()["results"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = [pool.submit(batch) for _ in range(2)]
+        singles = list(pool.map(one, [i % len(probe_images) for i in range(24)]))
+        batches = [future.result() for future in batches]
+    for index, result in singles:
+        assert_same_numbers(result, cli_tta_results[index])
+    for results in batches:
+        for result, expected in zip(results, cli_tta_results * 3, strict=True):
+            assert_same_numbers(result, expected)
+
+
+def test_batcher_with_view_lanes_gives_each_request_its_rows(exported, probe_images) -> None:
+    """In process: requests spread over a whole-machine session and single-thread lanes,
+    each inferring 8 views per image, get the rows of one call on their own images."""
+    classifier = OnnxClassifier(exported.artifact_dir, tta="d4")
+    pixels = np.stack([classifier.preprocess(decode_rgb(path)) for path in probe_images])
+    requests = np.split(pixels, [1, 3, 4, 7])  # 1, 2, 1, 3 and 2 images
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = GreedyBatcher(
+            classifier.probabilities,
+            lanes=[classifier.lane(threads=1) for _ in range(2)],
+            max_batch_size=4,
+            max_wait_s=10,
+        )
+        return await asyncio.gather(*(batcher(lambda r=r: r) for r in requests))
+
+    for request, rows in zip(requests, asyncio.run(scenario()), strict=True):
+        assert rows.shape == (len(request), len(classifier.classes))
+        np.testing.assert_allclose(rows, classifier.probabilities(request), atol=1e-6)
