@@ -100,11 +100,13 @@ def plan_epochs(
     train_steps_per_epoch: int,
     val_batches: int,
     test_batches: int,
+    views: int = 1,
 ) -> EpochPlan:
     """As many epochs (each: its training steps, then validation) as fit in
-    ``seconds_left`` after the final val and test passes and :data:`FINISH_SECONDS`."""
+    ``seconds_left`` after the final val and test passes (of each of ``views`` test-time
+    views) and :data:`FINISH_SECONDS`."""
     epoch_seconds = train_step * train_steps_per_epoch + eval_batch * val_batches
-    finish_seconds = eval_batch * (val_batches + test_batches) + FINISH_SECONDS
+    finish_seconds = eval_batch * (val_batches + test_batches) * views + FINISH_SECONDS
     epochs = math.floor((seconds_left - finish_seconds) / epoch_seconds)
     if epochs < 1:
         raise ValueError(

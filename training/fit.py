@@ -37,7 +37,7 @@ from data.sources import LabelledImages, drop_unreadable, load_labelled_images
 from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
 from data.transforms import Augmentation
 from models.factory import HeadConfig, ImageClassifier, create_model, first_stages
-from models.inference import softmax
+from models.inference import VIEW_SETS, softmax
 from training.batchnorm import recalibrate_batchnorm
 from training.budget import plan_epochs, time_eval_batch, time_train_step
 from training.calibration import (
@@ -182,6 +182,7 @@ def plan_to_time_limit(
         train_steps_per_epoch=len(train_loader),
         val_batches=len(datamodule.val_dataloader()),
         test_batches=len(datamodule.test_dataloader()),
+        views=len(VIEW_SETS[config.tta]),
     )
     done = config.freeze_epochs if probe else 0
     epochs = min(config.epochs, done + plan.epochs)
