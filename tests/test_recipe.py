@@ -115,7 +115,8 @@ def test_plan_epochs_fits_the_budget_and_refuses_an_impossible_one() -> None:
     assert plan.epochs * plan.epoch_seconds + plan.finish_seconds <= 100
     # Eight test-time views make the final passes eight times as long.
     viewed = plan_epochs(seconds_left=100, train_step=1.0, eval_batch=0.5,
-                         train_steps_per_epoch=10, val_batches=4, test_batches=2, views=8)  # fmt: skip
+                         train_steps_per_epoch=10, val_batches=4, test_batches=2,
+                         views=8)  # fmt: skip
     assert viewed.finish_seconds == pytest.approx(8 * 3 + FINISH_SECONDS)
     assert viewed.epochs == int((100 - 24 - FINISH_SECONDS) // 12)
     with pytest.raises(ValueError, match="raise --time-limit"):
