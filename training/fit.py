@@ -58,7 +58,7 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_DESCRIPTION = "model.json"
 _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
 # Enough batches for stable BatchNorm means and variances, a few seconds on a CPU.
-_RECALIBRATION_IMAGES = 512
+_RECALIBRATION_IMAGES = 256
 _SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "nll", "ece", "temperature")
 
 
