@@ -164,8 +164,9 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     datamodule = small_datamodule(shapes_dir, model)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head[-1].weight.clone()
-    accuracy = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
-    assert 0.0 <= accuracy <= 1.0
+    history = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
+    assert [sorted(epoch) for epoch in history] == [["train_loss", "val_accuracy", "val_loss"]] * 3
+    assert all(0.0 <= epoch["val_accuracy"] <= 1.0 for epoch in history)
     for name, value in model.encoder.state_dict().items():
         assert torch.equal(value, encoder_before[name]), name
     assert not torch.equal(model.head[-1].weight, head_before)

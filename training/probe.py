@@ -41,12 +41,17 @@ def linear_probe(
     *,
     epochs: int,
     seed: int,
-) -> float:
-    """Train ``model.head`` for ``epochs`` on cached train features; return val accuracy."""
+) -> list[dict[str, float]]:
+    """Train ``model.head`` for ``epochs`` on cached train features.
+
+    Returns one entry per epoch: ``train_loss`` (the mean over its batches), ``val_loss`` and
+    ``val_accuracy`` (the head after that epoch), the same quantities Lightning logs for the
+    epochs that follow, so the probe reads as the frozen phase of the training curves.
+    """
     start = time.perf_counter()
     train_x, train_y = encode(model, datamodule.eval_loader("train"))
     val_x, val_y = encode(model, datamodule.eval_loader("val"))
-    head = model.head.train()
+    head = model.head
     batch_size = datamodule.batch_size
     steps_per_epoch = max(1, len(train_x) // batch_size)
     optimizer, schedule = build_optimizer(
@@ -57,8 +62,11 @@ def linear_probe(
     )
     loss_fn = build_loss(recipe)
     generator = torch.Generator().manual_seed(seed)
+    history = []
     for _ in range(epochs):
+        head.train()
         order = torch.randperm(len(train_x), generator=generator)
+        losses = []
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
             loss = loss_fn(head(train_x[batch]), train_y[batch])
@@ -66,10 +74,24 @@ def linear_probe(
             loss.backward()
             optimizer.step()
             schedule.step()
-    head.eval()
-    with torch.no_grad():
-        accuracy = float((head(val_x).argmax(1) == val_y).float().mean())
+            losses.append(loss.item())
+        scores = validate(head, val_x, val_y, loss_fn)
+        history.append({"train_loss": float(np.mean(losses)), **scores})
     model.train()  # hand Lightning the model in the mode it expects at the start of fit
     log.info("linear probe: %d epochs on %d cached features in %.1f s, val accuracy %.4f",
-             epochs, len(train_x), time.perf_counter() - start, accuracy)  # fmt: skip
-    return float(np.round(accuracy, 6))
+             epochs, len(train_x), time.perf_counter() - start,
+             history[-1]["val_accuracy"])  # fmt: skip
+    return [{key: round(value, 6) for key, value in epoch.items()} for epoch in history]
+
+
+@torch.no_grad()
+def validate(
+    head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, loss_fn: torch.nn.Module
+) -> dict[str, float]:
+    """Val loss and accuracy of ``head`` (in eval mode) on cached features."""
+    head.eval()
+    logits = head(features)
+    return {
+        "val_loss": float(loss_fn(logits, labels)),
+        "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+    }
