@@ -36,9 +36,10 @@ from training.calibration import collect_logits, fit_temperature
 from training.callbacks import EncoderFreeze
 from training.config import FitConfig, save_config
 from training.evaluate import evaluation_metrics
+from training.history import read_history, write_probe_history
 from training.module import ClassifierModule, Recipe
 from training.probe import linear_probe
-from training.report import write_report
+from training.report import report_title, write_report
 
 log = logging.getLogger("convtune")
 MODEL_WEIGHTS = "model.safetensors"
@@ -68,7 +69,10 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     probe = config.cache_features and config.freeze_epochs > 0
     if probe and not resume:
         datamodule.setup("fit")
-        linear_probe(model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed)
+        write_probe_history(
+            run_dir,
+            linear_probe(model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed),
+        )
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -132,7 +136,9 @@ def finish_run(
         report = write_report(
             run_dir, {"split": "test", **test}, logits=test_logits, labels=test_labels,
             paths=datamodule.part("test").paths, classes=classes,
-            title=f"{config.model} on {config.data}: test split",
+            title=report_title(model=config.model, data_path=config.data, run_dir=config.out,
+                               split="test"),
+            history=read_history(run_dir),
         )  # fmt: skip
         summary["test"] = {key: test[key] for key in _SUMMARY_KEYS}
         summary["report"] = str(report)
