@@ -82,7 +82,7 @@ def add_border_notch(image: Image.Image, rng: np.random.Generator) -> Image.Imag
     length = max(2, round(rng.uniform(0.3, 0.45) * size))
     offset = int(rng.integers(depth, size - depth - length + 1))  # clear of the corners
     colour = tuple(int(v) for v in rng.integers(225, 256, 3))
-    # Drawn on the top side of the image turned by a quarter turns, then turned back.
+    # Drawn on the top side of the image turned by 0-3 quarter turns, then turned back.
     quarter_turns = int(rng.integers(4))
     notched = image.rotate(90 * quarter_turns)
     ImageDraw.Draw(notched).rectangle((offset, 0, offset + length - 1, depth - 1), fill=colour)
