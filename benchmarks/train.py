@@ -203,7 +203,8 @@ def frozen_phase(config: FitConfig, workdir: Path, *, probe_first: bool) -> dict
         model = build_model(config, len(datamodule.images.classes))
         started = time.perf_counter()
         if mode == "probe":
-            accuracy = linear_probe(model, datamodule, recipe, epochs=epochs, seed=config.seed)
+            result = linear_probe(model, datamodule, recipe, epochs=epochs, seed=config.seed)
+            accuracy = result.history[-1]["val_accuracy"]
         else:
             trainer = benchmark_trainer(
                 workdir, "frozen", [EncoderFreeze(epochs)], max_epochs=epochs,

@@ -343,7 +343,10 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     val_labels = torch.tensor(datamodule.part("val").labels)
     assert result.val_logits.shape == (len(val_labels), 3)
     expected = (result.val_logits.argmax(1) == val_labels).float().mean().item()
-    assert result.val_accuracy == pytest.approx(expected)
+    assert result.history[-1]["val_accuracy"] == pytest.approx(expected)
+    assert [sorted(epoch) for epoch in result.history] == [
+        ["train_loss", "val_accuracy", "val_loss"]
+    ] * 3
     # The probe's val logits are the model's own on the val part's eval view.
     with torch.no_grad():
         model.eval()

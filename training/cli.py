@@ -300,7 +300,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from training.config import FitConfig, load_saved_config
     from training.evaluate import artifact_logits, evaluation_metrics
     from training.export import locate_artifact
-    from training.report import write_report
+    from training.history import read_history
+    from training.report import report_title, write_report
 
     if args.split and args.run is None:
         raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")
@@ -323,7 +324,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if out_dir is not None:
         report = write_report(
             out_dir, result, logits=logits, labels=labels, paths=images.paths,
-            classes=classifier.classes, title=f"{args.model} on {args.data}",
+            classes=classifier.classes,
+            title=report_title(model=args.model, data_path=args.data, run_dir=args.run,
+                               split=args.split),
+            history=read_history(args.run) if args.run else (),
         )  # fmt: skip
         result["report"] = str(report)
     print(json.dumps(result, indent=2))

@@ -49,9 +49,10 @@ from training.calibration import (
 from training.callbacks import EncoderFreeze, WeightEMA
 from training.config import FitConfig, save_config
 from training.evaluate import classification_metrics, evaluation_metrics_with_views
+from training.history import read_history, write_probe_history
 from training.module import ClassifierModule, Recipe
 from training.probe import linear_probe
-from training.report import write_report
+from training.report import report_title, write_report
 
 log = logging.getLogger("convtune")
 MODEL_WEIGHTS = "model.safetensors"
@@ -93,6 +94,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
             result = linear_probe(
                 model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed
             )
+            write_probe_history(run_dir, result.history)
             # The probe's model competes with the fine-tuned ones for the final choice.
             candidate = ({k: v.clone() for k, v in model.state_dict().items()}, result)
         if config.time_limit:
@@ -266,7 +268,9 @@ def finish_run(
         report = write_report(
             run_dir, {"split": "test", **test}, logits=test_logits[0], labels=test_labels,
             paths=datamodule.part("test").paths, classes=classes,
-            title=f"{config.model} on {config.data}: test split",
+            title=report_title(model=config.model, data_path=config.data, run_dir=config.out,
+                               split="test"),
+            history=read_history(run_dir),
         )  # fmt: skip
         summary["test"] = {key: test[key] for key in headline if key in test}
         summary["report"] = str(report)

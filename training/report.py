@@ -2,7 +2,8 @@
 
 The HTML embeds its figures as PNG data URIs, so the file can be mailed or archived alone:
 confusion matrix, per-class table, reliability diagrams before and after temperature
-scaling, and a gallery of the most confidently wrong images.
+scaling, a gallery of the most confidently wrong images and, for a training run, its
+training curves.
 """
 
 from __future__ import annotations
@@ -19,15 +20,40 @@ import numpy as np
 
 # matplotlib's object API renders without pyplot's global state or a display backend.
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from data.images import ImageDecodeError, decode_rgb
 from models.inference import view_probabilities
 from training.calibration import reliability_bins
+from training.history import FROZEN
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 GALLERY_SIZE = 12
+# Folder names that say nothing about the dataset, skipped when naming it after a label file.
+_GENERIC_FOLDERS = frozenset({"data", "dataset", "datasets", "images", "labels", "annotations"})
+
+
+def dataset_name(data_path: str | Path) -> str:
+    """A short name for the dataset at ``data_path``: a folder tree's name; for a label file,
+    the nearest folder above it with a telling name and the file's name,
+    e.g. ``.../elpv_dataset/data/labels.csv`` → ``elpv_dataset (labels.csv)``."""
+    path = Path(data_path).resolve()
+    if path.is_dir():
+        return path.name
+    names = [p.name for p in path.parents if p.name and p.name.lower() not in _GENERIC_FOLDERS]
+    return f"{names[0]} ({path.name})" if names else path.name
+
+
+def report_title(
+    *, model: str, data_path: str | Path, run_dir: str | Path | None, split: str | None
+) -> str:
+    """``MODEL on DATASET, run RUN_DIR: SPLIT split`` (the run and split where known)."""
+    title = f"{model} on {dataset_name(data_path)}"
+    if run_dir is not None:
+        title += f", run {run_dir}"
+    return f"{title}: {split} split" if split else title
 
 
 def write_report(
@@ -39,11 +65,15 @@ def write_report(
     paths: Sequence[Path],
     classes: tuple[str, ...],
     title: str,
+    history: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write ``metrics.json`` and ``report.html`` into ``out_dir``; return the report path.
 
     ``logits`` are those ``metrics`` were computed from: one view's ``(N, C)`` or V views'
     ``(V, N, C)``. A ``tta`` part of ``metrics`` gets a column of its own in the summary.
+
+    ``history`` is the training run's per-epoch record (``training.history.read_history``);
+    without one the report has no training curves.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     temperature = metrics["temperature"]
@@ -53,7 +83,8 @@ def write_report(
         "calibrated": reliability_bins(after, labels),
     }
     (out_dir / METRICS_FILE).write_text(
-        json.dumps({**metrics, "reliability": reliability}, indent=2) + "\n"
+        json.dumps({**metrics, "reliability": reliability, "history": list(history)}, indent=2)
+        + "\n"
     )
     sections = [
         f"<h1>{html.escape(title)}</h1>",
@@ -71,6 +102,8 @@ def write_report(
         "<h2>Most confidently wrong</h2>",
         _gallery(after, labels, paths, classes),
     ]
+    if history:
+        sections += ["<h2>Training curves</h2>", _img(_history_figure(history))]
     if "binary" in metrics:
         binary = metrics["binary"]
         sections.insert(
@@ -156,6 +189,38 @@ def _reliability_figure(reliability: dict[str, list[dict[str, float]]]) -> Figur
     all_axes[0].set_ylabel("accuracy")
     figure.tight_layout()
     return figure
+
+
+def _history_figure(history: Sequence[dict[str, Any]]) -> Figure:
+    """Losses and val accuracy per epoch; the frozen-encoder epochs shaded."""
+    epochs = [entry["epoch"] for entry in history]
+    frozen = [entry["epoch"] for entry in history if entry["phase"] == FROZEN]
+    figure = Figure(figsize=(10, 4))
+    loss_axes, accuracy_axes = figure.subplots(1, 2, sharex=True)
+    loss_axes.plot(epochs, _series(history, "train_loss"), "o-", label="train loss")
+    loss_axes.plot(epochs, _series(history, "val_loss"), "s-", label="val loss")
+    loss_axes.set_ylabel("loss")
+    accuracy_axes.plot(
+        epochs, _series(history, "val_accuracy"), "o-", color="C2", label="val accuracy"
+    )
+    accuracy_axes.set_ylabel("accuracy")
+    accuracy_axes.set_ylim(0, 1)
+    for axes in (loss_axes, accuracy_axes):
+        if frozen:
+            # Each point stands for a whole epoch, so the shading reaches half an epoch past
+            # the first and last frozen points; its right edge is where the encoder unfroze.
+            span = (min(frozen) - 0.5, max(frozen) + 0.5)
+            axes.axvspan(*span, color="0.85", label="encoder frozen")
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.legend(loc="best")
+    figure.tight_layout()
+    return figure
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    """``key`` per epoch, NaN (a gap in the line) where an epoch did not record it."""
+    return np.array([np.nan if entry[key] is None else entry[key] for entry in history], float)
 
 
 def _gallery(

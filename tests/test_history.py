@@ -1,0 +1,84 @@
+"""The training history: read from a real run's logs (and probe), shown in the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.synthetic import make_shapes_dataset
+from training.cli import main
+from training.history import FINE_TUNE, FROZEN, PROBE_HISTORY_FILE, read_history
+from training.report import dataset_name, report_title
+
+
+def set_option(args: list[str], option: str, value: str) -> list[str]:
+    args = [*args]
+    args[args.index(option) + 1] = value
+    return args
+
+
+def fit_shapes(tmp_path: Path, fit_args: list[str], *extra: str) -> Path:
+    data = make_shapes_dataset(tmp_path / "shapes", per_class=20, size=40, seed=1)
+    run_dir = tmp_path / "run"
+    args = [*set_option(fit_args, "--freeze-epochs", "1"), "--cache-images", *extra]
+    assert main(["fit", "--data", str(data), "--out", str(run_dir), *args]) == 0
+    return run_dir
+
+
+def test_probe_and_resumed_epochs_make_one_history_in_the_report(
+    tmp_path: Path, fit_args: list[str]
+) -> None:
+    run_dir = fit_shapes(tmp_path, fit_args, "--cache-features")
+    assert main(["fit", "--out", str(run_dir), "--resume", "--epochs", "3"]) == 0
+    assert (run_dir / PROBE_HISTORY_FILE).is_file()
+    assert (run_dir / "logs" / "version_1" / "metrics.csv").is_file()  # two attempts to read
+
+    history = read_history(run_dir)
+    assert [entry["epoch"] for entry in history] == [0, 1, 2]
+    assert [entry["phase"] for entry in history] == [FROZEN, FINE_TUNE, FINE_TUNE]
+    for entry in history:
+        assert entry["train_loss"] > 0 and entry["val_loss"] > 0, entry
+        assert 0 <= entry["val_accuracy"] <= 1, entry
+    # The probe computes no macro-F1; Lightning logs it for every epoch it runs.
+    assert [entry["val_macro_f1"] is None for entry in history] == [True, False, False]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["history"] == history
+    report = (run_dir / "report.html").read_text()
+    assert "<h2>Training curves</h2>" in report
+    assert report.count("data:image/png;base64,") >= 3  # confusion, reliability, curves
+    assert f"test_resnet on shapes, run {run_dir}: test split" in report
+
+
+def test_frozen_epochs_run_by_lightning_are_marked_frozen(
+    tmp_path: Path, fit_args: list[str]
+) -> None:
+    run_dir = fit_shapes(tmp_path, fit_args)
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [entry["phase"] for entry in history] == [FROZEN, FINE_TUNE]
+    assert all(entry["val_macro_f1"] is not None for entry in history)
+
+
+def test_dataset_name_of_a_folder_tree(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    assert dataset_name(tmp_path / "photos") == "photos"
+    assert dataset_name(f"{tmp_path}/photos/") == "photos"
+
+
+def test_dataset_name_of_a_label_file_skips_generic_folders(tmp_path: Path) -> None:
+    installed = tmp_path / "site-packages" / "elpv_dataset" / "data" / "labels.csv"
+    assert dataset_name(installed) == "elpv_dataset (labels.csv)"
+    assert dataset_name(tmp_path / "cells" / "Images" / "train.tsv") == "cells (train.tsv)"
+    assert dataset_name(tmp_path / "cells" / "labels.csv") == "cells (labels.csv)"
+    assert dataset_name("/data/labels.csv") == "labels.csv"  # nothing telling above it
+
+
+def test_report_title_names_dataset_run_and_split() -> None:
+    data = "/venv/lib/python3.11/site-packages/elpv_dataset/data/labels.csv"
+    title = report_title(
+        model="tf_efficientnet_lite0", data_path=data, run_dir="runs/demo", split="test"
+    )
+    assert title == "tf_efficientnet_lite0 on elpv_dataset (labels.csv), run runs/demo: test split"
+    assert report_title(model="elpv:latest", data_path=data, run_dir=None, split=None) == (
+        "elpv:latest on elpv_dataset (labels.csv)"
+    )
