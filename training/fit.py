@@ -6,8 +6,9 @@ A run directory holds everything needed to resume, evaluate and export it::
     split.json           the exact train/val/test images (reused by resume and evaluate)
     classes.json         class names in output order
     logs/version_N/      metrics.csv per attempt (resuming starts a new version)
+    probe.json           with --cache-features: the linear probe's per-epoch history
     checkpoints/         best.ckpt and last.ckpt (Lightning, for --resume)
-    model.safetensors    the best weights (by the monitored val metric)
+    model.safetensors    the best weights (by the monitored val metric; the probe's too)
     model.json           how to rebuild the model, its temperature and val metrics
     metrics.json         with a test part: the test metrics (see training/report.py)
     report.html          with a test part: the evaluation report
@@ -51,7 +52,7 @@ from training.config import FitConfig, save_config
 from training.evaluate import classification_metrics, evaluation_metrics_with_views
 from training.history import read_history, write_probe_history
 from training.module import ClassifierModule, Recipe
-from training.probe import linear_probe
+from training.probe import ProbeResult, linear_probe
 from training.report import report_title, write_report
 
 log = logging.getLogger("convtune")
@@ -149,20 +150,34 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     model = model.cpu()
-    val_logits, val_labels = collect_logits(model, datamodule.val_dataloader())
+    val_logits, _ = collect_logits(model, datamodule.val_dataloader())
     if candidate is not None:
-        probe_state, result = candidate
-        probe_logits = result.val_logits.numpy()
-        tuned, probed = (
-            validation_score(logits, val_labels, config.monitor, len(datamodule.images.classes))
-            for logits in (val_logits, probe_logits)
-        )
-        log.info("val %s: fine-tuned %.4f, linear probe %.4f", config.monitor, tuned, probed)
-        if probed > tuned:
-            log.info("keeping the linear probe's model: fine-tuning did not beat it on val")
-            model.load_state_dict(probe_state)
-            val_logits = probe_logits
+        val_logits = keep_the_better(model, val_logits, candidate, datamodule, config.monitor)
     return finish_run(model, datamodule, config, run_dir, val_logits=val_logits)
+
+
+def keep_the_better(
+    model: ImageClassifier,
+    val_logits: np.ndarray,
+    probe: tuple[dict[str, torch.Tensor], ProbeResult],
+    datamodule: ImageDataModule,
+    monitor: str,
+) -> np.ndarray:
+    """Load the probe's weights into ``model`` if they score better on val than the
+    fine-tuned ones (``val_logits``); return the val logits of the weights kept."""
+    probe_state, result = probe
+    probe_logits = result.val_logits.numpy()
+    labels = np.array(datamodule.part("val").labels)
+    classes = len(datamodule.images.classes)
+    tuned, probed = (
+        validation_score(logits, labels, monitor, classes) for logits in (val_logits, probe_logits)
+    )
+    log.info("val %s: fine-tuned %.4f, linear probe %.4f", monitor, tuned, probed)
+    if probed <= tuned:
+        return val_logits
+    log.info("keeping the linear probe's model: fine-tuning did not beat it on val")
+    model.load_state_dict(probe_state)
+    return probe_logits
 
 
 def plan_to_time_limit(
