@@ -76,6 +76,13 @@ def test_the_encoder_warms_up_again_after_unfreezing() -> None:
     assert encoder_lr[14] == pytest.approx(0.5 * head_lr[14])
 
 
+def test_after_a_probe_the_head_learns_at_the_encoders_rate() -> None:
+    recipe = Recipe(lr=0.01, backbone_lr_scale=0.5, label_smoothing=0.05).after_probe()
+    assert (recipe.lr, recipe.backbone_lr_scale, recipe.label_smoothing) == (0.005, 1.0, 0.05)
+    groups = model_param_groups(create_model("test_resnet", 3), recipe)
+    assert {group["lr"] for group in groups} == {0.005}
+
+
 @pytest.mark.parametrize(
     "monitor, better",
     [("accuracy", "confident"), ("macro_f1", "confident"), ("loss", "hedging")],

@@ -83,7 +83,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     recipe = build_recipe(
         config, images.subset(list(split.train)), freeze_epochs=0 if probe else config.freeze_epochs
     )
-    module = ClassifierModule(model, recipe)
+    module = ClassifierModule(model, recipe.after_probe() if probe else recipe)
     # With --cache-features the frozen epochs run as a linear probe before Lightning
     # takes over, and the trainer only runs the unfrozen ones.
     candidate = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -35,6 +35,13 @@ class Recipe:
     # Epochs before the encoder learns: its learning rate warms up again from there, so
     # the first unfrozen steps do not hit pretrained weights at the peak rate.
     freeze_epochs: int = 0
+
+    def after_probe(self) -> Recipe:
+        """The recipe for fine-tuning a model whose head a linear probe has trained: the
+        head learns at the encoder's rate. At its own peak rate again, on features that
+        start to move, it leaves the probe's solution (validation fell 3-4 points in the
+        first epoch on ELPV; docs/benchmarks.md)."""
+        return replace(self, lr=self.lr * self.backbone_lr_scale, backbone_lr_scale=1.0)
 
 
 class ClassifierModule(L.LightningModule):
