@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models.factory import create_model
 from training.batchnorm import recalibrate_batchnorm
-from training.budget import FINISH_SECONDS, plan_epochs
+from training.budget import FINISH_SECONDS, PLANNED_SHARE, plan_epochs
 from training.cli import main
 from training.fit import validation_score
 from training.module import Recipe, build_optimizer, model_param_groups
@@ -118,14 +118,14 @@ def test_plan_epochs_fits_the_budget_and_refuses_an_impossible_one() -> None:
     plan = plan_epochs(seconds_left=100, train_step=1.0, eval_batch=0.5,
                        train_steps_per_epoch=10, val_batches=4, test_batches=2)  # fmt: skip
     # An epoch: 10 + 2 s; finishing: 3 s + the fixed cost.
-    assert plan.epochs == int((100 - 3 - FINISH_SECONDS) // 12)
+    assert plan.epochs == int((PLANNED_SHARE * 100 - 3 - FINISH_SECONDS) // 12)
     assert plan.epochs * plan.epoch_seconds + plan.finish_seconds <= 100
     # Eight test-time views make the final passes eight times as long.
     viewed = plan_epochs(seconds_left=100, train_step=1.0, eval_batch=0.5,
                          train_steps_per_epoch=10, val_batches=4, test_batches=2,
                          views=8)  # fmt: skip
     assert viewed.finish_seconds == pytest.approx(8 * 3 + FINISH_SECONDS)
-    assert viewed.epochs == int((100 - 24 - FINISH_SECONDS) // 12)
+    assert viewed.epochs == int((PLANNED_SHARE * 100 - 24 - FINISH_SECONDS) // 12)
     with pytest.raises(ValueError, match="raise --time-limit"):
         plan_epochs(seconds_left=20, train_step=1.0, eval_batch=0.5,
                     train_steps_per_epoch=10, val_batches=4, test_batches=2)  # fmt: skip

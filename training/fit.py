@@ -86,7 +86,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     module = ClassifierModule(model, recipe.after_probe() if probe else recipe)
     # With --cache-features the frozen epochs run as a linear probe before Lightning
     # takes over, and the trainer only runs the unfrozen ones.
-    candidate = None
+    candidate, finish_seconds = None, 0.0
     if not resume:
         datamodule.setup("fit")
         if config.bn_recalibrate:
@@ -100,7 +100,9 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
             candidate = ({k: v.clone() for k, v in model.state_dict().items()}, result)
         if config.time_limit:
             elapsed = time.monotonic() - started
-            config = plan_to_time_limit(config, model, datamodule, recipe, elapsed=elapsed)
+            config, finish_seconds = plan_to_time_limit(
+                config, model, datamodule, recipe, elapsed=elapsed
+            )
             save_config(config, run_dir)  # the epochs that will run, for --resume
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -131,8 +133,10 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         )
     trainer = L.Trainer(
         max_epochs=config.epochs - config.freeze_epochs if probe else config.epochs,
-        # A backstop: a machine that slows down mid-run still stops near the limit.
-        max_time=timedelta(seconds=config.time_limit - (time.monotonic() - started))
+        # A backstop: a machine that slows down mid-run still stops in time to finish.
+        max_time=timedelta(
+            seconds=max(1.0, config.time_limit - (time.monotonic() - started) - finish_seconds)
+        )
         if config.time_limit
         else None,
         accelerator=config.accelerator,
@@ -187,9 +191,9 @@ def plan_to_time_limit(
     recipe: Recipe,
     *,
     elapsed: float,
-) -> FitConfig:
-    """``config`` with as many epochs (at most ``config.epochs``) as fit in the time left;
-    see training/budget.py."""
+) -> tuple[FitConfig, float]:
+    """``config`` with as many epochs (at most ``config.epochs``) as fit in the time left,
+    and the seconds to keep for finishing the run; see training/budget.py."""
     probe = config.cache_features and config.freeze_epochs > 0
     train_loader = datamodule.train_dataloader()
     plan = plan_epochs(
@@ -210,7 +214,7 @@ def plan_to_time_limit(
         )
     log.info("time limit %.0f s, %.0f s used: %s; running %d of at most %d epochs",
              config.time_limit, elapsed, plan.describe(), epochs, config.epochs)  # fmt: skip
-    return replace(config, epochs=epochs)
+    return replace(config, epochs=epochs), plan.finish_seconds
 
 
 def recalibrate(model: ImageClassifier, datamodule: ImageDataModule, *, seed: int) -> None:
