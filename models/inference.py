@@ -11,7 +11,6 @@ fitted on the validation split for the average (``training.calibration``).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -160,15 +159,15 @@ class OnnxClassifier:
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a ``(N, 3, h, w)`` batch, averaged over the
         ``tta`` views."""
-        return self._probabilities(self.session, pixels)
-
-    def _probabilities(self, session: Any, pixels: np.ndarray) -> np.ndarray:
-        return view_probabilities(_view_logits(session, pixels, self.tta), self.temperature)
+        return view_probabilities(self.view_logits(pixels), self.temperature)
 
     def lane(self, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         """``probabilities`` on a session of its own with ``threads`` threads, to run
         beside this one and other lanes (``service.batching``)."""
-        return functools.partial(self._probabilities, self._session(threads))
+        session = self._session(threads)
+        return lambda pixels: view_probabilities(
+            _view_logits(session, pixels, self.tta), self.temperature
+        )
 
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities for decoded RGB images, shape ``(len(images), num_classes)``."""

@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models.factory import create_model
 from training.batchnorm import recalibrate_batchnorm
-from training.budget import FINISH_SECONDS, PLANNED_SHARE, plan_epochs
+from training.budget import (
+    EPOCH_OVERHEAD_SECONDS,
+    FINISH_SECONDS,
+    PLANNED_SHARE,
+    plan_epochs,
+)
 from training.cli import main
 from training.fit import validation_score
 from training.module import Recipe, build_optimizer, model_param_groups
@@ -117,15 +122,16 @@ def test_the_probe_is_kept_when_fine_tuning_makes_things_worse(
 def test_plan_epochs_fits_the_budget_and_refuses_an_impossible_one() -> None:
     plan = plan_epochs(seconds_left=100, train_step=1.0, eval_batch=0.5,
                        train_steps_per_epoch=10, val_batches=4, test_batches=2)  # fmt: skip
-    # An epoch: 10 + 2 s; finishing: 3 s + the fixed cost.
-    assert plan.epochs == int((PLANNED_SHARE * 100 - 3 - FINISH_SECONDS) // 12)
+    # An epoch: 10 + 2 s + the overhead; finishing: 3 s + the fixed cost.
+    epoch = 12 + EPOCH_OVERHEAD_SECONDS
+    assert plan.epochs == int((PLANNED_SHARE * 100 - 3 - FINISH_SECONDS) // epoch)
     assert plan.epochs * plan.epoch_seconds + plan.finish_seconds <= 100
     # Eight test-time views make the final passes eight times as long.
     viewed = plan_epochs(seconds_left=100, train_step=1.0, eval_batch=0.5,
                          train_steps_per_epoch=10, val_batches=4, test_batches=2,
                          views=8)  # fmt: skip
     assert viewed.finish_seconds == pytest.approx(8 * 3 + FINISH_SECONDS)
-    assert viewed.epochs == int((PLANNED_SHARE * 100 - 24 - FINISH_SECONDS) // 12)
+    assert viewed.epochs == int((PLANNED_SHARE * 100 - 24 - FINISH_SECONDS) // epoch)
     with pytest.raises(ValueError, match="raise --time-limit"):
         plan_epochs(seconds_left=20, train_step=1.0, eval_batch=0.5,
                     train_steps_per_epoch=10, val_batches=4, test_batches=2)  # fmt: skip
@@ -134,14 +140,15 @@ def test_plan_epochs_fits_the_budget_and_refuses_an_impossible_one() -> None:
 def test_fit_with_a_time_limit_plans_its_epochs_and_ends_in_time(
     shapes_dir: Path, tmp_path: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    limit = 120
-    args = [*fit_args, "--epochs", "50", "--time-limit", str(limit)]
+    limit = 60
+    args = [*fit_args, "--epochs", "10000", "--time-limit", str(limit)]
     start = time.monotonic()
     with caplog.at_level(logging.INFO, logger="convtune"):
         assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
     assert time.monotonic() - start < limit
     assert "epoch(s) planned" in caplog.text
     planned = yaml.safe_load((tmp_path / "config.yaml").read_text())["epochs"]
-    assert 1 <= planned < 50
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["epoch"] == planned - 1  # the whole planned schedule ran
+    assert 1 <= planned < 10000
+    # The whole planned schedule ran (the backstop did not have to stop it).
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert max(int(line.split(",")[0]) for line in logged[1:]) == planned - 1

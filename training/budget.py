@@ -29,8 +29,10 @@ from training.module import Recipe, build_loss
 # temperature, writing weights and the report.
 FINISH_SECONDS = 15.0
 # The timed steps leave out what Lightning's loop adds to each (logging, the progress
-# bar, averaging the weights), so epochs are planned for this share of the time left.
+# bar, averaging the weights), so epochs are planned for this share of the time left,
+# and each epoch also pays for starting its loops and writing checkpoints.
 PLANNED_SHARE = 0.9
+EPOCH_OVERHEAD_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,9 @@ def plan_epochs(
     """As many epochs (each: its training steps, then validation) as fit in
     ``seconds_left`` after the final val and test passes (of each of ``views`` test-time
     views) and :data:`FINISH_SECONDS`."""
-    epoch_seconds = train_step * train_steps_per_epoch + eval_batch * val_batches
+    epoch_seconds = (
+        train_step * train_steps_per_epoch + eval_batch * val_batches + EPOCH_OVERHEAD_SECONDS
+    )
     finish_seconds = eval_batch * (val_batches + test_batches) * views + FINISH_SECONDS
     epochs = math.floor((PLANNED_SHARE * seconds_left - finish_seconds) / epoch_seconds)
     if epochs < 1:
