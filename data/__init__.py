@@ -1,11 +1,7 @@
-"""Datasets, splits and image transforms.
+"""Data: labelled images from folder trees and label files, deterministic splits, decoding
+any image into RGB, the pixel pipelines for training and evaluation, the DataModule.
 
-What lives here: reading labelled images from a folder tree or a label file
-(``data.sources``), the deterministic stratified split (``data.splits``), decoding any
-image into RGB (``data.images``), the albumentations pipelines (``data.transforms``) and
-the LightningDataModule (``data.datamodule``).
-
-Imports: numpy, Pillow and albumentations only, except ``data.datamodule`` which also uses
-torch and lightning. The service imports ``data.images`` and ``data.transforms``, so those
-two must never import torch.
+Imports: numpy, Pillow, OpenCV and albumentations only, except ``data.datamodule`` which
+also uses torch and lightning. The service imports ``data.images`` and
+``data.transforms``, so those two must never import torch.
 """

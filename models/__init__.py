@@ -1,10 +1,5 @@
-"""Encoder + classifier head, pretrained-weight sources, and the model artifact.
-
-What lives here: ``models.factory`` (``create_model``: a timm encoder plus a new head),
-``models.head`` (the head and its initialisation), ``models.weights`` (where pretrained
-weights come from), ``models.packaged`` (offline ImageNet weights from pip packages),
-``models.artifact`` (the manifest, file hashes, reading and
-writing artifacts) and ``models.inference`` (running an artifact's ONNX graph).
+"""Models: a timm encoder with a new classifier head, where pretrained weights come from,
+the artifact format, and running an artifact's ONNX graph.
 
 Imports: ``data`` and third-party libraries. ``models.artifact`` and ``models.inference``
 are used by the service and must never import torch or timm; ``create_model`` is loaded
