@@ -9,6 +9,7 @@ an eval view that crops the centre (timm's default) never looks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +39,32 @@ def draw_shape(shape: str, rng: np.random.Generator, size: int = 64) -> Image.Im
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
 
 
+def write_class_folders(
+    root: str | Path,
+    classes: tuple[str, ...],
+    draw: Callable[[str, np.random.Generator], Image.Image],
+    *,
+    per_class: int,
+    seed: int,
+) -> Path:
+    """Write ``root/<class>/<n>.png``, each image ``draw(class, rng)``; return ``root``."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            draw(name, rng).save(root / name / f"{n:04d}.png")
+    return root
+
+
 def make_shapes_dataset(
     root: str | Path, *, per_class: int = 30, size: int = 64, seed: int = 0
 ) -> Path:
     """Write ``root/<shape>/<n>.png`` and return ``root``."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for shape in SHAPES:
-        (root / shape).mkdir(parents=True, exist_ok=True)
-        for n in range(per_class):
-            draw_shape(shape, rng, size).save(root / shape / f"{n:04d}.png")
-    return root
+    return write_class_folders(
+        root, SHAPES, lambda shape, rng: draw_shape(shape, rng, size), per_class=per_class,
+        seed=seed,
+    )  # fmt: skip
 
 
 # The border task: is there a small bright notch at the image's edge? Its depth stays inside
@@ -93,13 +109,9 @@ def make_border_dataset(
     root: str | Path, *, per_class: int = 60, size: int = 64, seed: int = 0
 ) -> Path:
     """Write ``root/<clean|notched>/<n>.png`` and return ``root``."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for name in BORDER_CLASSES:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for n in range(per_class):
-            image = draw_photo_background(rng, size)
-            if name == "notched":
-                image = add_border_notch(image, rng)
-            image.save(root / name / f"{n:04d}.png")
-    return root
+
+    def draw(name: str, rng: np.random.Generator) -> Image.Image:
+        image = draw_photo_background(rng, size)
+        return add_border_notch(image, rng) if name == "notched" else image
+
+    return write_class_folders(root, BORDER_CLASSES, draw, per_class=per_class, seed=seed)

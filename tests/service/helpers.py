@@ -10,6 +10,7 @@ import io
 import json
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,38 @@ def request_log(log: Path) -> list[dict]:
         if line.startswith('{"event": "request"'):
             records.append(json.loads(line))
     return records
+
+
+def assert_concurrent_answers(
+    url: str,
+    probe_images: list[Path],
+    expected: list[dict],
+    *,
+    singles: int,
+    batches: int,
+    repeat: int,
+    workers: int,
+) -> None:
+    """Send ``singles`` one-image requests and ``batches`` requests of the probe images
+    ``repeat`` times over, all at once; each answer must be its own images' ``expected``."""
+
+    def one(index: int) -> tuple[int, dict]:
+        response = post(url, "predict", files={"image": image_file(probe_images[index])})
+        assert response.status_code == 200, response.text
+        return index, response.json()
+
+    def batch() -> list[dict]:
+        files = [("images", image_file(path)) for path in probe_images * repeat]
+        response = post(url, "predict_batch", files=files)
+        assert response.status_code == 200, response.text
+        return response.json()["results"]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(batch) for _ in range(batches)]
+        answers = list(pool.map(one, [i % len(probe_images) for i in range(singles)]))
+        batched = [future.result() for future in pending]
+    for index, result in answers:
+        assert_same_numbers(result, expected[index])
+    for results in batched:
+        for result, want in zip(results, expected * repeat, strict=True):
+            assert_same_numbers(result, want)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import assert_prediction, assert_same_numbers, image_file, post
+from helpers import (
+    assert_concurrent_answers,
+    assert_prediction,
+    assert_same_numbers,
+    image_file,
+    post,
+)
 
 from data.synthetic import make_shapes_dataset
 
@@ -57,29 +62,10 @@ def test_predict_batch_matches_cli_in_input_order(server, exported, probe_images
 
 
 def test_concurrent_requests_are_batched_correctly(server, exported, probe_images, cli_results):
-    """Many requests at once share onnxruntime calls; each still gets its own answer."""
-    jobs = [i % len(probe_images) for i in range(32)]
-
-    def one(index: int) -> tuple[int, dict]:
-        response = post(server, "predict", files={"image": image_file(probe_images[index])})
-        assert response.status_code == 200, response.text
-        return index, response.json()
-
-    def batch() -> list[dict]:  # 3 x 45 images: over the 64-image batch limit together
-        files = [("images", image_file(path)) for path in probe_images * 5]
-        response = post(server, "predict_batch", files=files)
-        assert response.status_code == 200, response.text
-        return response.json()["results"]
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        batches = [pool.submit(batch) for _ in range(3)]
-        singles = list(pool.map(one, jobs))
-        batches = [future.result() for future in batches]
-    for index, result in singles:
-        assert_same_numbers(result, cli_results[index])
-    for results in batches:
-        for result, expected in zip(results, cli_results * 5, strict=True):
-            assert_same_numbers(result, expected)
+    """Many requests at once share onnxruntime calls; each still gets its own answer. The
+    3 batches of 45 images are over the 64-image batch limit together."""
+    assert_concurrent_answers(server, probe_images, cli_results, singles=32, batches=3,
+                              repeat=5, workers=16)  # fmt: skip
 
 
 def test_accuracy_on_heldout_images(server, exported) -> None:

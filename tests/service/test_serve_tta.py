@@ -9,12 +9,17 @@ import io
 import json
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_prediction, assert_same_numbers, image_file, post
+from helpers import (
+    assert_concurrent_answers,
+    assert_prediction,
+    assert_same_numbers,
+    image_file,
+    post,
+)
 
 from data.images import decode_rgb
 from models.inference import OnnxClassifier
@@ -75,27 +80,8 @@ def test_served_views_give_the_numbers_of_predict_with_them(
 @pytest.mark.slow
 def test_served_views_survive_batching_and_lanes(tta_server, probe_images, cli_tta_results) -> None:
     """Concurrent requests share onnxruntime calls of 8 views per image, in lanes too."""
-
-    def one(index: int) -> tuple[int, dict]:
-        response = post(tta_server, "predict", files={"image": image_file(probe_images[index])})
-        assert response.status_code == 200, response.text
-        return index, response.json()
-
-    def batch() -> list[dict]:
-        files = [("images", image_file(path)) for path in probe_images * 3]
-        response = post(tta_server, "predict_batch", files=files)
-        assert response.status_code == 200, response.text
-        return response.json()["results"]
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        batches = [pool.submit(batch) for _ in range(2)]
-        singles = list(pool.map(one, [i % len(probe_images) for i in range(24)]))
-        batches = [future.result() for future in batches]
-    for index, result in singles:
-        assert_same_numbers(result, cli_tta_results[index])
-    for results in batches:
-        for result, expected in zip(results, cli_tta_results * 3, strict=True):
-            assert_same_numbers(result, expected)
+    assert_concurrent_answers(tta_server, probe_images, cli_tta_results, singles=24, batches=2,
+                              repeat=3, workers=8)  # fmt: skip
 
 
 def test_batcher_with_view_lanes_gives_each_request_its_rows(exported, probe_images) -> None:
