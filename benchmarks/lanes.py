@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import write_report
-from benchmarks.serve import generated_images
-from service.batching import lane_layout
+from convtune.benchmarks.common import write_report
+from convtune.benchmarks.serve import generated_images
+from convtune.service.batching import lane_layout
 
 ALL_CORES = "one session, every core"  # the serving benchmark's batch-1 ceiling
 SERVICE_WORK = "service work, no HTTP"
@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if min(args.batch, args.decoders, args.rounds) < 1 or args.seconds <= 0:
         raise ValueError("--batch, --decoders, --rounds and --seconds must be positive")
-    from models.inference import OnnxClassifier
-    from training.export import locate_artifact
+    from convtune.models.inference import OnnxClassifier
+    from convtune.training.export import locate_artifact
 
     cores = os.cpu_count() or 1
     classifier = OnnxClassifier(locate_artifact(args.model))

@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
 
-from models.artifact import WEIGHTS_FILE, read_manifest
-from models.factory import rebuild_model
+from convtune.models.artifact import WEIGHTS_FILE, read_manifest
+from convtune.models.factory import rebuild_model
 
 ARTIFACT = os.environ["CONVTUNE_PEER_ARTIFACT"]
 

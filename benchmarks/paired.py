@@ -21,8 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import write_report
-from benchmarks.serve import LoadPlan, add_upload_arguments, convtune_service, drive, uploads_for
+from convtune.benchmarks.common import write_report
+from convtune.benchmarks.serve import (
+    LoadPlan,
+    add_upload_arguments,
+    convtune_service,
+    drive,
+    uploads_for,
+)
 
 
 def compare(pairs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from training.export import locate_artifact
+    from convtune.training.export import locate_artifact
 
     if args.concurrency < 1 or args.pairs < 1 or args.duration <= 0:
         raise ValueError("--concurrency, --pairs and --duration must be positive")

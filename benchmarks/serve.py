@@ -40,9 +40,9 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import numpy as np
 
-from benchmarks.common import median_of, write_report
-from benchmarks.loadgen import run_load
-from benchmarks.servers import free_port, running_server
+from convtune.benchmarks.common import median_of, write_report
+from convtune.benchmarks.loadgen import run_load
+from convtune.benchmarks.servers import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]  # where `service` and `benchmarks` import from
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -75,7 +75,7 @@ def generated_images(
     count: int, size: int, image_format: str = "PNG", seed: int = 0
 ) -> list[bytes]:
     """``count`` distinct ``size``×``size`` images of the synthetic shapes, encoded."""
-    from data.synthetic import SHAPES, draw_shape
+    from convtune.data.synthetic import SHAPES, draw_shape
 
     rng = np.random.default_rng(seed)
     images = []
@@ -103,7 +103,7 @@ class Ceiling:
     """The artifact's ONNX graph alone in this process, on the uploads preprocessed beforehand."""
 
     def __init__(self, artifact: Path, uploads: Sequence[bytes]) -> None:
-        from models.inference import OnnxClassifier
+        from convtune.models.inference import OnnxClassifier
 
         self.classifier = OnnxClassifier(artifact)
         self.uploads = uploads
@@ -212,12 +212,12 @@ def server_env(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -> Iterator[Served]:
     """``bentoml serve`` of ``artifact`` from a private model store, until the block ends."""
-    from training.export import register_in_store
+    from convtune.training.export import register_in_store
 
     home = workdir / "bentoml"
     tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
     port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Convtune"]
+    command = [sys.executable, "-m", "bentoml", "serve", "convtune.service.service:Convtune"]
     with running_server(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
         ready_url=f"http://127.0.0.1:{port}/readyz",
@@ -232,7 +232,7 @@ def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -
 def naive_peer(artifact: Path, workdir: Path) -> Iterator[Served]:
     """``uvicorn benchmarks.naive_peer:app`` serving ``artifact``, until the block ends."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "benchmarks.naive_peer:app"]
+    command = [sys.executable, "-m", "uvicorn", "convtune.benchmarks.naive_peer:app"]
     with running_server(
         [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         ready_url=f"http://127.0.0.1:{port}/ready",
@@ -400,7 +400,7 @@ def uploads_for(args: argparse.Namespace) -> list[bytes]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from training.export import locate_artifact, with_serving_tta
+    from convtune.training.export import locate_artifact, with_serving_tta
 
     concurrencies = tuple(sorted({int(c) for c in args.concurrency.split(",")}))
     if min(concurrencies) < 1 or args.rounds < 1 or args.duration <= 0:

@@ -40,27 +40,27 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import median_of, write_report
-from data.datamodule import ImageDataModule
-from data.synthetic import make_shapes_dataset
-from models.factory import ImageClassifier
-from training.callbacks import EncoderFreeze
-from training.config import FitConfig, resolve_config
-from training.fit import (
+from convtune.benchmarks.common import median_of, write_report
+from convtune.data.datamodule import ImageDataModule
+from convtune.data.synthetic import make_shapes_dataset
+from convtune.models.factory import ImageClassifier
+from convtune.training.callbacks import EncoderFreeze
+from convtune.training.config import FitConfig, resolve_config
+from convtune.training.fit import (
     build_datamodule,
     build_model,
     build_recipe,
     prepare_split,
     resolve_precision,
 )
-from training.module import (
+from convtune.training.module import (
     ClassifierModule,
     Recipe,
     build_loss,
     build_optimizer,
     model_param_groups,
 )
-from training.probe import linear_probe
+from convtune.training.probe import linear_probe
 
 GOALS = {  # the performance issue's goals, by ratio name
     "lightning_vs_plain": "Lightning step img/s ÷ plain-loop step img/s ≥ 0.95",

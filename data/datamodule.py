@@ -11,10 +11,10 @@ import torch
 from albumentations import Compose
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from data.images import decode_rgb
-from data.sources import LabelledImages
-from data.splits import Split
-from data.transforms import (
+from convtune.data.images import decode_rgb
+from convtune.data.sources import LabelledImages
+from convtune.data.splits import Split
+from convtune.data.transforms import (
     Augmentation,
     EvalTransform,
     Preprocessing,

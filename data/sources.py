@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_rgb
+from convtune.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_rgb
 
 
 class DatasetError(ValueError):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.sources import DatasetError, LabelledImages
+from convtune.data.sources import DatasetError, LabelledImages
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")

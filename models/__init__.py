@@ -15,7 +15,7 @@ __all__ = ["create_model"]
 
 def __getattr__(name: str) -> Any:
     if name == "create_model":
-        from models.factory import create_model
+        from convtune.models.factory import create_model
 
         return create_model
     raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.transforms import Preprocessing
+from convtune.data.transforms import Preprocessing
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"

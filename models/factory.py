@@ -16,9 +16,9 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from data.transforms import Preprocessing
-from models.head import build_head
-from models.weights import WeightsError, WeightSource, offline_hint, resolve_weight_source
+from convtune.data.transforms import Preprocessing
+from convtune.models.head import build_head
+from convtune.models.weights import WeightsError, WeightSource, offline_hint, resolve_weight_source
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from data.images import DEFAULT_MAX_PIXELS, decode_rgb
-from data.transforms import build_eval_transform, eval_decode_size
-from models.artifact import ONNX_FILE, read_manifest
+from convtune.data.images import DEFAULT_MAX_PIXELS, decode_rgb
+from convtune.data.transforms import build_eval_transform, eval_decode_size
+from convtune.models.artifact import ONNX_FILE, read_manifest
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.artifact import sha256_file
-from models.weights import WeightsError
+from convtune.models.artifact import sha256_file
+from convtune.models.weights import WeightsError
 
 if TYPE_CHECKING:
     import torch

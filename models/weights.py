@@ -46,7 +46,7 @@ def resolve_weight_source(spec: str | Path, model_name: str) -> WeightSource:
     them to a file converts and caches the packaged weights on first use.
     """
     # Imported here: models.packaged imports WeightsError from this module.
-    from models import packaged
+    from convtune.models import packaged
 
     text = str(spec)
     if text == "auto":
@@ -69,7 +69,7 @@ def resolve_weight_source(spec: str | Path, model_name: str) -> WeightSource:
 
 def offline_hint(model_name: str) -> str:
     """What to do when the hub download failed: the ways to get weights without a network."""
-    from models import packaged
+    from convtune.models import packaged
 
     if packaged.has_packaged_weights(model_name):
         packaged_way = (

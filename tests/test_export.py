@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from data.images import decode_rgb
-from data.sources import load_labelled_images
-from models.artifact import ArtifactError, read_manifest
-from models.inference import OnnxClassifier, softmax
-from training.cli import main
-from training.evaluate import classification_metrics
-from training.export import check_onnx_matches, load_trained_model, locate_artifact
+from convtune.data.images import decode_rgb
+from convtune.data.sources import load_labelled_images
+from convtune.models.artifact import ArtifactError, read_manifest
+from convtune.models.inference import OnnxClassifier, softmax
+from convtune.training.cli import main
+from convtune.training.evaluate import classification_metrics
+from convtune.training.export import check_onnx_matches, load_trained_model, locate_artifact
 
 
 def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> None:
@@ -140,8 +140,8 @@ def test_softmax_is_stable_and_temperature_flattens() -> None:
 
 
 def test_evaluate_refuses_classes_the_model_does_not_know(artifact_dir, tmp_path) -> None:
-    from data.synthetic import make_shapes_dataset
-    from training.evaluate import artifact_logits
+    from convtune.data.synthetic import make_shapes_dataset
+    from convtune.training.evaluate import artifact_logits
 
     root = make_shapes_dataset(tmp_path / "d", per_class=2)
     (root / "circle").rename(root / "hexagon")
@@ -154,7 +154,7 @@ def test_evaluate_of_the_export_reproduces_the_runs_test_report(tmp_path, capsys
     # test report must describe exactly what the exported model answers for those files.
     from PIL import Image
 
-    from data.synthetic import make_shapes_dataset
+    from convtune.data.synthetic import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", per_class=20, size=96, seed=3)
     for path in sorted(data.glob("*/*.png"))[::2]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.synthetic import make_shapes_dataset
-from training.cli import main
-from training.history import FINE_TUNE, FROZEN, PROBE_HISTORY_FILE, read_history
-from training.report import dataset_name, report_title
+from convtune.data.synthetic import make_shapes_dataset
+from convtune.training.cli import main
+from convtune.training.history import FINE_TUNE, FROZEN, PROBE_HISTORY_FILE, read_history
+from convtune.training.report import dataset_name, report_title
 
 
 def set_option(args: list[str], option: str, value: str) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.images import ImageDecodeError, decode_rgb
+from convtune.data.images import ImageDecodeError, decode_rgb
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

@@ -9,9 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from models.factory import HeadConfig, create_model, rebuild_model
-from models.head import OUTPUT_INIT_STD, build_head
-from models.weights import WeightsError
+from convtune.models.factory import HeadConfig, create_model, rebuild_model
+from convtune.models.head import OUTPUT_INIT_STD, build_head
+from convtune.models.weights import WeightsError
 
 
 @pytest.mark.parametrize(

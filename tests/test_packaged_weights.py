@@ -18,13 +18,13 @@ import pytest
 import timm
 import torch
 
-from data.transforms import build_eval_transform
-from models import packaged
-from models.artifact import sha256_file
-from models.factory import ImageClassifier, create_model
-from models.weights import WeightsError, offline_hint, resolve_weight_source
-from training.cli import main
-from training.config import FitConfig
+from convtune.data.transforms import build_eval_transform
+from convtune.models import packaged
+from convtune.models.artifact import sha256_file
+from convtune.models.factory import ImageClassifier, create_model
+from convtune.models.weights import WeightsError, offline_hint, resolve_weight_source
+from convtune.training.cli import main
+from convtune.training.config import FitConfig
 
 skimage_data = pytest.importorskip("skimage.data")
 

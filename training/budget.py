@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from models.factory import ImageClassifier, first_stages
-from training.callbacks import hold_frozen
-from training.module import Recipe, build_loss
+from convtune.models.factory import ImageClassifier, first_stages
+from convtune.training.callbacks import hold_frozen
+from convtune.training.module import Recipe, build_loss
 
 # Fixed costs of finishing a run beyond the model's own forward passes: fitting the
 # temperature, writing weights and the report.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from models.inference import image_views, view_probabilities
+from convtune.models.inference import image_views, view_probabilities
 
 ECE_BINS = 15
 

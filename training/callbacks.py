@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from models.factory import first_stages
+from convtune.models.factory import first_stages
 
 
 class EncoderFreeze(L.Callback):

@@ -15,7 +15,7 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-from training.config import parse_label_map, parse_names
+from convtune.training.config import parse_label_map, parse_names
 
 # (option, type, help) for every FitConfig field settable from the command line.
 _FIT_OPTIONS: list[tuple[str, Any, str]] = [
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> None:
-    from training.config import load_saved_config, resolve_config
-    from training.fit import fit
+    from convtune.training.config import load_saved_config, resolve_config
+    from convtune.training.fit import fit
 
     overrides = {
         name: value
@@ -273,15 +273,15 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from training.export import ARTIFACT_DIR, build_artifact, register_in_store
+    from convtune.training.export import ARTIFACT_DIR, build_artifact, register_in_store
 
     artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta)
     print(register_in_store(artifact, args.name))
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from models.inference import OnnxClassifier, format_prediction
-    from training.export import locate_artifact
+    from convtune.models.inference import OnnxClassifier, format_prediction
+    from convtune.training.export import locate_artifact
 
     if args.top_k < 1:
         raise ValueError("--top-k must be a positive integer")
@@ -295,13 +295,13 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from data.sources import load_labelled_images
-    from data.splits import SPLIT_FILE, load_split
-    from training.config import FitConfig, load_saved_config
-    from training.evaluate import artifact_logits, evaluation_metrics
-    from training.export import locate_artifact
-    from training.history import read_history
-    from training.report import report_title, write_report
+    from convtune.data.sources import load_labelled_images
+    from convtune.data.splits import SPLIT_FILE, load_split
+    from convtune.training.config import FitConfig, load_saved_config
+    from convtune.training.evaluate import artifact_logits, evaluation_metrics
+    from convtune.training.export import locate_artifact
+    from convtune.training.history import read_history
+    from convtune.training.report import report_title, write_report
 
     if args.split and args.run is None:
         raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")
@@ -334,7 +334,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_weights(args: argparse.Namespace) -> None:
-    from models import packaged
+    from convtune.models import packaged
 
     # Plain columns rather than a rich table: stays readable in 80 columns and in pipes.
     row = "{:<22} {:<33} {:<10} {}"

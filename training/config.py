@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from data.sources import LabelFileFormat
+from convtune.data.sources import LabelFileFormat
 
 CONFIG_FILE = "config.yaml"
 

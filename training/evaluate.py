@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 from rich.progress import track
 
-from data.sources import DatasetError, LabelledImages
-from models.inference import OnnxClassifier, view_probabilities
-from training.calibration import calibration_summary
+from convtune.data.sources import DatasetError, LabelledImages
+from convtune.models.inference import OnnxClassifier, view_probabilities
+from convtune.training.calibration import calibration_summary
 
 _TTA_KEYS = ("accuracy", "macro_f1", "nll", "ece", "temperature")
 

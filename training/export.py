@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from models.artifact import (
+from convtune.models.artifact import (
     MANIFEST_FILE,
     ONNX_FILE,
     SCHEMA_VERSION,
@@ -29,10 +29,10 @@ from models.artifact import (
     read_manifest,
     write_manifest,
 )
-from models.factory import ImageClassifier, rebuild_model
-from models.inference import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, check_view_set
-from training.config import load_saved_config
-from training.fit import MODEL_DESCRIPTION, MODEL_WEIGHTS
+from convtune.models.factory import ImageClassifier, rebuild_model
+from convtune.models.inference import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, check_view_set
+from convtune.training.config import load_saved_config
+from convtune.training.fit import MODEL_DESCRIPTION, MODEL_WEIGHTS
 
 log = logging.getLogger("convtune")
 TOLERANCE = 1e-4

@@ -33,27 +33,27 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from data.datamodule import ImageDataModule
-from data.sources import LabelledImages, drop_unreadable, load_labelled_images
-from data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
-from data.transforms import Augmentation
-from models.factory import HeadConfig, ImageClassifier, create_model, first_stages
-from models.inference import VIEW_SETS, softmax
-from training.batchnorm import recalibrate_batchnorm
-from training.budget import plan_epochs, time_eval_batch, time_train_step
-from training.calibration import (
+from convtune.data.datamodule import ImageDataModule
+from convtune.data.sources import LabelledImages, drop_unreadable, load_labelled_images
+from convtune.data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
+from convtune.data.transforms import Augmentation
+from convtune.models.factory import HeadConfig, ImageClassifier, create_model, first_stages
+from convtune.models.inference import VIEW_SETS, softmax
+from convtune.training.batchnorm import recalibrate_batchnorm
+from convtune.training.budget import plan_epochs, time_eval_batch, time_train_step
+from convtune.training.calibration import (
     collect_logits,
     collect_view_logits,
     fit_temperatures,
     negative_log_likelihood,
 )
-from training.callbacks import EncoderFreeze, WeightEMA
-from training.config import FitConfig, save_config
-from training.evaluate import classification_metrics, evaluation_metrics_with_views
-from training.history import read_history, write_probe_history
-from training.module import ClassifierModule, Recipe
-from training.probe import ProbeResult, linear_probe
-from training.report import report_title, write_report
+from convtune.training.callbacks import EncoderFreeze, WeightEMA
+from convtune.training.config import FitConfig, save_config
+from convtune.training.evaluate import classification_metrics, evaluation_metrics_with_views
+from convtune.training.history import read_history, write_probe_history
+from convtune.training.module import ClassifierModule, Recipe
+from convtune.training.probe import ProbeResult, linear_probe
+from convtune.training.report import report_title, write_report
 
 log = logging.getLogger("convtune")
 MODEL_WEIGHTS = "model.safetensors"

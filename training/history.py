@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.config import load_saved_config
+from convtune.training.config import load_saved_config
 
 PROBE_HISTORY_FILE = "probe.json"
 FROZEN, FINE_TUNE = "frozen", "fine-tune"

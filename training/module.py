@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from models.factory import ImageClassifier
+from convtune.models.factory import ImageClassifier
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from data.datamodule import ImageDataModule
-from models.factory import ImageClassifier
-from training.module import Recipe, build_loss, build_optimizer, param_groups
+from convtune.data.datamodule import ImageDataModule
+from convtune.models.factory import ImageClassifier
+from convtune.training.module import Recipe, build_loss, build_optimizer, param_groups
 
 log = logging.getLogger("convtune")
 

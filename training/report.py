@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from data.images import ImageDecodeError, decode_rgb
-from models.inference import view_probabilities
-from training.calibration import reliability_bins
-from training.history import FROZEN
+from convtune.data.images import ImageDecodeError, decode_rgb
+from convtune.models.inference import view_probabilities
+from convtune.training.calibration import reliability_bins
+from convtune.training.history import FROZEN
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"

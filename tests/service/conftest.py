@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks.servers import free_port, running_server
-from data.synthetic import make_shapes_dataset
+from convtune.benchmarks.servers import free_port, running_server
+from convtune.data.synthetic import make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 48  # probe images; the eval transform resizes them to the model's size
@@ -105,7 +105,7 @@ def probe_images(exported: Exported) -> list[Path]:
 def cli_results(exported: Exported, probe_images: list[Path]) -> list[dict]:
     """``convtune predict`` on the probe images: the numbers the service must reproduce."""
     out = exported.run(
-        "-m", "training.cli", "predict", str(exported.artifact_dir), *map(str, probe_images),
+        "-m", "convtune", "predict", str(exported.artifact_dir), *map(str, probe_images),
         "--top-k", "99",
     )  # fmt: skip
     return json.loads(out)["results"]
@@ -126,7 +126,7 @@ def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = exported.root / f"{name}.log"
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Convtune"]
+    command = [sys.executable, "-m", "bentoml", "serve", "convtune.service.service:Convtune"]
     with running_server(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
         ready_url=f"{url}/readyz",

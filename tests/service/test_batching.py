@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from service.batching import GreedyBatcher, QueueTimeout, lane_layout
+from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 
 
 class RecordingModel:

@@ -17,7 +17,7 @@ def test_bench_serve_runs_every_part_and_reports_them(exported, tmp_path) -> Non
     report_file = tmp_path / "serve.json"
     table = exported.run(
         "-m",
-        "training.cli",
+        "convtune",
         "bench",
         "serve",
         str(exported.artifact_dir),
@@ -82,7 +82,7 @@ def test_bench_paired_drives_both_configurations_in_alternating_pairs(exported, 
     report_file = tmp_path / "paired.json"
     table = exported.run(
         "-m",
-        "training.cli",
+        "convtune",
         "bench",
         "paired",
         str(exported.artifact_dir),
@@ -122,7 +122,7 @@ def test_bench_paired_drives_both_configurations_in_alternating_pairs(exported, 
 def test_bench_lanes_measures_both_setups_alone_and_beside_decoding(exported, tmp_path):
     report_file = tmp_path / "lanes.json"
     table = exported.run(
-        "-m", "training.cli", "bench", "lanes", str(exported.artifact_dir), "--rounds", "1",
+        "-m", "convtune", "bench", "lanes", str(exported.artifact_dir), "--rounds", "1",
         "--seconds", "0.3", "--image-size", "64", "--json", str(report_file),
         timeout=120,
     )  # fmt: skip

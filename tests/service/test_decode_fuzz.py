@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from data.images import ImageDecodeError, decode_rgb
+from convtune.data.images import ImageDecodeError, decode_rgb
 
 # Pillow warns about some damage it tolerates (corrupt EXIF, odd TIFF tags): not errors.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

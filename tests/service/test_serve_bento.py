@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import yaml
 
-from models.artifact import read_manifest
+from convtune.models.artifact import read_manifest
 
 pytestmark = pytest.mark.slow
 TORCH_FAMILY = {"torch", "torchvision", "lightning", "pytorch-lightning", "timm"}

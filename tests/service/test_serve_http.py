@@ -20,7 +20,7 @@ from helpers import (
     post,
 )
 
-from data.synthetic import make_shapes_dataset
+from convtune.data.synthetic import make_shapes_dataset
 
 pytestmark = pytest.mark.slow
 

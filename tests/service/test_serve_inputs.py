@@ -25,8 +25,8 @@ from helpers import (
 )
 from PIL import Image
 
-from data.images import decode_rgb
-from models.inference import OnnxClassifier, format_prediction
+from convtune.data.images import decode_rgb
+from convtune.models.inference import OnnxClassifier, format_prediction
 
 pytestmark = pytest.mark.slow
 

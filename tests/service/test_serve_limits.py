@@ -18,7 +18,7 @@ import httpx
 import pytest
 from helpers import assert_json_error, drawing, encode, png_bytes, post
 
-from service.http import Limits
+from convtune.service.http import Limits
 
 pytestmark = pytest.mark.slow
 

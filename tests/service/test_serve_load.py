@@ -26,7 +26,7 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(
     images = [arg for path in probe_images for arg in ("--image", str(path))]
     table = exported.run(
         "-m",
-        "benchmarks.loadgen",
+        "convtune.benchmarks.loadgen",
         "--url",
         served.url,
         "--route",

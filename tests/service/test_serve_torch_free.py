@@ -37,7 +37,7 @@ else:
     raise SystemExit("the import blocker does not work")
 
 import numpy as np
-import service.service as module
+import convtune.service.service as module
 
 instance = module.Convtune()  # resolves convtune:latest from $BENTOML_HOME
 calls = []  # images per onnxruntime call

@@ -21,10 +21,10 @@ from helpers import (
     post,
 )
 
-from data.images import decode_rgb
-from models.inference import OnnxClassifier
-from service.batching import GreedyBatcher
-from training.cli import main
+from convtune.data.images import decode_rgb
+from convtune.models.inference import OnnxClassifier
+from convtune.service.batching import GreedyBatcher
+from convtune.training.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def tta_server(start_server, tta_tag: str) -> Iterator[str]:
 def cli_tta_results(exported, probe_images: list[Path]) -> list[dict]:
     """``convtune predict --tta d4`` on the probe images, with the suite's own artifact."""
     out = exported.run(
-        "-m", "training.cli", "predict", str(exported.artifact_dir), *map(str, probe_images),
+        "-m", "convtune", "predict", str(exported.artifact_dir), *map(str, probe_images),
         "--top-k", "99", "--tta", "d4",
     )  # fmt: skip
     return json.loads(out)["results"]
