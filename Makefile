@@ -5,8 +5,6 @@ VENV ?= .venv
 # The CPU wheels this project is tested with; override on machines that need other builds.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
-export NO_ALBUMENTATIONS_UPDATE := 1
-export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: venv demo test lint clean
 

@@ -35,9 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-
 import numpy as np
 
 from convtune.benchmarks.common import median_of, write_report

@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L
 import torch

@@ -16,12 +16,8 @@ which run in the same onnxruntime call as the batch's images.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-
 import functools
+import os
 from typing import Any
 
 import anyio

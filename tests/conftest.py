@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+import convtune  # noqa: F401  (sets the quiet environment that servers started by tests inherit)
+
 # Set before anything imports bentoml, which reads it once; servers started by tests
 # inherit it. The suite never touches the user's own model store.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="convtune-test-bentoml-")

@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-# Set before albumentations or bentoml are imported anywhere below.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from convtune.training.config import parse_label_map, parse_names
 

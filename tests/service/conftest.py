@@ -57,8 +57,6 @@ class Exported:
 def subprocess_env(bentoml_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CONVTUNE_MODEL"}
     env.update(
-        NO_ALBUMENTATIONS_UPDATE="1",
-        BENTOML_DO_NOT_TRACK="true",
         BENTOML_HOME=str(bentoml_home),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )
