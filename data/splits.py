@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convtune.data.sources import DatasetError, LabelledImages
+from convtune.data.datasets import DatasetError, LabelledImages
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
@@ -20,13 +20,14 @@ PARTS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Split:
-    """Indices into one :class:`LabelledImages` for each part."""
+    """Indices into one :class:`LabelledImages` for each part: train, val and test."""
 
     train: tuple[int, ...]
     val: tuple[int, ...]
     test: tuple[int, ...]
 
-    def part(self, name: str) -> tuple[int, ...]:
+    def indices(self, name: str) -> tuple[int, ...]:
+        """The indices of part ``name`` (``train``, ``val`` or ``test``)."""
         return getattr(self, name)
 
 
@@ -78,7 +79,8 @@ def save_split(path: Path, images: LabelledImages, split: Split, *, seed: int) -
         "classes": list(images.classes),
         **{
             name: [
-                [str(images.paths[i]), images.classes[images.labels[i]]] for i in split.part(name)
+                [str(images.paths[i]), images.classes[images.labels[i]]]
+                for i in split.indices(name)
             ]
             for name in PARTS
         },

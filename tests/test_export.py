@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from convtune.data.datasets import load_labelled_images
 from convtune.data.images import decode_rgb
-from convtune.data.sources import load_labelled_images
 from convtune.models.artifact import ArtifactError, read_manifest
 from convtune.models.inference import OnnxClassifier, softmax
 from convtune.training.cli import main

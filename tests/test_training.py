@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 
 from convtune.data.datamodule import ImageDataModule
-from convtune.data.sources import load_labelled_images
+from convtune.data.datasets import load_labelled_images
 from convtune.data.splits import stratified_split
 from convtune.models.factory import create_model, encoder_stages
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
@@ -346,7 +346,7 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head[-1].weight.clone()
     result = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
-    val_labels = torch.tensor(datamodule.part("val").labels)
+    val_labels = torch.tensor(datamodule.images_in("val").labels)
     assert result.val_logits.shape == (len(val_labels), 3)
     expected = (result.val_logits.argmax(1) == val_labels).float().mean().item()
     assert result.history[-1]["val_accuracy"] == pytest.approx(expected, abs=1e-6)

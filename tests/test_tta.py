@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convtune.data.datasets import load_labelled_images
 from convtune.data.images import decode_rgb
-from convtune.data.sources import load_labelled_images
 from convtune.models.artifact import read_manifest
 from convtune.models.inference import OnnxClassifier, image_views, softmax, view_probabilities
 from convtune.training.cli import main

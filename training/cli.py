@@ -290,7 +290,7 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from convtune.data.sources import load_labelled_images
+    from convtune.data.datasets import load_labelled_images
     from convtune.data.splits import SPLIT_FILE, load_split
     from convtune.training.config import FitConfig, load_saved_config
     from convtune.training.evaluate import artifact_logits, evaluation_metrics
@@ -307,7 +307,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     images = load_labelled_images(args.data, config.label_format())
     if args.split:
         split = load_split(args.run / SPLIT_FILE, images)
-        images = images.subset(list(split.part(args.split)))
+        images = images.subset(list(split.indices(args.split)))
     artifact = locate_artifact(args.model)
     logits, labels, classifier = artifact_logits(artifact, images, tta=args.tta)
     metrics = evaluation_metrics(

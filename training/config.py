@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from convtune.data.sources import LabelFileFormat
+from convtune.data.datasets import LabelFileFormat
 
 CONFIG_FILE = "config.yaml"
 

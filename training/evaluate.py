@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from rich.progress import track
 
-from convtune.data.sources import DatasetError, LabelledImages
+from convtune.data.datasets import DatasetError, LabelledImages
 from convtune.models.inference import OnnxClassifier, view_probabilities
 from convtune.training.calibration import calibration_summary
 

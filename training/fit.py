@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from convtune.data.datamodule import ImageDataModule
-from convtune.data.sources import LabelledImages, drop_unreadable, load_labelled_images
+from convtune.data.datasets import LabelledImages, drop_unreadable, load_labelled_images
 from convtune.data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
 from convtune.data.transforms import Augmentation
 from convtune.models.factory import HeadConfig, ImageClassifier, create_model, first_stages
@@ -171,7 +171,7 @@ def keep_the_better(
     fine-tuned ones (``val_logits``); return the val logits of the weights kept."""
     probe_state, result = probe
     probe_logits = result.val_logits.numpy()
-    labels = np.array(datamodule.part("val").labels)
+    labels = np.array(datamodule.images_in("val").labels)
     classes = len(datamodule.images.classes)
     tuned, probed = (
         validation_score(logits, labels, monitor, classes) for logits in (val_logits, probe_logits)
@@ -266,7 +266,7 @@ def finish_run(
             model, datamodule.val_dataloader(), views=views
         )
     else:
-        val_logits, val_labels = val_logits[None], np.array(datamodule.part("val").labels)
+        val_logits, val_labels = val_logits[None], np.array(datamodule.images_in("val").labels)
     temperatures = fit_temperatures(val_logits, val_labels, views=views)
     val = evaluation_metrics_with_views(
         val_logits, val_labels, classes, views=views, temperatures=temperatures,
@@ -286,7 +286,7 @@ def finish_run(
         )  # fmt: skip
         report = write_report(
             run_dir, {"split": "test", **test}, logits=test_logits[0], labels=test_labels,
-            paths=datamodule.part("test").paths, classes=classes,
+            paths=datamodule.images_in("test").paths, classes=classes,
             title=report_title(model=config.model, data_path=config.data, run_dir=config.out,
                                split="test"),
             history=read_history(run_dir),
