@@ -3,19 +3,19 @@
 1. **Step throughput**: images/s of convtune's Lightning training step (its module,
    trainer settings, logger and progress bar) against a plain PyTorch loop doing the same
    forward, loss, backward, optimizer and schedule step on the same model, batches and
-   initial weights. The goal is a ratio ≥ 0.95: Lightning must not cost throughput.
+   initial weights: Lightning must not cost throughput.
 2. **Data pipeline**: images/s of the training DataLoader (decode + albumentations, the
-   configured workers), alone, against the model's training consumption from 1: ≥ 2×, so
+   configured workers), alone, against the model's training consumption from 1, so that
    the loader never starves the model.
 3. **Frozen phase**: ``--freeze-epochs`` normal frozen epochs (augmented images through the
    frozen encoder every epoch, validation each epoch) against ``--cache-features``'s linear
-   probe (features computed once), same data and seed: the speed-up (goal ≥ 5×) and the
-   validation accuracy of each. The probe's one encoder pass costs about as much as one
+   probe (features computed once), same data and seed: the speed-up and the validation
+   accuracy of each. The probe's one encoder pass costs about as much as one
    normal epoch, so the speed-up grows with the number of frozen epochs.
 
 Everything runs on the CPU. Each measurement runs ``--rounds`` times, the order of the
 compared runs alternating so that neither always meets a warmer machine; the table shows
-medians, each ratio is the median of the per-round ratios.
+medians, each ratio is the median of the per-round ratios, against its goal (``GOALS``).
 """
 
 from __future__ import annotations
