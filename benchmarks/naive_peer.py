@@ -28,7 +28,7 @@ from convtune.models.factory import rebuild_model
 ARTIFACT = os.environ["CONVTUNE_PEER_ARTIFACT"]
 
 manifest = read_manifest(ARTIFACT)
-model = rebuild_model(manifest.raw)
+model = rebuild_model(manifest.to_json())
 model.load_state_dict(load_file(os.path.join(ARTIFACT, WEIGHTS_FILE)))
 model.eval()
 

@@ -1,7 +1,8 @@
 """A deterministic, stratified train/val/test split, saved with the run.
 
-The split is stored as paths (not indices) in ``split.json`` so that resume and
-evaluate reuse exactly the same images even if files are later added to the dataset.
+The split is stored as paths (not indices) so that resume and evaluate reuse exactly the
+same images even if files are later added to the dataset. Its file also holds the class
+list, in the model's output order: a run's one record of it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import numpy as np
 
 from convtune.data.datasets import DatasetError, LabelledImages
 
-SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
 
 
@@ -86,6 +86,11 @@ def save_split(path: Path, images: LabelledImages, split: Split, *, seed: int) -
         },
     }
     path.write_text(json.dumps(payload, indent=1))
+
+
+def saved_classes(path: Path) -> tuple[str, ...]:
+    """The class names of a saved split, in the model's output order."""
+    return tuple(json.loads(path.read_text())["classes"])
 
 
 def load_split(path: Path, images: LabelledImages) -> Split:

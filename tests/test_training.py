@@ -294,12 +294,16 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
 
 
 def test_fit_writes_a_complete_run_directory(trained_run: Path) -> None:
-    for name in ("config.yaml", "split.json", "classes.json", "model.safetensors",
-                 "model.json", "logs/version_0/metrics.csv", "checkpoints/best.ckpt",
+    for name in ("config.yaml", "split.json", "model.safetensors", "model.json",
+                 "logs/version_0/metrics.csv", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt"):  # fmt: skip
         assert (trained_run / name).is_file(), name
+    # The class list, in output order, is the split's and written nowhere else in the run.
+    split = json.loads((trained_run / "split.json").read_text())
+    assert split["classes"] == ["circle", "square", "triangle"]
+    assert not (trained_run / "classes.json").exists()
     description = json.loads((trained_run / "model.json").read_text())
-    assert description["classes"] == ["circle", "square", "triangle"]
+    assert "classes" not in description
     assert description["temperature"] == description["val_metrics"]["temperature"] > 0
     # The shapes task is learnable: clearly better than chance (1/3) after 2 epochs.
     assert description["val_metrics"]["accuracy"] > 0.6

@@ -261,7 +261,8 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from convtune.training.export import ARTIFACT_DIR, build_artifact, register_in_store
+    from convtune.models.artifact import ARTIFACT_DIR
+    from convtune.training.export import build_artifact, register_in_store
 
     artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta)
     print(register_in_store(artifact, args.name))
@@ -284,7 +285,8 @@ def run_predict(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from convtune.data.datasets import load_labelled_images
-    from convtune.data.splits import SPLIT_FILE, load_split
+    from convtune.data.splits import load_split
+    from convtune.models.artifact import SPLIT_FILE
     from convtune.training.config import FitConfig, load_saved_config
     from convtune.training.evaluate import artifact_logits, evaluation_metrics
     from convtune.training.export import locate_artifact

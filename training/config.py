@@ -1,6 +1,6 @@
 """The run configuration: defaults, overridden by a YAML file, overridden by flags.
 
-The resolved configuration is written to ``RUN_DIR/config.yaml`` so a run can be read,
+The resolved configuration is written to ``RUN_DIR/CONFIG_FILE`` so a run can be read,
 resumed and reproduced from its directory alone.
 """
 
@@ -13,8 +13,7 @@ from typing import Any
 import yaml
 
 from convtune.data.datasets import LabelFileFormat
-
-CONFIG_FILE = "config.yaml"
+from convtune.models.artifact import CONFIG_FILE
 
 
 @dataclass(frozen=True)

@@ -10,68 +10,9 @@ from rich.progress import track
 
 from convtune.data.datasets import DatasetError, LabelledImages
 from convtune.models.inference import OnnxClassifier, view_probabilities
-from convtune.training.calibration import calibration_summary
+from convtune.training.metrics import binary_metrics, calibration_summary, classification_metrics
 
 _TTA_KEYS = ("accuracy", "macro_f1", "nll", "ece", "temperature")
-
-
-def classification_metrics(
-    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]
-) -> dict[str, Any]:
-    """Accuracy, macro-F1 over all ``classes``, per-class scores and the confusion matrix.
-
-    ``confusion_matrix[i][j]`` counts images of class i predicted as class j. A class with
-    no predictions has precision 0 (and no support gives recall 0), as in scikit-learn's
-    ``zero_division=0``.
-    """
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    true_positive = np.diag(confusion).astype(np.float64)
-    predicted_count = confusion.sum(axis=0)
-    support = confusion.sum(axis=1)
-    precision = np.divide(
-        true_positive, predicted_count, out=np.zeros(k), where=predicted_count > 0
-    )
-    recall = np.divide(true_positive, support, out=np.zeros(k), where=support > 0)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(k), where=denominator > 0)
-    return {
-        "n": len(labels),
-        "accuracy": float(true_positive.sum() / max(1, len(labels))),
-        "macro_f1": float(f1.mean()),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(classes)
-        },
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
-def binary_metrics(
-    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...], negative: list[str]
-) -> dict[str, Any]:
-    """A two-class view: the ``negative`` classes against all the others (positive)."""
-    unknown = sorted(set(negative) - set(classes))
-    if unknown:
-        raise ValueError(f"binary view: unknown class(es) {unknown}; classes are {classes}")
-    negative_ids = [classes.index(name) for name in negative]
-    truth = (~np.isin(labels, negative_ids)).astype(np.int64)
-    guess = (~np.isin(predicted, negative_ids)).astype(np.int64)
-    view = classification_metrics(truth, guess, ("negative", "positive"))
-    return {
-        "negative_classes": list(negative),
-        "positive_classes": [c for c in classes if c not in negative],
-        "accuracy": view["accuracy"],
-        "macro_f1": view["macro_f1"],
-        **{f"positive_{k}": v for k, v in view["per_class"]["positive"].items()},
-        "confusion_matrix": view["confusion_matrix"],
-    }
 
 
 def evaluation_metrics(
