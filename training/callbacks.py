@@ -33,8 +33,8 @@ class EncoderFreeze(BaseFinetuning):
     so the optimizer skips them and keeps no state for them.
 
     Of ``BaseFinetuning`` this uses the hooks (``freeze_before_training`` at setup,
-    ``finetune_function`` at every epoch start) and its resume bookkeeping, but not its
-    ``freeze`` or ``unfreeze_and_add_param_group``, for two reasons:
+    ``finetune_function`` at every epoch start), not its ``freeze`` or
+    ``unfreeze_and_add_param_group``, for two reasons:
 
     - Unfreezing adds no param group. The encoder's groups are in the optimizer from the
       first step (``module.model_param_groups``), at a learning-rate multiplier of 0 until
