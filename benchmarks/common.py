@@ -12,21 +12,14 @@ import platform
 import statistics
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from convtune.models.artifact import installed_version
 
 REPORTED_PACKAGES = (
     "torch", "lightning", "timm", "onnxruntime", "bentoml", "fastapi", "numpy", "pillow",
 )  # fmt: skip
-
-
-def installed_version(distribution: str) -> str | None:
-    """The installed version of a pip distribution, or None when it is not installed."""
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def missing_distributions(distributions: Iterable[str]) -> list[str]:

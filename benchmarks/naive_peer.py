@@ -22,13 +22,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
 
-from convtune.models.artifact import WEIGHTS_FILE, read_manifest
+from convtune.models.artifact import WEIGHTS_FILE, ModelStructure, read_manifest
 from convtune.models.factory import rebuild_model
 
 ARTIFACT = os.environ["CONVTUNE_PEER_ARTIFACT"]
 
 manifest = read_manifest(ARTIFACT)
-model = rebuild_model(manifest.to_json())
+model = rebuild_model(ModelStructure.from_json(manifest.to_json()))
 model.load_state_dict(load_file(os.path.join(ARTIFACT, WEIGHTS_FILE)))
 model.eval()
 

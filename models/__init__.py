@@ -1,7 +1,9 @@
-"""Models: a timm encoder with a new classifier head, where pretrained weights come from,
-the artifact format, and running an artifact's ONNX graph.
+"""Models: what a fine-tuned classifier is (a timm encoder with a new head, and where its
+pretrained weights come from) and the artifact that carries it (its files, its manifest,
+and running its ONNX graph).
 
-Imports: ``data`` and third-party libraries. ``models.artifact`` and ``models.inference``
-are used by the service and must never import torch or timm, so this package imports
-nothing on its own: ``create_model`` is ``convtune.models.factory.create_model``.
+Imports: ``convtune.data`` and third-party libraries, never ``training`` or ``service``.
+The service imports the artifact and ONNX side of this package, which must therefore not
+import torch or timm; so this ``__init__`` imports nothing, and each module is imported by
+its full name.
 """

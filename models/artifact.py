@@ -1,6 +1,7 @@
 """What convtune keeps on disk: the run directory a fit fills and the artifact exported
-from it. Every file name of both lives here, and the artifact's manifest has its one
-writer and one reader here.
+from it. Every file name of both lives here, and so do the schemas of the two JSON files
+that describe a model, each with its one writer and one reader: ``model.json``
+(:class:`ModelDescription`) and ``manifest.json`` (:class:`Manifest`).
 
 A run directory, everything needed to resume, evaluate and export a run::
 
@@ -14,7 +15,7 @@ A run directory, everything needed to resume, evaluate and export a run::
                          --resume)
     model.safetensors    MODEL_WEIGHTS: the best weights (by the monitored val metric)
     model.json           MODEL_DESCRIPTION: how to rebuild the model, its temperatures and
-                         val metrics
+                         val metrics (:class:`ModelDescription`)
     metrics.json         METRICS_FILE, with a test part: the test metrics (training.report)
     report.html          REPORT_FILE, with a test part: the evaluation report
     artifact/            ARTIFACT_DIR: what ``convtune export`` writes
@@ -39,6 +40,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,86 @@ _OUTPUT = {"name": OUTPUT_NAME, "kind": "logits"}
 
 class ArtifactError(ValueError):
     """The artifact is missing, malformed or does not match its recorded hashes."""
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What ``models.factory.rebuild_model`` needs to build a model's untrained structure:
+    a run's ``model.json`` and a checkpoint's hyperparameters hold it."""
+
+    architecture: str  # timm model name
+    num_classes: int
+    head: Mapping[str, Any]  # models.factory.HeadConfig's fields
+    preprocessing: Preprocessing
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "head": dict(self.head),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ModelStructure:
+        return cls(
+            architecture=str(raw["architecture"]),
+            num_classes=int(raw["num_classes"]),
+            head=dict(raw["head"]),
+            preprocessing=Preprocessing.from_dict(raw["preprocessing"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """A run's ``model.json``, beside its best weights: their structure, the temperatures
+    fitted on val (by view set, always with the single view's, ``none``) and val metrics.
+
+    The file is flat: the structure's keys, ``temperature`` (the single view's, which
+    readers from before test-time views know), ``temperatures`` and ``val_metrics``.
+    """
+
+    structure: ModelStructure
+    temperatures: Mapping[str, float]
+    val_metrics: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.structure.to_json(),
+            "temperature": self.temperatures["none"],
+            "temperatures": dict(self.temperatures),
+            "val_metrics": dict(self.val_metrics),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ModelDescription:
+        """Read a ``model.json``, also one from before temperatures were fitted (1.0) or
+        fitted by view set (the single view's only); a ``classes`` key of older runs is
+        left out: the class list is the split's."""
+        temperature = float(raw.get("temperature", 1.0))
+        temperatures = {"none": temperature, **raw.get("temperatures", {})}
+        return cls(
+            structure=ModelStructure.from_json(raw),
+            temperatures={str(views): float(t) for views, t in temperatures.items()},
+            val_metrics=dict(raw["val_metrics"]),
+        )
+
+
+def write_model_description(run_dir: Path, description: ModelDescription) -> Path:
+    path = run_dir / MODEL_DESCRIPTION
+    path.write_text(json.dumps(description.to_json(), indent=2))
+    return path
+
+
+def read_model_description(run_dir: Path) -> ModelDescription:
+    """Read ``run_dir``'s ``model.json``; ``FileNotFoundError`` if it has none, ValueError
+    if it is not one."""
+    path = run_dir / MODEL_DESCRIPTION
+    text = path.read_text()
+    try:
+        return ModelDescription.from_json(json.loads(text))
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is incomplete or malformed: {error!r}") from error
 
 
 @dataclass(frozen=True)
@@ -159,6 +241,15 @@ class Manifest:
                 f"states {stated}; its classes and a convtune graph give {expected}"
             )
         return manifest
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a pip distribution (None if it is not installed), as the
+    manifest's ``versions`` record it."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def sha256_file(path: Path) -> str:

@@ -18,6 +18,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from convtune.data.transforms import Preprocessing
+from convtune.models.artifact import ModelStructure
 from convtune.models.head import build_head
 from convtune.models.packaged import WeightsError
 from convtune.models.weights import WeightSource, offline_hint, resolve_weight_source
@@ -85,14 +86,15 @@ class ImageClassifier(nn.Module):
             "first_conv": f"encoder.{first_conv}" if isinstance(first_conv, str) else None,
         }
 
-    def describe(self) -> dict:
-        """What is needed to rebuild this model's structure (stored with weights)."""
-        return {
-            "architecture": self.architecture,
-            "num_classes": self.num_classes,
-            "head": asdict(self.head_config),
-            "preprocessing": self.preprocessing.to_dict(),
-        }
+    @property
+    def structure(self) -> ModelStructure:
+        """What :func:`rebuild_model` needs to build this model again, untrained."""
+        return ModelStructure(
+            architecture=self.architecture,
+            num_classes=self.num_classes,
+            head=asdict(self.head_config),
+            preprocessing=self.preprocessing,
+        )
 
 
 def create_model(
@@ -246,16 +248,16 @@ def resolve_preprocessing(
     )
 
 
-def rebuild_model(description: dict) -> ImageClassifier:
-    """An untrained model with the structure recorded by :meth:`ImageClassifier.describe`."""
+def rebuild_model(structure: ModelStructure) -> ImageClassifier:
+    """An untrained model of ``structure`` (:attr:`ImageClassifier.structure`)."""
     model = create_model(
-        description["architecture"],
-        description["num_classes"],
+        structure.architecture,
+        structure.num_classes,
         pretrained="none",
-        img_size=description["preprocessing"]["input_size"][0],
-        head=HeadConfig(**description["head"]),
+        img_size=structure.preprocessing.input_size[0],
+        head=HeadConfig(**structure.head),
     )
     # Keep the recorded statistics: they came from the pretrained weights, which a
-    # rebuilt (untrained) model no longer knows about.
-    model.preprocessing = Preprocessing.from_dict(description["preprocessing"])
+    # rebuilt (untrained) model does not know about.
+    model.preprocessing = structure.preprocessing
     return model

@@ -159,9 +159,10 @@ class OnnxClassifier:
         ``tta`` views."""
         return view_probabilities(self.view_logits(pixels), self.temperature)
 
-    def lane(self, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-        """``probabilities`` on a session of its own with ``threads`` threads, to run
-        beside this one and other lanes (``service.batching``)."""
+    def probabilities_on_new_session(self, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+        """``probabilities`` on an onnxruntime session of its own with ``threads`` threads,
+        which runs side by side with this one and with others (the service's inference
+        lanes, ``service.batching``)."""
         session = self._session(threads)
         return lambda pixels: view_probabilities(
             _view_logits(session, pixels, self.tta), self.temperature

@@ -107,7 +107,10 @@ class Convtune:
         lane_count, threads_per_lane = lane_layout(cores)
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
-            lanes=[self.classifier.lane(threads=threads_per_lane) for _ in range(lane_count)],
+            lanes=[
+                self.classifier.probabilities_on_new_session(threads=threads_per_lane)
+                for _ in range(lane_count)
+            ],
             # Fewer images per call with views, so calls hold no more inputs than without.
             max_batch_size=max(1, MAX_BATCH_SIZE // len(VIEW_SETS[self.classifier.tta])),
             max_wait_s=MAX_QUEUE_WAIT_S,

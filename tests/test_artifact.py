@@ -10,12 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convtune.models.artifact import ArtifactError, Manifest, read_manifest, sha256_file
+from convtune.models.artifact import (
+    ArtifactError,
+    Manifest,
+    ModelDescription,
+    read_manifest,
+    read_model_description,
+    sha256_file,
+)
 from convtune.models.inference import OnnxClassifier
 
 # Exported by convtune before the manifest had a schema class, from a one-epoch run of the
 # suite's recipe (tests/conftest.py): the exact bytes that code wrote.
 MANIFEST_V1 = Path(__file__).parent / "fixtures" / "manifest-v1.json"
+# A run's model.json as convtune wrote it before the schema class, when it still listed the
+# classes (now the split's), from the suite's recipe: the exact bytes that code wrote.
+MODEL_WITH_CLASSES = Path(__file__).parent / "fixtures" / "model-with-classes.json"
 
 
 def test_a_manifest_already_written_reads_and_writes_back_byte_for_byte() -> None:
@@ -80,3 +90,44 @@ def test_a_manifest_already_written_serves_the_model(artifact_dir: Path, tmp_pat
     assert (old.tta, old.temperature) == ("none", raw["temperature"])
     pixels = np.random.default_rng(0).normal(size=(2, 3, 40, 40)).astype(np.float32)
     np.testing.assert_array_equal(old.logits(pixels), current.logits(pixels))
+
+
+def test_a_model_description_already_written_reads_and_writes_back_without_its_classes():
+    raw = json.loads(MODEL_WITH_CLASSES.read_text())
+    description = ModelDescription.from_json(raw)
+    assert description.structure.architecture == "test_resnet"
+    assert description.structure.num_classes == 3
+    assert description.structure.preprocessing.input_size == (40, 40)
+    assert description.structure.head == {
+        "hidden_features": 0,
+        "dropout": 0.0,
+        "activation": "relu",
+    }
+    assert description.temperatures == raw["temperatures"]
+    assert description.val_metrics == raw["val_metrics"]
+    del raw["classes"]
+    assert json.dumps(description.to_json(), indent=2) == json.dumps(raw, indent=2)
+
+
+@pytest.mark.parametrize(
+    ("dropped", "temperatures"),
+    [
+        (("temperatures",), {"none": 1.892316270855691}),
+        (("temperatures", "temperature"), {"none": 1.0}),
+    ],
+)
+def test_a_model_description_from_before_fitted_temperatures_reads(
+    dropped: tuple[str, ...], temperatures: dict[str, float]
+) -> None:
+    raw = json.loads(MODEL_WITH_CLASSES.read_text())
+    for key in dropped:
+        del raw[key]
+    assert ModelDescription.from_json(raw).temperatures == temperatures
+
+
+def test_a_model_description_without_a_field_names_it(tmp_path: Path) -> None:
+    raw = json.loads(MODEL_WITH_CLASSES.read_text())
+    del raw["val_metrics"]
+    (tmp_path / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=re.escape("malformed: KeyError('val_metrics')")):
+        read_model_description(tmp_path)

@@ -16,7 +16,12 @@ from convtune.data.images import decode_rgb
 from convtune.models.artifact import ArtifactError, read_manifest
 from convtune.models.inference import OnnxClassifier, softmax
 from convtune.training.cli import main
-from convtune.training.export import check_onnx_matches, load_trained_model, locate_artifact
+from convtune.training.export import (
+    build_manifest,
+    check_onnx_matches,
+    load_trained_model,
+    locate_artifact,
+)
 
 
 def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> None:
@@ -46,8 +51,25 @@ def test_onnx_graph_matches_pytorch_for_any_batch_size(artifact_dir, trained_run
             expected = model(pixels).numpy()
         assert np.abs(classifier.logits(pixels.numpy()) - expected).max() <= 1e-4
         # A single-threaded lane (the service's sessions under load) gives the same answer.
-        lane = classifier.lane(threads=1)(pixels.numpy())
+        lane = classifier.probabilities_on_new_session(threads=1)(pixels.numpy())
         np.testing.assert_allclose(lane, classifier.probabilities(pixels.numpy()), atol=1e-6)
+
+
+def test_a_run_whose_model_json_lists_classes_and_one_temperature_still_exports(
+    trained_run: Path, artifact_dir: Path, tmp_path: Path
+) -> None:
+    # model.json as runs wrote it before test-time views: the class list, one temperature.
+    run = shutil.copytree(
+        trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("artifact", "checkpoints")
+    )
+    raw = json.loads((run / "model.json").read_text())
+    del raw["temperatures"]
+    (run / "model.json").write_text(json.dumps({**raw, "classes": ["a", "b", "c"]}))
+    model, description = load_trained_model(run)  # the weights load strictly
+    manifest = build_manifest(run, description)
+    assert manifest.temperatures == {"none": raw["temperature"]}
+    assert manifest.classes == ("circle", "square", "triangle")  # the split's, as always
+    assert check_onnx_matches(model, artifact_dir) <= 1e-4
 
 
 @pytest.mark.parametrize("victim", ["model.onnx", "weights.safetensors", "manifest.json"])

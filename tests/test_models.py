@@ -37,7 +37,7 @@ def test_model_maps_images_to_logits_and_resolves_its_preprocessing() -> None:
     assert model.preprocessing.input_size == (64, 64)
     assert model.preprocessing.mean == (0.5, 0.5, 0.5)  # test_vit's own statistics
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
-    rebuilt = rebuild_model({**model.describe(), "classes": list("abcd")})
+    rebuilt = rebuild_model(model.structure)
     rebuilt.load_state_dict(model.state_dict())  # same structure, strict
 
 
@@ -55,7 +55,7 @@ def test_timm_reads_the_models_own_preprocessing() -> None:
     overridden = {**own, "input_size": (3, 160, 160), "crop_pct": 1.0, "crop_mode": "border"}
     assert resolve_model_data_config(model) == overridden
     assert resolve_model_data_config(model, use_test_size=True) == overridden
-    assert resolve_model_data_config(rebuild_model(model.describe())) == overridden
+    assert resolve_model_data_config(rebuild_model(model.structure)) == overridden
     # The module names in the config are this model's.
     assert model.get_submodule(model.pretrained_cfg["classifier"]) is model.head[-1]
     assert model.get_submodule(model.pretrained_cfg["first_conv"]) is model.encoder.conv_stem

@@ -127,7 +127,7 @@ def test_the_eval_view_options_reach_the_model() -> None:
     model = build_model(config, 3)
     assert model.preprocessing.input_size == (48, 48)
     assert (model.preprocessing.crop_pct, model.preprocessing.crop_mode) == (1.0, "border")
-    assert model.describe()["preprocessing"]["crop_mode"] == "border"  # what export writes
+    assert model.structure.to_json()["preprocessing"]["crop_mode"] == "border"  # what export writes
     assert resolve_model_data_config(model)["crop_mode"] == "border"
 
 

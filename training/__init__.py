@@ -1,5 +1,6 @@
-"""Training: the fine-tuning recipe and its phases, calibration, evaluation and the report,
-export into the model store, and the ``convtune`` command line.
+"""Training: turn labelled images into a calibrated, verified artifact in the model store,
+and the ``convtune`` command line that drives it and evaluates the result.
 
-Imports: ``data``, ``models``, torch, lightning, timm, bentoml. Nothing imports training.
+Imports: ``convtune.data``, ``convtune.models``, torch, lightning, timm, bentoml. No other
+convtune package imports it (the service runs without it); the benchmarks do.
 """

@@ -37,6 +37,8 @@ EPOCH_OVERHEAD_SECONDS = 0.5
 
 @dataclass(frozen=True)
 class EpochPlan:
+    """The fine-tuning epochs that fit the time left, and the timings (seconds) behind them."""
+
     epochs: int
     seconds_left: float
     train_step: float
@@ -44,7 +46,8 @@ class EpochPlan:
     epoch_seconds: float
     finish_seconds: float
 
-    def describe(self) -> str:
+    def explanation(self) -> str:
+        """How the plan came about, for the log and for an error that refuses it."""
         return (
             f"{self.seconds_left:.0f} s left: a training step takes {self.train_step:.2f} s, "
             f"an eval batch {self.eval_batch:.2f} s, so an epoch {self.epoch_seconds:.0f} s "

@@ -48,7 +48,7 @@ def evaluation_metrics_with_views(
     binary_negative: list[str] | None = None,
 ) -> dict[str, Any]:
     """``evaluation_metrics`` of the single view (the first of the ``(V, N, C)`` logits of
-    the ``views`` set) and, unless ``views`` is ``none``, a ``tta`` part with the headline
+    the ``views`` set) and, unless ``views`` is ``none``, a ``tta`` entry with the headline
     figures of the mean over the views, at their own temperature."""
     metrics = evaluation_metrics(
         logits[0], labels, classes, temperature=temperatures["none"],

@@ -7,23 +7,19 @@ worse than no export.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from convtune.data.splits import saved_classes
-from convtune.data.transforms import Preprocessing
 from convtune.models.artifact import (
     INPUT_NAME,
     MANIFEST_FILE,
@@ -35,7 +31,10 @@ from convtune.models.artifact import (
     WEIGHTS_FILE,
     ArtifactError,
     Manifest,
+    ModelDescription,
+    installed_version,
     read_manifest,
+    read_model_description,
     write_manifest,
 )
 from convtune.models.factory import ImageClassifier, rebuild_model
@@ -59,13 +58,12 @@ class ExportError(RuntimeError):
     """The run cannot be exported, or the exported graph does not match the model."""
 
 
-def load_trained_model(run_dir: Path) -> tuple[ImageClassifier, dict[str, Any]]:
+def load_trained_model(run_dir: Path) -> tuple[ImageClassifier, ModelDescription]:
     """Rebuild a run's best model from its ``MODEL_DESCRIPTION`` and ``MODEL_WEIGHTS``."""
-    description_file = run_dir / MODEL_DESCRIPTION
-    if not description_file.is_file():
+    if not (run_dir / MODEL_DESCRIPTION).is_file():
         raise ExportError(f"{run_dir} has no {MODEL_DESCRIPTION}: has `convtune fit` finished?")
-    description = json.loads(description_file.read_text())
-    model = rebuild_model(description)
+    description = read_model_description(run_dir)
+    model = rebuild_model(description.structure)
     model.load_state_dict(load_file(run_dir / MODEL_WEIGHTS))
     return model.eval(), description
 
@@ -105,24 +103,26 @@ def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none")
 
 
 def build_manifest(
-    run_dir: Path, description: dict[str, Any], *, serve_tta: str = "none"
+    run_dir: Path, description: ModelDescription, *, serve_tta: str = "none"
 ) -> Manifest:
     """The manifest of ``run_dir``'s model (``description``: its ``MODEL_DESCRIPTION``), to
     be served averaging over the ``serve_tta`` views."""
-    temperature = description.get("temperature", 1.0)
-    temperatures = description.get("temperatures", {"none": temperature})
-    preprocessing = Preprocessing.from_dict(description["preprocessing"])
-    check_serving_views(serve_tta, temperatures=temperatures, input_size=preprocessing.input_size)
+    structure = description.structure
+    check_serving_views(
+        serve_tta,
+        temperatures=description.temperatures,
+        input_size=structure.preprocessing.input_size,
+    )
     return Manifest(
-        architecture=description["architecture"],
+        architecture=structure.architecture,
         classes=saved_classes(run_dir / SPLIT_FILE),
-        head=description["head"],
-        preprocessing=preprocessing,
-        temperatures=temperatures,
+        head=structure.head,
+        preprocessing=structure.preprocessing,
+        temperatures=description.temperatures,
         serving_tta=serve_tta,
-        val_metrics=description["val_metrics"],
+        val_metrics=description.val_metrics,
         training_config=load_saved_config(run_dir).to_dict(),
-        versions={name: _version(name) for name in _VERSIONED_PACKAGES},
+        versions={name: installed_version(name) for name in _VERSIONED_PACKAGES},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -214,10 +214,3 @@ def locate_artifact(reference: str) -> Path:
             f"{reference!r} is neither an artifact directory nor a model in the BentoML "
             f"store ({error}); see `bentoml models list`"
         ) from error
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None

@@ -7,7 +7,6 @@ among the fine-tuned epochs' and, with --cache-features, the linear probe's.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -33,9 +32,10 @@ from convtune.models.artifact import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
     LOGS_DIR,
-    MODEL_DESCRIPTION,
     MODEL_WEIGHTS,
     SPLIT_FILE,
+    ModelDescription,
+    write_model_description,
 )
 from convtune.models.factory import HeadConfig, ImageClassifier, create_model, first_stages
 from convtune.models.inference import VIEW_SETS, softmax
@@ -53,7 +53,7 @@ from convtune.training.report import report_title, write_report
 
 log = logging.getLogger("convtune")
 _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
-# Enough batches for stable BatchNorm means and variances, a few seconds on a CPU.
+# Enough for stable BatchNorm means and variances; more images only take longer.
 _RECALIBRATION_IMAGES = 256
 _SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "nll", "ece", "temperature")
 
@@ -239,10 +239,10 @@ def plan_to_time_limit(
     if epochs <= config.freeze_epochs:
         raise ValueError(
             f"--time-limit {config.time_limit:.0f} leaves no epoch after the "
-            f"{config.freeze_epochs} frozen one(s): {plan.describe()}"
+            f"{config.freeze_epochs} frozen one(s): {plan.explanation()}"
         )
     log.info("time limit %.0f s, %.0f s used: %s; running %d of at most %d epochs",
-             config.time_limit, elapsed, plan.describe(), epochs, config.epochs)  # fmt: skip
+             config.time_limit, elapsed, plan.explanation(), epochs, config.epochs)  # fmt: skip
     return replace(config, epochs=epochs), plan.finish_seconds
 
 
@@ -287,7 +287,7 @@ def calibrate_save_and_report(
 
     ``val_logits``: the model's single-view val logits when the caller has them already.
     With ``config.tta`` views, they get a temperature of their own and their figures go
-    next to the single view's (a ``tta`` part).
+    next to the single view's (a ``tta`` entry).
     """
     classes, views = datamodule.images.classes, config.tta
     if val_logits is None or views != "none":
@@ -424,15 +424,11 @@ def save_trained_model(
     metrics: dict,
     temperatures: dict[str, float],
 ) -> None:
-    """The weights and ``MODEL_DESCRIPTION``; ``temperatures`` by view set, the single
-    view's (``none``) also as ``temperature``, which readers before test-time views know.
+    """The weights and their :class:`ModelDescription`, ``temperatures`` by view set.
     The class names are the split's (``data.splits.saved_classes``)."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, run_dir / MODEL_WEIGHTS)
-    description = {
-        **model.describe(),
-        "temperature": temperatures["none"],
-        "temperatures": temperatures,
-        "val_metrics": metrics,
-    }
-    (run_dir / MODEL_DESCRIPTION).write_text(json.dumps(description, indent=2))
+    write_model_description(
+        run_dir,
+        ModelDescription(model.structure, temperatures=temperatures, val_metrics=metrics),
+    )

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from convtune.models.artifact import ModelStructure
 from convtune.models.factory import ImageClassifier, rebuild_model
 
 
@@ -40,8 +41,7 @@ class Recipe:
     def after_probe(self) -> Recipe:
         """The recipe for fine-tuning a model whose head a linear probe has trained: the
         head learns at the encoder's rate. At its own peak rate again, on features that
-        start to move, it leaves the probe's solution (validation fell 3-4 points in the
-        first epoch on ELPV; docs/benchmarks.md)."""
+        start to move, it would leave the probe's solution (docs/benchmarks.md, ELPV)."""
         return replace(self, lr=self.lr * self.backbone_lr_scale, backbone_lr_scale=1.0)
 
 
@@ -49,7 +49,7 @@ class ClassifierModule(L.LightningModule):
     """The recipe around ``model``; ``training_step`` calls the model itself.
 
     A checkpoint describes itself in plain data, which ``weights_only`` loading accepts:
-    its hyperparameters are the model's structure (:meth:`ImageClassifier.describe`, not
+    its hyperparameters are the model's structure (:attr:`ImageClassifier.structure`, not
     the model object) and the recipe, so ``ClassifierModule.load_from_checkpoint(path,
     weights_only=True)`` rebuilds both; pass ``model=`` to load into an existing model.
     """
@@ -58,11 +58,14 @@ class ClassifierModule(L.LightningModule):
         self, model: ImageClassifier | dict[str, Any], recipe: Recipe | dict[str, Any]
     ) -> None:
         super().__init__()
-        self.model = model if isinstance(model, ImageClassifier) else rebuild_model(model)
+        if not isinstance(model, ImageClassifier):
+            model = rebuild_model(ModelStructure.from_json(model))
+        self.model = model
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe(**recipe)
         # Not sent to the logger: the run's config.yaml already records the settings.
         self.save_hyperparameters(
-            {"model": self.model.describe(), "recipe": asdict(self.recipe)}, logger=False
+            {"model": self.model.structure.to_json(), "recipe": asdict(self.recipe)},
+            logger=False,
         )
         self.loss = build_loss(self.recipe)
         num_classes = self.model.num_classes

@@ -69,7 +69,7 @@ def write_report(
     """Write ``metrics.json`` and ``report.html`` into ``out_dir``; return the report path.
 
     ``logits`` are those ``metrics`` were computed from: one view's ``(N, C)`` or V views'
-    ``(V, N, C)``. A ``tta`` part of ``metrics`` gets a column of its own in the summary.
+    ``(V, N, C)``. A ``tta`` entry of ``metrics`` gets a column of its own in the summary.
 
     ``history`` is the training run's per-epoch record (``training.history.read_history``);
     without one the report has no training curves.
@@ -89,36 +89,25 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         _summary_table(metrics),
         "<h2>Confusion matrix</h2>",
+        *([_binary_paragraph(metrics["binary"])] if "binary" in metrics else []),
         _img(_confusion_figure(np.array(metrics["confusion_matrix"]), classes)),
         "<h2>Per class</h2>",
         _per_class_table(metrics["per_class"]),
         "<h2>Calibration</h2>",
-        f"<p>Temperature T = {temperature:.3f} (fitted on the validation split). "
-        f"ECE over {ECE_BINS} equal-width bins: {metrics['uncalibrated']['ece']:.4f} before, "
-        f"{metrics['ece']:.4f} after; NLL {metrics['uncalibrated']['nll']:.4f} before, "
-        f"{metrics['nll']:.4f} after.</p>",
+        _calibration_paragraph(metrics),
         _img(_reliability_figure(reliability)),
         "<h2>Most confidently wrong</h2>",
         _gallery(after, labels, paths, classes),
     ]
     if history:
         sections += ["<h2>Training curves</h2>", _img(_history_figure(history))]
-    if "binary" in metrics:
-        binary = metrics["binary"]
-        sections.insert(
-            3,
-            f"<p>Binary view ({', '.join(binary['negative_classes'])} vs the rest): "
-            f"accuracy {binary['accuracy']:.4f}, macro-F1 {binary['macro_f1']:.4f}, "
-            f"positive recall {binary['positive_recall']:.4f}, "
-            f"positive precision {binary['positive_precision']:.4f}.</p>",
-        )
     path = out_dir / REPORT_FILE
     path.write_text(_page(title, "\n".join(sections)))
     return path
 
 
 def _summary_table(metrics: dict[str, Any]) -> str:
-    """The headline figures; with a ``tta`` part, the single view's and the views' side by
+    """The headline figures; with a ``tta`` entry, the single view's and the views' side by
     side."""
     columns = [metrics] + ([metrics["tta"]] if "tta" in metrics else [])
     rows = [
@@ -139,6 +128,25 @@ def _summary_table(metrics: dict[str, Any]) -> str:
         for label, key, spec in rows
     )
     return f"<table>{head}{body}</table>"
+
+
+def _binary_paragraph(binary: dict[str, Any]) -> str:
+    return (
+        f"<p>Binary view ({', '.join(binary['negative_classes'])} vs the rest): "
+        f"accuracy {binary['accuracy']:.4f}, macro-F1 {binary['macro_f1']:.4f}, "
+        f"positive recall {binary['positive_recall']:.4f}, "
+        f"positive precision {binary['positive_precision']:.4f}.</p>"
+    )
+
+
+def _calibration_paragraph(metrics: dict[str, Any]) -> str:
+    before = metrics["uncalibrated"]
+    return (
+        f"<p>Temperature T = {metrics['temperature']:.3f} (fitted on the validation split). "
+        f"ECE over {ECE_BINS} equal-width bins: {before['ece']:.4f} before, "
+        f"{metrics['ece']:.4f} after; NLL {before['nll']:.4f} before, "
+        f"{metrics['nll']:.4f} after.</p>"
+    )
 
 
 def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:

@@ -94,7 +94,7 @@ def test_batcher_with_view_lanes_gives_each_request_its_rows(exported, probe_ima
     async def scenario() -> list[np.ndarray]:
         batcher = GreedyBatcher(
             classifier.probabilities,
-            lanes=[classifier.lane(threads=1) for _ in range(2)],
+            lanes=[classifier.probabilities_on_new_session(threads=1) for _ in range(2)],
             max_batch_size=4,
             max_wait_s=10,
         )
