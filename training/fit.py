@@ -72,11 +72,13 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     images, split = prepare_split(config, run_dir)
     model = build_model(config, len(images.classes))
     datamodule = build_datamodule(config, images, split, model)
-    probe = probes_the_head(config)
+    with_probe = probes_the_head(config)
     recipe = build_recipe(
-        config, images.subset(list(split.train)), freeze_epochs=0 if probe else config.freeze_epochs
+        config,
+        images.subset(list(split.train)),
+        freeze_epochs=0 if with_probe else config.freeze_epochs,
     )
-    module = ClassifierModule(model, recipe.after_probe() if probe else recipe)
+    module = ClassifierModule(model, recipe.after_probe() if with_probe else recipe)
     # With --cache-features the frozen epochs run as a linear probe before Lightning
     # takes over, and the trainer only runs the unfrozen ones.
     candidate, finish_seconds = None, 0.0
@@ -133,7 +135,7 @@ def build_trainer(
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer for the epochs Lightning runs, and the callback that keeps the best
     checkpoint. ``seconds_left``: the time training may take (None: no limit)."""
-    probe = probes_the_head(config)
+    with_probe = probes_the_head(config)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename=BEST_CHECKPOINT,
@@ -145,7 +147,7 @@ def build_trainer(
     callbacks: list[L.Callback] = [
         checkpoint,
         EncoderFreeze(
-            0 if probe else config.freeze_epochs,
+            0 if with_probe else config.freeze_epochs,
             keep_bn_eval=config.keep_bn_eval,
             freeze_stages=config.freeze_stages,
         ),
@@ -162,7 +164,7 @@ def build_trainer(
             )
         )
     trainer = L.Trainer(
-        max_epochs=config.epochs - config.freeze_epochs if probe else config.epochs,
+        max_epochs=config.epochs - config.freeze_epochs if with_probe else config.epochs,
         # A backstop: a machine that slows down mid-run still stops in time to finish.
         max_time=timedelta(seconds=max(1.0, seconds_left)) if seconds_left is not None else None,
         accelerator=config.accelerator,
@@ -223,7 +225,7 @@ def plan_to_time_limit(
 ) -> tuple[FitConfig, float]:
     """``config`` with as many epochs (at most ``config.epochs``) as fit in the time left,
     and the seconds to keep for finishing the run; see training/budget.py."""
-    probe = probes_the_head(config)
+    with_probe = probes_the_head(config)
     train_loader = datamodule.train_dataloader()
     plan = plan_epochs(
         seconds_left=config.time_limit - elapsed,
@@ -234,7 +236,7 @@ def plan_to_time_limit(
         test_batches=len(datamodule.test_dataloader()),
         views=len(VIEW_SETS[config.tta]),
     )
-    done = config.freeze_epochs if probe else 0
+    done = config.freeze_epochs if with_probe else 0
     epochs = min(config.epochs, done + plan.epochs)
     if epochs <= config.freeze_epochs:
         raise ValueError(
