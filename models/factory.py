@@ -17,7 +17,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from convtune.data.transforms import Preprocessing
+from convtune.data.preprocessing import Preprocessing
 from convtune.models.artifact import ModelStructure
 from convtune.models.head import build_head
 from convtune.models.packaged import WeightsError

@@ -22,14 +22,9 @@ from convtune.data.datasets import (
     load_labelled_images,
 )
 from convtune.data.images import decode_rgb
+from convtune.data.preprocessing import Preprocessing, build_eval_transform, eval_decode_size
 from convtune.data.splits import load_split, save_split, stratified_split
-from convtune.data.transforms import (
-    Augmentation,
-    Preprocessing,
-    build_eval_transform,
-    build_train_transform,
-    eval_decode_size,
-)
+from convtune.data.transforms import Augmentation, build_train_transform
 
 PREPROCESSING = Preprocessing(
     input_size=(32, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_pct=0.875

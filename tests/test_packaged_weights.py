@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 
-from convtune.data.transforms import build_eval_transform
+from convtune.data.preprocessing import build_eval_transform
 from convtune.models import packaged
 from convtune.models.artifact import sha256_file
 from convtune.models.factory import ImageClassifier, create_model

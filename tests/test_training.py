@@ -17,8 +17,8 @@ from timm.data import resolve_model_data_config
 
 from convtune.data.datamodule import ImageDataModule
 from convtune.data.datasets import load_labelled_images
+from convtune.data.preprocessing import Preprocessing
 from convtune.data.splits import stratified_split
-from convtune.data.transforms import Preprocessing
 from convtune.models.factory import create_model, encoder_stages
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
 from convtune.training.cli import build_parser, main

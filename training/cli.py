@@ -269,8 +269,8 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from convtune.models.artifact import locate_artifact
     from convtune.models.inference import OnnxClassifier, format_prediction
-    from convtune.training.export import locate_artifact
 
     if args.top_k < 1:
         raise ValueError("--top-k must be a positive integer")
@@ -286,10 +286,9 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from convtune.data.datasets import load_labelled_images
     from convtune.data.splits import load_split
-    from convtune.models.artifact import SPLIT_FILE
+    from convtune.models.artifact import SPLIT_FILE, locate_artifact
     from convtune.training.config import FitConfig, load_saved_config
     from convtune.training.evaluate import artifact_logits, evaluation_metrics
-    from convtune.training.export import locate_artifact
     from convtune.training.history import read_history
     from convtune.training.report import report_title, write_report
 
