@@ -144,7 +144,7 @@ def step_throughput(
 ) -> dict:
     model = build_model(config, num_classes=3)
     loader = fixed_batches(model, batch_size=config.batch_size, steps=steps + skip)
-    recipe = Recipe()
+    recipe = Recipe(**config.recipe_kwargs(), class_weights=None, freeze_epochs=0)
     results = {}
     for runner in ("lightning", "plain") if lightning_first else ("plain", "lightning"):
         fresh = copy.deepcopy(model)  # both start from identical weights
@@ -246,13 +246,14 @@ def format_table(summary: dict[str, Any], config: FitConfig) -> str:
     return "\n".join(lines)
 
 
-# (option, FitConfig field, type, default without --config, help)
+# (option, FitConfig field, type, the benchmark's own value without --config, help); None:
+# FitConfig's default.
 _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
     ("--model", "model", str, "tf_efficientnet_lite0", "timm architecture"),
-    ("--pretrained", "pretrained", str, "auto", "encoder weights, as for convtune fit"),
+    ("--pretrained", "pretrained", str, None, "encoder weights, as for convtune fit"),
     ("--img-size", "img_size", int, None, "input size [the model's own]"),
     ("--batch-size", "batch_size", int, 16, "images per batch"),
-    ("--num-workers", "num_workers", int, 2, "DataLoader worker processes"),
+    ("--num-workers", "num_workers", int, None, "DataLoader worker processes"),
     # As many as configs/elpv.yaml's probe; why the count matters: the module docstring.
     ("--freeze-epochs", "freeze_epochs", int, 10, "frozen epochs to compare"),
     ("--data", "data", str, None, "folder tree or label file [generated 300×300 shapes]"),
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a `convtune fit` YAML file: benchmark its model, data, sizes and recipe",
     )  # fmt: skip
     for flag, name, kind, default, text in _OPTIONS:
-        shown = "" if default is None else f" [{default}, or the config's]"
+        value = getattr(FitConfig, name, None) if default is None else default
+        shown = "" if value is None else f" [{value}, or the config's]"
         parser.add_argument(flag, dest=name, type=kind, help=text + shown)
     parser.add_argument("--per-class", type=int, default=64, help="generated images per class")
     parser.add_argument("--steps", type=int, default=16, help="timed training steps [16]")
