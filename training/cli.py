@@ -53,14 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_option(parser: argparse.ArgumentParser, option: CommandLineOption, **settings) -> None:
-    """``option`` as a flag; ``settings`` go to ``add_argument`` (e.g. its default)."""
+def add_option(parser: argparse.ArgumentParser, option: CommandLineOption) -> None:
+    """``option`` as a flag. An absent flag stays out of the namespace, so it overrides
+    nothing (the YAML file's value, a run's saved one, the default)."""
+    settings = {"dest": option.name, "default": argparse.SUPPRESS}
     text = option.help.replace("%", "%%")  # argparse %-formats help strings
     if option.parse is None:
         action = "store_false" if option.default else "store_true"
-        parser.add_argument(option.flag, dest=option.name, action=action, help=text, **settings)
+        parser.add_argument(option.flag, action=action, help=text, **settings)
     else:
-        parser.add_argument(option.flag, dest=option.name, type=option.parse, help=text, **settings)
+        parser.add_argument(option.flag, type=option.parse, help=text, **settings)
 
 
 def add_fit_command(commands: argparse._SubParsersAction) -> None:
@@ -71,8 +73,7 @@ def add_fit_command(commands: argparse._SubParsersAction) -> None:
         "brackets; every option is also a key of the --config file.",
     )
     for option in command_line_options():
-        # Absent flags stay out of the namespace, so they do not override the YAML file.
-        add_option(fit, option, default=argparse.SUPPRESS)
+        add_option(fit, option)
     fit.add_argument("--config", help="YAML file with the same keys as these options")
     fit.add_argument(
         "--resume",
@@ -142,8 +143,7 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tta", default="none", metavar="VIEWS", help=_TTA_HELP)
     for option in command_line_options():
         if option.name in _LABEL_FILE_OPTIONS:
-            # Absent: the run's saved setting (with --run), else FitConfig's default.
-            add_option(evaluate, option, default=argparse.SUPPRESS)
+            add_option(evaluate, option)
     evaluate.set_defaults(handler=run_evaluate)
 
 
@@ -213,8 +213,8 @@ def run_predict(args: argparse.Namespace) -> None:
     from convtune.training.export import locate_artifact
     from convtune.training.predict import predict_images
 
-    results = predict_images(locate_artifact(args.model), args.images, top_k=args.top_k,
-                             tta=args.tta)  # fmt: skip
+    artifact = locate_artifact(args.model)
+    results = predict_images(artifact, args.images, top_k=args.top_k, tta=args.tta)
     print(json.dumps({"model": args.model, "results": results}, indent=2))
 
 
