@@ -1,7 +1,8 @@
-"""Benchmarks: ``convtune bench serve`` (``serve.py``), ``convtune bench train`` (``train.py``),
-the HTTP load generator (``loadgen.py``), the naive FastAPI peer (``naive_peer.py``) and the
-server runner the tests share (``servers.py``).
+"""Benchmarks a user runs from a source checkout: ``convtune bench serve`` and ``convtune bench
+train`` (:mod:`~convtune.benchmarks.cli`), and the HTTP load generator
+(``python -m convtune.benchmarks.loadgen``).
 
-May import every other package; nothing imports this one except the CLI's ``bench``
-command and the tests. Figures and how to read them: docs/benchmarks.md.
+Developer tooling, not in the wheel: it may import every other package and needs the dev
+extra; nothing imports it except the CLI's ``bench`` command and the tests. Figures and how
+to read them: docs/benchmarks.md.
 """

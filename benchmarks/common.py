@@ -1,30 +1,45 @@
-"""What every benchmark report carries: the machine, the date, medians over rounds."""
+"""What every benchmark shares: installed versions, medians over rounds, the JSON report.
+
+A report carries the machine and the package versions it ran on, because a figure means
+nothing without them; rounds are summarised by medians, which one noisy round cannot move.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import statistics
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-_VERSIONED = ("torch", "lightning", "timm", "onnxruntime", "bentoml", "fastapi", "numpy", "pillow")
+REPORTED_PACKAGES = (
+    "torch", "lightning", "timm", "onnxruntime", "bentoml", "fastapi", "numpy", "pillow",
+)  # fmt: skip
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a pip distribution, or None when it is not installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def missing_distributions(distributions: Iterable[str]) -> list[str]:
+    return [name for name in distributions if installed_version(name) is None]
 
 
 def machine() -> dict[str, Any]:
-    versions = {}
-    for package in _VERSIONED:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
+    versions = {name: installed_version(name) for name in REPORTED_PACKAGES}
     return {
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
-        "versions": versions,
+        "versions": {name: version for name, version in versions.items() if version},
     }
 
 

@@ -3,8 +3,8 @@
 ``concurrency`` workers each hold one keep-alive HTTP/1.1 connection; each sends a
 request, waits for the answer, and sends the next, until ``duration_s`` has passed or
 ``requests`` have been sent. Bodies are encoded once (by httpx) and written on a bare
-asyncio stream: httpx's own client spent ~3.7 ms of CPU per 190 kB upload, on the cores
-the server under test shares, where this one spends ~0.4 ms (docs/benchmarks.md).
+asyncio stream, so that the load generator spends as little CPU as it can on the cores
+that the server under test shares with it (docs/benchmarks.md has the figures).
 
 Every answer's status and latency is recorded, every transport failure (refused, reset,
 timed out) is counted by kind, and when a server pid is given the resident memory of that
@@ -13,11 +13,11 @@ warm-up.
 
 By hand, against a running server::
 
-    python -m benchmarks.loadgen --url http://127.0.0.1:3000 --image cat.jpg \\
+    python -m convtune.benchmarks.loadgen --url http://127.0.0.1:3000 --image cat.jpg \\
         --concurrency 32 --duration 30 --server-pid "$(pgrep -of 'bentoml serve')"
 
-The tests (``tests/service/test_serve_load.py``) and serving benchmarks call
-:func:`run_load` directly.
+The load test (``tests/service/test_serve_load.py``) runs it so; the serving benchmark
+calls :func:`run_load`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import psutil
 
 # One request's multipart body: (field name, (file name, bytes, content type)) per file.
 Files = Sequence[tuple[str, tuple[str, bytes, str]]]
+MAX_ERRORS_KEPT = 20  # transport errors kept verbatim (the first ones); all are counted
 
 
 @dataclass
@@ -206,44 +207,14 @@ async def run_load(
         raise ValueError("give at least one request body in files")
     result = LoadResult(concurrency=concurrency)
     bodies = itertools.cycle([_encoded(body, form) for body in files])
-    issued = itertools.count()
+    connections = [HttpConnection(url, timeout_s) for _ in range(concurrency)]
     started = time.perf_counter()
-    deadline = math.inf if duration_s is None else started + duration_s
-
-    def more() -> bool:
-        return time.perf_counter() < deadline and (requests is None or next(issued) < requests)
-
-    async def worker() -> None:
-        connection = HttpConnection(url, timeout_s)
-        try:
-            while more():
-                body, content_type = next(bodies)
-                sent = time.perf_counter()
-                try:
-                    status = await connection.post(body, content_type)
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                        TimeoutError, ValueError) as error:  # fmt: skip
-                    result.connection_errors[type(error).__name__] += 1
-                    if len(result.first_errors) < 20:
-                        elapsed = time.perf_counter() - started
-                        result.first_errors.append((round(elapsed, 3), repr(error)))
-                    await asyncio.sleep(0.01)  # a dead server: don't spin
-                    continue
-                result.latencies_s.append(time.perf_counter() - sent)
-                result.statuses[status] += 1
-        finally:
-            connection.close()
-
-    async def sample_rss() -> None:
-        assert server_pid is not None
-        while True:
-            rss = await asyncio.to_thread(process_tree_rss, server_pid)
-            result.rss_samples.append((time.perf_counter() - started, rss))
-            await asyncio.sleep(1.0)
-
-    sampler = asyncio.create_task(sample_rss()) if server_pid else None
+    may_send = _request_budget(started, duration_s, requests)
+    sampler = asyncio.create_task(_sample_rss(server_pid, result, started)) if server_pid else None
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(
+            *(_send_until_done(c, bodies, may_send, result, started) for c in connections)
+        )
     finally:
         result.duration_s = time.perf_counter() - started
         if sampler is not None:
@@ -253,9 +224,54 @@ async def run_load(
     return result
 
 
+def _request_budget(
+    started: float, duration_s: float | None, requests: int | None
+) -> Callable[[], bool]:
+    """A check each worker makes before a request: True while time and requests are left."""
+    deadline = math.inf if duration_s is None else started + duration_s
+    issued = itertools.count()
+    return lambda: time.perf_counter() < deadline and (requests is None or next(issued) < requests)
+
+
+async def _send_until_done(
+    connection: HttpConnection,
+    bodies: Iterator[tuple[bytes, str]],
+    may_send: Callable[[], bool],
+    result: LoadResult,
+    started: float,
+) -> None:
+    """One worker: send the next body, record its answer or failure, repeat."""
+    try:
+        while may_send():
+            body, content_type = next(bodies)
+            sent = time.perf_counter()
+            try:
+                status = await connection.post(body, content_type)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    TimeoutError, ValueError) as error:  # fmt: skip
+                result.connection_errors[type(error).__name__] += 1
+                if len(result.first_errors) < MAX_ERRORS_KEPT:
+                    elapsed = time.perf_counter() - started
+                    result.first_errors.append((round(elapsed, 3), repr(error)))
+                await asyncio.sleep(0.01)  # a dead server: don't spin
+                continue
+            result.latencies_s.append(time.perf_counter() - sent)
+            result.statuses[status] += 1
+    finally:
+        connection.close()
+
+
+async def _sample_rss(server_pid: int, result: LoadResult, started: float) -> None:
+    """Append the server's RSS to ``result`` once a second, until cancelled."""
+    while True:
+        rss = await asyncio.to_thread(process_tree_rss, server_pid)
+        result.rss_samples.append((time.perf_counter() - started, rss))
+        await asyncio.sleep(1.0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.loadgen", description=__doc__.split("\n\n")[0]
+        prog="python -m convtune.benchmarks.loadgen", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:3000")
     parser.add_argument("--route", default="/predict")

@@ -4,10 +4,10 @@ from most tutorials, serving the same weights as a convtune artifact.
 Per request it reads the upload, decodes it with PIL, applies a torchvision transform (resize,
 center crop, normalise) and runs the model's eager forward under ``torch.no_grad()`` inside
 the ``async`` endpoint, then answers the softmax per class. It is deliberately not tuned: it
-is the baseline ``benchmarks/serve.py`` measures convtune's service against. The artifact
+is the baseline ``convtune bench serve`` measures convtune's service against. The artifact
 directory comes from ``$CONVTUNE_PEER_ARTIFACT``::
 
-    CONVTUNE_PEER_ARTIFACT=runs/x/artifact python -m uvicorn benchmarks.naive_peer:app
+    CONVTUNE_PEER_ARTIFACT=runs/x/artifact python -m uvicorn convtune.benchmarks.naive_peer:app
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from convtune.models.factory import rebuild_model
 ARTIFACT = os.environ["CONVTUNE_PEER_ARTIFACT"]
 
 manifest = read_manifest(ARTIFACT)
-model = rebuild_model(manifest.raw)
+model = rebuild_model(manifest.to_json())
 model.load_state_dict(load_file(os.path.join(ARTIFACT, WEIGHTS_FILE)))
 model.eval()
 

@@ -4,18 +4,17 @@ For one artifact and a set of images, in one run on one machine:
 
 1. **ceiling**: the artifact's ONNX graph in this process with onnxruntime, on tensors
    preprocessed beforehand: latency at batch 1 and throughput at each batch size;
-2. **service**: ``bentoml serve service.service:Convtune`` driven over keep-alive HTTP on
-   loopback by ``concurrency`` clients (``benchmarks.loadgen``): requests/s and p50/p95/p99
-   latency, end to end, decoding and preprocessing included;
-3. **peer**: the same load against ``benchmarks.naive_peer`` (FastAPI + PIL + torchvision +
-   eager torch on the same weights), what most tutorials ship.
+2. **service**: ``bentoml serve convtune.service.service:Convtune`` driven over keep-alive
+   HTTP on loopback by ``concurrency`` clients (:mod:`convtune.benchmarks.loadgen`):
+   requests/s and p50/p95/p99 latency, end to end, decoding and preprocessing included;
+3. **peer**: the same load against :mod:`convtune.benchmarks.naive_peer` (FastAPI + PIL +
+   torchvision + eager torch on the same weights), what most tutorials ship.
 
 Everything runs ``--rounds`` times, interleaved, so that noise on a shared machine hits all
 three alike; the table gives the median of the rounds, and each ratio is the median of the
 per-round ratios. The goal ratios compare each service load with the batch-1 ceiling
-measured right before and right after it (the mean of the two): on a shared machine the
-ceiling moves by a third within minutes. ``--json`` writes every round too. Run as
-``convtune bench serve`` or ``python -m benchmarks.serve``.
+measured right before and right after it, because a shared machine's speed drifts within
+minutes. ``--json`` writes every round too.
 """
 
 from __future__ import annotations
@@ -36,12 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from convtune.benchmarks.common import median_of, write_report
-from convtune.benchmarks.loadgen import run_load
+from convtune.benchmarks.loadgen import Files, run_load
 from convtune.benchmarks.servers import free_port, running_server
+from convtune.data.synthetic import SHAPES, draw_shape
+from convtune.models.inference import OnnxClassifier
+from convtune.training.export import locate_artifact, register_in_store, with_serving_tta
 
-ROOT = Path(__file__).resolve().parents[1]  # where `service` and `benchmarks` import from
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: where `convtune` imports from
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 GOALS = {  # the performance issue's goals, by ratio name
     "service_vs_ceiling": "service req/s at the highest concurrency ÷ ceiling batch-1 img/s ≥ 0.8",
@@ -51,7 +54,7 @@ GOALS = {  # the performance issue's goals, by ratio name
 
 
 @dataclass(frozen=True)
-class Served:
+class RunningServer:
     """A server started for the benchmark: its base URL and the pid of its process tree."""
 
     url: str
@@ -72,8 +75,6 @@ def generated_images(
     count: int, size: int, image_format: str = "PNG", seed: int = 0
 ) -> list[bytes]:
     """``count`` distinct ``size``×``size`` images of the synthetic shapes, encoded."""
-    from convtune.data.synthetic import SHAPES, draw_shape
-
     rng = np.random.default_rng(seed)
     images = []
     for index in range(count):
@@ -100,8 +101,6 @@ class Ceiling:
     """The artifact's ONNX graph alone in this process, on the uploads preprocessed beforehand."""
 
     def __init__(self, artifact: Path, uploads: Sequence[bytes]) -> None:
-        from convtune.models.inference import OnnxClassifier
-
         self.classifier = OnnxClassifier(artifact)
         self.uploads = uploads
         self.pixels = np.stack([self._prepare(data) for data in uploads])
@@ -138,16 +137,15 @@ class Ceiling:
 
 
 def drive(
-    server: Served,
+    server: RunningServer,
     uploads: Sequence[bytes],
     plan: LoadPlan,
     *,
-    bracket: Callable[[], dict[str, float]] | None = None,
+    measure_ceiling: Callable[[], dict[str, float]] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Load ``server``'s /predict at each concurrency of ``plan``; the loadgen summary per
-    concurrency, with the CPU time each request cost (``cpu_ms_per_request``).
+    """Load ``server``'s /predict at each concurrency of ``plan``: the summary of each load.
 
-    ``bracket`` (the ceiling at batch 1) is measured right before and right after each
+    ``measure_ceiling`` (the ceiling at batch 1) runs right before and right after each
     load, and the mean of the two goes into its summary as ``ceiling_batch_1``: the goals
     compare the service with the machine as it was during that load, not a minute earlier.
     """
@@ -159,24 +157,10 @@ def drive(
     for concurrency in plan.concurrencies:
         # Warm-up: first requests pay for lazy initialisation and connection setup.
         asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=plan.warmup_s))
-        before = bracket() if bracket else None
-        server_cpu, own_cpu = cpu_seconds(server.pid), time.process_time()
-        result = asyncio.run(
-            run_load(url, files, concurrency=concurrency, duration_s=plan.duration_s)
-        )
-        own_cpu = time.process_time() - own_cpu
-        server_cpu = {
-            key: value - server_cpu[key] for key, value in cpu_seconds(server.pid).items()
-        }
-        summary = result.summary()
-        per_request = 1000 / max(result.requests, 1)
-        summary["cpu_ms_per_request"] = {
-            **{key: value * per_request for key, value in server_cpu.items()},
-            "server": sum(server_cpu.values()) * per_request,
-            "load_generator": own_cpu * per_request,
-        }
-        if before is not None and bracket:
-            after = bracket()
+        before = measure_ceiling() if measure_ceiling else None
+        summary = measured_load(server, url, files, concurrency, plan.duration_s)
+        if before is not None and measure_ceiling:
+            after = measure_ceiling()
             summary["ceiling_batch_1"] = {
                 **{key: (before[key] + after[key]) / 2 for key in before},
                 "before": before,
@@ -186,11 +170,27 @@ def drive(
     return results
 
 
+def measured_load(
+    server: RunningServer, url: str, files: Sequence[Files], concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    """One load's loadgen summary, with the CPU time each request cost the server's
+    threads and this process, the load generator (``cpu_ms_per_request``)."""
+    server_cpu, own_cpu = cpu_seconds(server.pid), time.process_time()
+    result = asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=duration_s))
+    own_cpu = time.process_time() - own_cpu
+    server_cpu = {key: value - server_cpu[key] for key, value in cpu_seconds(server.pid).items()}
+    per_request = 1000 / max(result.requests, 1)
+    cpu_ms_per_request = {
+        **{key: value * per_request for key, value in server_cpu.items()},
+        "server": sum(server_cpu.values()) * per_request,
+        "load_generator": own_cpu * per_request,
+    }
+    return {**result.summary(), "cpu_ms_per_request": cpu_ms_per_request}
+
+
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time so far of the process ``pid`` and its children: their main threads (where
     the servers run their event loops) and all their other threads."""
-    import psutil
-
     root = psutil.Process(pid)
     totals = {"server_main_threads": 0.0, "server_other_threads": 0.0}
     for process in [root, *root.children(recursive=True)]:
@@ -207,10 +207,10 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -> Iterator[Served]:
+def convtune_service(
+    artifact: Path, workdir: Path, service_env: dict[str, str]
+) -> Iterator[RunningServer]:
     """``bentoml serve`` of ``artifact`` from a private model store, until the block ends."""
-    from convtune.training.export import register_in_store
-
     home = workdir / "bentoml"
     tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
     port = free_port()
@@ -219,15 +219,16 @@ def convtune_service(artifact: Path, workdir: Path, extra_env: dict[str, str]) -
         [*command, "--host", "127.0.0.1", "--port", str(port)],
         ready_url=f"http://127.0.0.1:{port}/readyz",
         log_path=workdir / "service.log",
-        env=server_env(BENTOML_HOME=str(home), CONVTUNE_MODEL=tag, **extra_env),
+        env=server_env(BENTOML_HOME=str(home), CONVTUNE_MODEL=tag, **service_env),
         cwd=ROOT,
     ) as process:
-        yield Served(f"http://127.0.0.1:{port}", process.pid)
+        yield RunningServer(f"http://127.0.0.1:{port}", process.pid)
 
 
 @contextlib.contextmanager
-def naive_peer(artifact: Path, workdir: Path) -> Iterator[Served]:
-    """``uvicorn benchmarks.naive_peer:app`` serving ``artifact``, until the block ends."""
+def naive_peer(artifact: Path, workdir: Path) -> Iterator[RunningServer]:
+    """``uvicorn convtune.benchmarks.naive_peer:app`` serving ``artifact``, until the block
+    ends."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "convtune.benchmarks.naive_peer:app"]
     with running_server(
@@ -237,7 +238,7 @@ def naive_peer(artifact: Path, workdir: Path) -> Iterator[Served]:
         env=server_env(CONVTUNE_PEER_ARTIFACT=str(artifact.resolve())),
         cwd=ROOT,
     ) as process:
-        yield Served(f"http://127.0.0.1:{port}", process.pid)
+        yield RunningServer(f"http://127.0.0.1:{port}", process.pid)
 
 
 def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
@@ -338,53 +339,6 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convtune bench serve",
-        description="Benchmark the service against the in-process onnxruntime ceiling and a "
-        "naive FastAPI + torch peer, on the same artifact and images.",
-    )
-    parser.add_argument(
-        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
-    )
-    add_upload_arguments(parser)
-    parser.add_argument(
-        "--concurrency", default="1,8",
-        help="client counts, comma-separated; goals use 1 and the highest [1,8]",
-    )  # fmt: skip
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load [20]")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first [3]")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
-    parser.add_argument(
-        "--ceiling-seconds", type=float, default=3.0, help="timing per batch size [3]"
-    )
-    parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
-    parser.add_argument(
-        "--serve-tta", metavar="VIEWS",
-        help="none | flip | d4: serve a copy of the artifact set to average over these views "
-        "(export --serve-tta); the ceiling and the peer stay single-view [as exported]",
-    )  # fmt: skip
-    parser.add_argument(
-        "--service-env", action="append", default=[], metavar="NAME=VALUE",
-        help="environment for the service (tuning: CONVTUNE_*); repeatable",
-    )  # fmt: skip
-    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
-    return parser
-
-
-def add_upload_arguments(parser: argparse.ArgumentParser) -> None:
-    """What the clients send: ``--images`` or generated ones (read by :func:`uploads_for`)."""
-    parser.add_argument(
-        "--images", type=Path,
-        help="folder of images to send, in turn [generated images of shapes]",
-    )  # fmt: skip
-    parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
-    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
-    parser.add_argument(
-        "--image-format", default="PNG", choices=["PNG", "JPEG"], help="generated format [PNG]"
-    )
-
-
 def uploads_for(args: argparse.Namespace) -> list[bytes]:
     """The files of ``--images``, or the generated images the upload arguments describe."""
     if args.images is None:
@@ -395,53 +349,62 @@ def uploads_for(args: argparse.Namespace) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from convtune.training.export import locate_artifact, with_serving_tta
-
+def run(args: argparse.Namespace) -> int:
+    """``convtune bench serve`` with the options :mod:`convtune.benchmarks.cli` parsed."""
     concurrencies = tuple(sorted({int(c) for c in args.concurrency.split(",")}))
     if min(concurrencies) < 1 or args.rounds < 1 or args.duration <= 0:
         raise ValueError("--concurrency, --rounds and --duration must be positive")
     artifact = locate_artifact(args.model)
     uploads = uploads_for(args)
     plan = LoadPlan(concurrencies, args.duration, args.warmup)
-    extra_env = dict(item.split("=", 1) for item in args.service_env)
-    rounds = []
+    service_env = dict(item.split("=", 1) for item in args.service_env)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convtune-bench-")))
-        served = artifact
+        served_artifact = artifact
         if args.serve_tta is not None:
-            served = with_serving_tta(artifact, workdir / "artifact", tta=args.serve_tta)
+            served_artifact = with_serving_tta(artifact, workdir / "artifact", tta=args.serve_tta)
         print("starting the service" + ("" if args.no_peer else " and the peer"), file=sys.stderr)
-        service = stack.enter_context(convtune_service(served, workdir, extra_env))
+        service = stack.enter_context(convtune_service(served_artifact, workdir, service_env))
         peer = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
         ceiling = Ceiling(artifact, uploads)
-        seconds = args.ceiling_seconds
+        rounds = []
         for number in range(1, args.rounds + 1):
-            print(f"round {number}/{args.rounds}: ceiling", file=sys.stderr)
-            one_round: dict[str, Any] = {
-                "ceiling": ceiling.measure(batch_sizes=BATCH_SIZES, min_seconds=seconds)
-            }
-            print(f"round {number}/{args.rounds}: service", file=sys.stderr)
-            one_round["service"] = drive(
-                service,
-                uploads,
-                plan,
-                bracket=lambda: ceiling.batch(1, min_seconds=seconds),
+            label = f"round {number}/{args.rounds}"
+            rounds.append(
+                measure_round(label, ceiling, service, peer, uploads, plan, args.ceiling_seconds)
             )
-            if peer:
-                print(f"round {number}/{args.rounds}: peer", file=sys.stderr)
-                one_round["peer"] = drive(peer, uploads, plan)
-            one_round["ratios"] = round_ratios(one_round)
-            rounds.append(one_round)
     summary = summarise(rounds)
     print(format_table(summary))
     if args.json:
         write_report(args.json, "serve", vars(args), summary, rounds)
-    failed = sum(row["server_errors"] for part in ("service", "peer")
-                 for row in summary.get(part, {}).values())  # fmt: skip
+    failed = sum(row["server_errors"] for server in ("service", "peer")
+                 for row in summary.get(server, {}).values())  # fmt: skip
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def measure_round(
+    label: str,
+    ceiling: Ceiling,
+    service: RunningServer,
+    peer: RunningServer | None,
+    uploads: Sequence[bytes],
+    plan: LoadPlan,
+    ceiling_seconds: float,
+) -> dict[str, Any]:
+    """The ceiling, then the service (the ceiling measured around each load), then the peer."""
+    print(f"{label}: ceiling", file=sys.stderr)
+    one_round: dict[str, Any] = {
+        "ceiling": ceiling.measure(batch_sizes=BATCH_SIZES, min_seconds=ceiling_seconds)
+    }
+    print(f"{label}: service", file=sys.stderr)
+    one_round["service"] = drive(
+        service,
+        uploads,
+        plan,
+        measure_ceiling=lambda: ceiling.batch(1, min_seconds=ceiling_seconds),
+    )
+    if peer:
+        print(f"{label}: peer", file=sys.stderr)
+        one_round["peer"] = drive(peer, uploads, plan)
+    one_round["ratios"] = round_ratios(one_round)
+    return one_round

@@ -3,19 +3,19 @@
 1. **Step throughput**: images/s of convtune's Lightning training step (its module,
    trainer settings, logger and progress bar) against a plain PyTorch loop doing the same
    forward, loss, backward, optimizer and schedule step on the same model, batches and
-   initial weights. The goal is a ratio ≥ 0.95: Lightning must not cost throughput.
+   initial weights: Lightning must not cost throughput.
 2. **Data pipeline**: images/s of the training DataLoader (decode + albumentations, the
-   configured workers), alone, against the model's training consumption from 1: ≥ 2×, so
+   configured workers), alone, against the model's training consumption from 1, so that
    the loader never starves the model.
 3. **Frozen phase**: ``--freeze-epochs`` normal frozen epochs (augmented images through the
    frozen encoder every epoch, validation each epoch) against ``--cache-features``'s linear
-   probe (features computed once), same data and seed: the speed-up (goal ≥ 5×) and the
-   validation accuracy of each. The probe's one encoder pass costs about as much as one
-   normal epoch, so the speed-up grows with the number of frozen epochs (10 by default).
+   probe (features computed once), same data and seed: the speed-up and the validation
+   accuracy of each. The probe's one encoder pass costs about as much as one
+   normal epoch, so the speed-up grows with the number of frozen epochs.
 
-Everything runs on the CPU. Every part runs ``--rounds`` times (the order of the compared
-runs alternates); the table shows medians, each ratio is the median of the per-round
-ratios. Run as ``convtune bench train`` or ``python -m benchmarks.train``.
+Everything runs on the CPU. Each measurement runs ``--rounds`` times, the order of the
+compared runs alternating so that neither always meets a warmer machine; the table shows
+medians, each ratio is the median of the per-round ratios, against its goal (``GOALS``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from convtune.benchmarks.cli import TRAIN_FIT_DEFAULTS, TRAIN_FIT_OPTIONS, TRAIN_MEASUREMENTS
 from convtune.benchmarks.common import median_of, write_report
 from convtune.data.datamodule import ImageDataModule
 from convtune.data.synthetic import make_shapes_dataset
@@ -144,7 +144,7 @@ def step_throughput(
 ) -> dict:
     model = build_model(config, num_classes=3)
     loader = fixed_batches(model, batch_size=config.batch_size, steps=steps + skip)
-    recipe = Recipe(**config.recipe_kwargs(), class_weights=None, freeze_epochs=0)
+    recipe = Recipe(**config.recipe_kwargs())
     results = {}
     for runner in ("lightning", "plain") if lightning_first else ("plain", "lightning"):
         fresh = copy.deepcopy(model)  # both start from identical weights
@@ -216,7 +216,8 @@ def frozen_phase(config: FitConfig, workdir: Path, *, probe_first: bool) -> dict
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        part: {key: median_of(rounds, part, key) for key in rounds[0][part]} for part in rounds[0]
+        measurement: {key: median_of(rounds, measurement, key) for key in figures}
+        for measurement, figures in rounds[0].items()
     }
 
 
@@ -246,56 +247,16 @@ def format_table(summary: dict[str, Any], config: FitConfig) -> str:
     return "\n".join(lines)
 
 
-# (option, FitConfig field, type, the benchmark's own value without --config, help); None:
-# FitConfig's default.
-_OPTIONS: list[tuple[str, str, Any, Any, str]] = [
-    ("--model", "model", str, "tf_efficientnet_lite0", "timm architecture"),
-    ("--pretrained", "pretrained", str, None, "encoder weights, as for convtune fit"),
-    ("--img-size", "img_size", int, None, "input size [the model's own]"),
-    ("--batch-size", "batch_size", int, 16, "images per batch"),
-    ("--num-workers", "num_workers", int, None, "DataLoader worker processes"),
-    # As many as configs/elpv.yaml's probe; why the count matters: the module docstring.
-    ("--freeze-epochs", "freeze_epochs", int, 10, "frozen epochs to compare"),
-    ("--data", "data", str, None, "folder tree or label file [generated 300×300 shapes]"),
-]
-PARTS = ("steps", "pipeline", "frozen")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convtune bench train",
-        description="Benchmark training: Lightning against a plain loop, the data pipeline "
-        "against the model, and the cached-feature probe against normal frozen epochs.",
-    )
-    parser.add_argument(
-        "--config", type=Path,
-        help="a `convtune fit` YAML file: benchmark its model, data, sizes and recipe",
-    )  # fmt: skip
-    for flag, name, kind, default, text in _OPTIONS:
-        value = getattr(FitConfig, name, None) if default is None else default
-        shown = "" if value is None else f" [{value}, or the config's]"
-        parser.add_argument(flag, dest=name, type=kind, help=text + shown)
-    parser.add_argument("--per-class", type=int, default=64, help="generated images per class")
-    parser.add_argument("--steps", type=int, default=16, help="timed training steps [16]")
-    parser.add_argument("--skip-steps", type=int, default=2, help="untimed steps first [2]")
-    parser.add_argument("--pipeline-batches", type=int, default=20, help="timed batches [20]")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
-    parser.add_argument(
-        "--parts", default=",".join(PARTS), help="comma-separated subset to run [all three]"
-    )
-    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
-    return parser
-
-
 def benchmark_config(args: argparse.Namespace, shapes: Path, seed: int) -> FitConfig:
     """The fit configuration to benchmark: defaults < --config < explicit options."""
     from_file = {} if args.config is None else yaml.safe_load(args.config.read_text()) or {}
     overrides: dict[str, Any] = {"out": str(shapes.parent), "seed": seed}
-    for _, name, _, default, _ in _OPTIONS:
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-        elif name not in from_file and default is not None:
-            overrides[name] = default
+    flagged = [field for _, field, _, _ in TRAIN_FIT_OPTIONS] + ["data"]
+    for field in flagged:
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+        elif field not in from_file and field in TRAIN_FIT_DEFAULTS:
+            overrides[field] = TRAIN_FIT_DEFAULTS[field]
     if "data" not in overrides and "data" not in from_file:
         overrides["data"] = str(shapes)
     config = resolve_config(args.config, overrides)
@@ -307,6 +268,7 @@ def benchmark_config(args: argparse.Namespace, shapes: Path, seed: int) -> FitCo
 def run_round(
     config: FitConfig, workdir: Path, parts: set[str], args: argparse.Namespace, alternate: bool
 ) -> dict[str, Any]:
+    """One round of the measurements in ``parts``; ``alternate`` swaps each pair's order."""
     one_round: dict[str, Any] = {}
     ratios: dict[str, float] = {}
     if "steps" in parts:
@@ -330,11 +292,13 @@ def run_round(
     return one_round
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``convtune bench train`` with the options :mod:`convtune.benchmarks.cli` parsed."""
     parts = {part.strip() for part in args.parts.split(",")}
-    if not parts or parts - set(PARTS):
-        raise ValueError(f"--parts takes a comma-separated subset of {', '.join(PARTS)}")
+    if not parts or parts - set(TRAIN_MEASUREMENTS):
+        raise ValueError(
+            f"--parts takes a comma-separated subset of {', '.join(TRAIN_MEASUREMENTS)}"
+        )
     if min(args.steps, args.rounds, args.pipeline_batches, args.per_class) < 1:
         raise ValueError("--steps, --rounds, --pipeline-batches and --per-class must be ≥ 1")
     logging.getLogger("lightning").setLevel(logging.WARNING)
@@ -355,7 +319,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_report(args.json, "train", vars(args), summary, rounds)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

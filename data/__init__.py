@@ -1,7 +1,9 @@
-"""Data: labelled images from folder trees and label files, deterministic splits, decoding
-any image into RGB, the pixel pipelines for training and evaluation, the DataModule.
+"""Data: everything between image files (or uploads) and the encoder's input arrays.
 
-Imports: numpy, Pillow, OpenCV and albumentations only, except ``data.datamodule`` which
-also uses torch and lightning. The service imports ``data.images`` and
-``data.transforms``, so those two must never import torch.
+Training, evaluation and the service all decode and preprocess through this package, so
+they see the same pixels; datasets on disk and their train/val/test splits live here too.
+
+Imports: numpy, Pillow, OpenCV, albumentations and rich only; torch and lightning in
+``data.datamodule`` alone. The service imports ``data.images`` and ``data.transforms``, so
+those two must never import torch. Never ``models``, ``training`` or ``service``.
 """

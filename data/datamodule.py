@@ -11,8 +11,8 @@ import torch
 from albumentations import Compose
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from convtune.data.datasets import LabelledImages
 from convtune.data.images import decode_rgb
-from convtune.data.sources import LabelledImages
 from convtune.data.splits import Split
 from convtune.data.transforms import (
     Augmentation,
@@ -121,8 +121,9 @@ class ImageDataModule(L.LightningDataModule):
                 self.images.paths, draft_size=eval_decode_size(self.preprocessing)
             )
 
-    def part(self, name: str) -> LabelledImages:
-        return self.images.subset(list(self.split.part(name)))
+    def images_in(self, name: str) -> LabelledImages:
+        """The images of the split's part ``name`` (``train``, ``val`` or ``test``)."""
+        return self.images.subset(list(self.split.indices(name)))
 
     def dataset(self, name: str) -> ImageDataset:
         if name != "train":
@@ -134,13 +135,13 @@ class ImageDataModule(L.LightningDataModule):
         height, width = self.train_size
         # RandomResizedCrop may take a quarter of the area; keep enough pixels for it.
         draft = (2 * width, 2 * height)
-        return ImageDataset(self.part(name), transform, draft_size=draft, cache=self.cache)
+        return ImageDataset(self.images_in(name), transform, draft_size=draft, cache=self.cache)
 
     def eval_dataset(self, name: str) -> ImageDataset:
         """Part ``name`` through the eval view: the pixels ``convtune evaluate`` and the
         service compute for the same files."""
         return ImageDataset(
-            self.part(name),
+            self.images_in(name),
             build_eval_transform(self.preprocessing),
             draft_size=eval_decode_size(self.preprocessing),
             cache=self.cache,
@@ -169,5 +170,5 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             worker_init_fn=seed_worker_transforms,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(self.split.part(name)) > self.batch_size,
+            drop_last=shuffle and len(self.split.indices(name)) > self.batch_size,
         )

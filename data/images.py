@@ -31,28 +31,21 @@ class ImageDecodeError(ValueError):
 
 
 def decode_rgb(
-    source: bytes | str | Path,
+    encoded: bytes | str | Path,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Decode an image file or in-memory bytes into an ``(H, W, 3)`` uint8 RGB array.
+    """Decode an image file (its path) or an upload (its bytes) into an ``(H, W, 3)`` uint8
+    RGB array.
 
     ``max_pixels`` is checked against the header before any pixel is decoded, so a
     small file that declares a huge canvas is refused cheaply. ``draft_size`` lets the
     JPEG decoder downscale by a power of two while decoding when the caller will shrink
     the image anyway.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "upload"
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageDecodeError("the image is empty (0 bytes)")
-        stream = io.BytesIO(source)
-    else:
-        try:
-            stream = io.BytesIO(Path(source).read_bytes())
-        except OSError as error:
-            raise ImageDecodeError(f"cannot read {name}: {error.strerror or error}") from error
+    name = str(encoded) if isinstance(encoded, (str, Path)) else "upload"
+    stream = _read(encoded, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,9 +58,8 @@ def decode_rgb(
         if draft_size is not None and image.format in ("JPEG", "MPO"):
             image.draft("RGB", draft_size)
         image.seek(0)  # first frame of animated GIF/WebP/TIFF
-        # In place: otherwise Pillow returns a copy even when there is nothing to rotate
-        # (a 12-megapixel PNG decoded in 165-205 ms this way, 230-237 ms with the copy,
-        # timed once by hand).
+        # In place: otherwise Pillow copies the whole image even when there is nothing to
+        # rotate (docs/benchmarks.md, "Decoding in place").
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb_array(image)
     except ImageDecodeError:
@@ -84,6 +76,18 @@ def decode_rgb(
     # struct.error, IndexError, ...); to a caller they all mean the same thing.
     except Exception as error:
         raise ImageDecodeError(f"{name} is damaged or truncated: {error}") from error
+
+
+def _read(encoded: bytes | str | Path, name: str) -> io.BytesIO:
+    """The encoded image in memory, or an ImageDecodeError if it is empty or unreadable."""
+    if isinstance(encoded, bytes):
+        if not encoded:
+            raise ImageDecodeError("the image is empty (0 bytes)")
+        return io.BytesIO(encoded)
+    try:
+        return io.BytesIO(Path(encoded).read_bytes())
+    except OSError as error:
+        raise ImageDecodeError(f"cannot read {name}: {error.strerror or error}") from error
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

@@ -1,7 +1,8 @@
 """A deterministic, stratified train/val/test split, saved with the run.
 
-The split is stored as paths (not indices) in ``split.json`` so that resume and
-evaluate reuse exactly the same images even if files are later added to the dataset.
+The split is stored as paths (not indices) so that resume and evaluate reuse exactly the
+same images even if files are later added to the dataset. Its file also holds the class
+list, in the model's output order: a run's one record of it.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
-from convtune.data.sources import DatasetError, LabelledImages
+from convtune.data.datasets import DatasetError, LabelledImages
 
-SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class Split:
-    """Indices into one :class:`LabelledImages` for each part."""
+    """Indices into one :class:`LabelledImages` for each part: train, val and test."""
 
     train: tuple[int, ...]
     val: tuple[int, ...]
     test: tuple[int, ...]
 
-    def part(self, name: str) -> tuple[int, ...]:
+    def indices(self, name: str) -> tuple[int, ...]:
+        """The indices of part ``name`` (``train``, ``val`` or ``test``)."""
         return getattr(self, name)
 
 
@@ -78,12 +79,18 @@ def save_split(path: Path, images: LabelledImages, split: Split, *, seed: int) -
         "classes": list(images.classes),
         **{
             name: [
-                [str(images.paths[i]), images.classes[images.labels[i]]] for i in split.part(name)
+                [str(images.paths[i]), images.classes[images.labels[i]]]
+                for i in split.indices(name)
             ]
             for name in PARTS
         },
     }
     path.write_text(json.dumps(payload, indent=1))
+
+
+def saved_classes(path: Path) -> tuple[str, ...]:
+    """The class names of a saved split, in the model's output order."""
+    return tuple(json.loads(path.read_text())["classes"])
 
 
 def load_split(path: Path, images: LabelledImages) -> Split:

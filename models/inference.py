@@ -20,10 +20,8 @@ import numpy as np
 
 from convtune.data.images import DEFAULT_MAX_PIXELS, decode_rgb
 from convtune.data.transforms import build_eval_transform, eval_decode_size
-from convtune.models.artifact import ONNX_FILE, read_manifest
+from convtune.models.artifact import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, read_manifest
 
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "logits"
 log = logging.getLogger("convtune")
 
 # (quarter turns counterclockwise, mirrored left-right first) per view, the identity first.

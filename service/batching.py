@@ -2,27 +2,24 @@
 
 Each request brings a ``prepare`` function that makes its pixels (decoding, preprocessing).
 When the service is idle and ``prepare`` is cheap, the request's ``prepare`` and its
-inference run in one call on a worker thread. Otherwise ``prepare`` runs on a worker
-thread of its own (while the model is busy, if it is) and the pixels join a queue; whenever
-an inference slot frees up, what is queued (up to ``max_batch_size`` images) goes into one
-call. Nothing waits for a batch to fill: a lone request runs at once, and under load the
-batch is what arrived during the previous call.
+inference run in one call on a worker thread, which spares it a thread hand-off each way.
+Otherwise ``prepare`` runs on a worker thread of its own (while the model is busy, if it
+is) and the pixels join a queue; whenever an inference slot frees up, what is queued (up to
+``max_batch_size`` images) goes into one call. Nothing waits for a batch to fill (on a CPU
+a bigger batch gains little, and the wait would be a lone request's loss): a lone request
+runs at once, and under load the batch is what arrived during the previous call. BentoML's
+own batching is not used: it waits to fill batches, and polls while one runs, taking the
+GIL from the inference thread.
 
 Two kinds of inference slot. ``infer`` spreads one call over every core: the fastest for a
-lone request, and the only slot without ``lanes``. With ``lanes`` (inference functions that
-each use one core or a few), it runs only while nothing else is running or being prepared;
-under load, the queue is shared out among the free lanes instead, which run side by side.
-On a CPU, an onnxruntime call spread over all cores stalls whenever any of its threads loses
-its core to a decode, at every one of the graph's parallel sections: on 2 cores, one
-2-thread session ran 50 images/s next to a busy decoding thread, two 1-thread sessions 90
-(114 and 136 alone; ``convtune bench lanes``).
+lone request, and the only slot without lanes. A lane is an inference function on an
+onnxruntime session of its own that uses one core or a few. With lanes, ``infer`` runs only
+while nothing else is running or being prepared; under load, the queue is shared out among
+the free lanes instead, which run side by side. The reason: a call spread over all cores
+stalls whenever any of its threads loses its core to a decode, at every one of the graph's
+parallel sections, while a lane that loses its core holds up only its own call.
 
-This replaced BentoML's CorkDispatcher, which waits to fill batches and polls every 1 ms
-while one runs (taking the GIL from the inference thread): on 2 cores a lone request's p50
-went from 27.6 to 22.1 ms and 8 clients got 7 % more requests/s. Preparing and inferring
-in one call saves a lone request a thread hand-off each way: its p50 fell by 0.4 ms; the two
-hand-offs had cost 0.8-1.1 ms. Lanes gave 8 clients 19 % more requests/s and left a lone
-request's latency as it was (``convtune bench serve`` and ``paired``, docs/benchmarks.md).
+The measurements behind each choice: docs/benchmarks.md, "Serving" and "Inference lanes".
 """
 
 from __future__ import annotations
@@ -58,9 +55,9 @@ def lane_layout(cores: int, environ: Mapping[str, str] = os.environ) -> tuple[in
     """(lanes, threads per lane) for inference under load on ``cores`` cores.
 
     One lane per core plus one, single-threaded where cores allow, so that a core freed by a
-    decode is never left idle; ``CONVTUNE_INFERENCE_LANES`` overrides the count (0: none,
-    every call spread over all cores). On 2 cores, 8 clients: 3 lanes gave 1.01-1.04x the
-    requests/s of 2 and a lower p50, 4 lanes 0.99x of 3 (docs/benchmarks.md).
+    decode is never left idle (the count was chosen by measurement: docs/benchmarks.md);
+    ``CONVTUNE_INFERENCE_LANES`` overrides it (0: no lanes, every call spread over all
+    cores).
     """
     text = environ.get(LANES_ENV, str(min(cores + 1, MAX_DEFAULT_LANES)))
     if not text.isdigit():
@@ -179,9 +176,9 @@ class GreedyBatcher:
             pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
             rows = await anyio.to_thread.run_sync(lane or self._infer, pixels)
             bounds = np.cumsum([len(job.pixels) for job in jobs])[:-1]
-            for job, part in zip(jobs, np.split(rows, bounds), strict=True):
+            for job, job_rows in zip(jobs, np.split(rows, bounds), strict=True):
                 if not job.future.done():
-                    job.future.set_result(part)
+                    job.future.set_result(job_rows)
         except Exception as error:
             for job in jobs:
                 if not job.future.done():

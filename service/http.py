@@ -84,7 +84,7 @@ class Overloaded(RequestError):
     status = 503
 
 
-def capped(request: Request, max_bytes: int) -> Request:
+def with_body_limit(request: Request, max_bytes: int) -> Request:
     """``request`` whose body may not exceed ``max_bytes``: PayloadTooLarge past that.
 
     A Content-Length over the limit is refused before a byte of the body is read, and a body
@@ -136,7 +136,7 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
             f"send multipart/form-data with the image in the file field {file_field!r} "
             f"(got {content_type or 'no content type'!r})"
         )
-    request = capped(request, limits.max_upload_bytes)
+    request = with_body_limit(request, limits.max_upload_bytes)
     max_files = limits.max_batch_images
     try:
         async with request.form(max_files=max_files, max_fields=4) as form:
@@ -192,7 +192,7 @@ def current_request_id() -> str:
 
 
 @dataclass
-class Exchange:
+class RequestLogEntry:
     """One request as the log line reports it; the handler fills in ``images``."""
 
     route: str
@@ -202,7 +202,7 @@ class Exchange:
     error: str | None = None
 
 
-Handler = Callable[[Request, Exchange], Awaitable[dict[str, Any]]]
+Handler = Callable[[Request, RequestLogEntry], Awaitable[dict[str, Any]]]
 
 
 def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -213,48 +213,49 @@ def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     """
 
     async def endpoint(request: Request) -> Response:
-        exchange = Exchange(route=request.url.path)
+        log_entry = RequestLogEntry(route=request.url.path)
         started = time.perf_counter()
         try:
-            response: Response = JSONResponse(await handler(request, exchange))
+            response: Response = JSONResponse(await handler(request, log_entry))
         except RequestError as error:
-            exchange.error = str(error)
+            log_entry.error = str(error)
             response = error.response()
         except ClientDisconnect:
-            exchange.error = "the client disconnected"
+            log_entry.error = "the client disconnected"
             response = Response(status_code=499)  # nginx's "client closed request"; unsent
         except asyncio.CancelledError:
             # Only BentoML's TimeoutMiddleware cancels a request here, and it answers 504.
-            exchange.status, exchange.error = 504, "timed out"
-            log_exchange(exchange, started)
+            log_entry.status, log_entry.error = 504, "timed out"
+            write_request_log(log_entry, started)
             raise
         except Exception:
             # The traceback goes to BentoML's log: it is not a JSON line.
             log = logging.getLogger("bentoml.convtune")
-            log.exception("request %s failed", exchange.request_id)
-            exchange.error = "internal error"
+            log.exception("request %s failed", log_entry.request_id)
+            log_entry.error = "internal error"
             response = JSONResponse(
-                {"error": f"internal error (request id {exchange.request_id})"}, status_code=500
+                {"error": f"internal error (request id {log_entry.request_id})"}, status_code=500
             )
-        exchange.status = response.status_code
-        response.headers["X-Request-ID"] = exchange.request_id
-        log_exchange(exchange, started)
+        log_entry.status = response.status_code
+        response.headers["X-Request-ID"] = log_entry.request_id
+        write_request_log(log_entry, started)
         return response
 
     return endpoint
 
 
-def log_exchange(exchange: Exchange, started: float) -> None:
+def write_request_log(log_entry: RequestLogEntry, started: float) -> None:
+    """One JSON line for the request, timed from ``started`` (``time.perf_counter``)."""
     record = {
         "event": "request",
-        "request_id": exchange.request_id,
-        "route": exchange.route,
-        "images": exchange.images,
-        "status": exchange.status,
+        "request_id": log_entry.request_id,
+        "route": log_entry.route,
+        "images": log_entry.images,
+        "status": log_entry.status,
         "latency_ms": round((time.perf_counter() - started) * 1000, 2),
     }
-    if exchange.error is not None:
-        record["error"] = exchange.error[:300]
+    if log_entry.error is not None:
+        record["error"] = log_entry.error[:300]
     logging.getLogger(REQUEST_LOGGER).info(json.dumps(record))
 
 

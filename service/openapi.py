@@ -30,30 +30,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _schemas(max_batch_images: int) -> dict[str, Any]:
-    probability = {"type": "number", "minimum": 0, "maximum": 1}
     return {
-        "ConvtunePrediction": {
-            "type": "object",
-            "required": ["label", "probabilities", "top_k"],
-            "properties": {
-                "label": {"type": "string", "description": "the most probable class"},
-                "probabilities": {
-                    "type": "object",
-                    "additionalProperties": probability,
-                    "description": "every class → softmax(logits / temperature), averaged "
-                    "over the test-time views the model is served with (if any); sums to 1",
-                },
-                "top_k": {
-                    "type": "array",
-                    "description": "the top_k most probable classes, most probable first",
-                    "items": {
-                        "type": "object",
-                        "required": ["label", "probability"],
-                        "properties": {"label": {"type": "string"}, "probability": probability},
-                    },
-                },
-            },
-        },
+        "ConvtunePrediction": _prediction_schema(),
         "ConvtuneSinglePrediction": {
             "allOf": [
                 {"type": "object", "required": ["model"], "properties": {"model": _MODEL}},
@@ -86,27 +64,38 @@ def _schemas(max_batch_images: int) -> dict[str, Any]:
     }
 
 
+def _prediction_schema() -> dict[str, Any]:
+    """One image's answer, as ``models.inference.format_prediction`` builds it."""
+    probability = {"type": "number", "minimum": 0, "maximum": 1}
+    return {
+        "type": "object",
+        "required": ["label", "probabilities", "top_k"],
+        "properties": {
+            "label": {"type": "string", "description": "the most probable class"},
+            "probabilities": {
+                "type": "object",
+                "additionalProperties": probability,
+                "description": "every class → softmax(logits / temperature), averaged "
+                "over the test-time views the model is served with (if any); sums to 1",
+            },
+            "top_k": {
+                "type": "array",
+                "description": "the top_k most probable classes, most probable first",
+                "items": {
+                    "type": "object",
+                    "required": ["label", "probability"],
+                    "properties": {"label": {"type": "string"}, "probability": probability},
+                },
+            },
+        },
+    }
+
+
 def _operation(route: str, limits: Limits) -> dict[str, Any]:
+    """The OpenAPI path item of ``/predict`` or ``/predict_batch``."""
     batch = route == "/predict_batch"
     file_field = "images" if batch else "image"
-    binary = {"type": "string", "format": "binary"}
     count = f"up to {limits.max_batch_images} files" if batch else "one file"
-    files = (
-        {"type": "array", "items": binary, "minItems": 1, "maxItems": limits.max_batch_images}
-        if batch
-        else binary
-    )
-    bad_request = (
-        "not multipart/form-data; a missing, misnamed or extra field; text instead of a file "
-        "(never fetched as a URL); an empty, non-image, corrupt, truncated or unsupported "
-        f"file; an image over {limits.max_pixels:,} pixels; a top_k that is not one positive "
-        "integer"
-    )
-    if batch:
-        bad_request += (
-            f"; more than {limits.max_batch_images} files. One bad image fails the whole "
-            "request; the message and `index` name it"
-        )
     return {
         "post": {
             "tags": ["Service APIs"],
@@ -116,45 +105,64 @@ def _operation(route: str, limits: Limits) -> dict[str, Any]:
                 f"Upload {count} in the multipart field `{file_field}`: {_ACCEPTED}. The "
                 f"whole body may be at most {limits.max_upload_bytes:,} bytes."
             ),
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": [file_field],
-                            "properties": {
-                                file_field: files,
-                                "top_k": {
-                                    "type": "integer",
-                                    "minimum": 1,
-                                    "default": DEFAULT_TOP_K,
-                                    "description": "how many classes to rank (capped at the "
-                                    "number of classes)",
-                                },
-                            },
-                        }
-                    }
-                },
-            },
-            "responses": {
-                "200": _json(
-                    _ref("ConvtuneBatchPrediction" if batch else "ConvtuneSinglePrediction"),
-                    "the prediction(s); the `X-Request-ID` header names the request in the log",
-                ),
-                "400": _json(_ref("ConvtuneError"), bad_request),
-                "413": _json(_ref("ConvtuneError"), "the request body is over the byte limit"),
-                "429": _json(
-                    _ref("ConvtuneError"),
-                    "too many requests in flight (BentoML's traffic.max_concurrency); retry",
-                ),
-                "503": _json(_ref("ConvtuneError"), "the batching queue is overloaded; retry"),
-                "504": _json(
-                    _ref("ConvtuneError"), "not answered within BentoML's traffic.timeout"
-                ),
-            },
+            "requestBody": _request_body(file_field, batch=batch, limits=limits),
+            "responses": _responses(batch=batch, limits=limits),
         }
     }
+
+
+def _request_body(file_field: str, *, batch: bool, limits: Limits) -> dict[str, Any]:
+    binary = {"type": "string", "format": "binary"}
+    files = (
+        {"type": "array", "items": binary, "minItems": 1, "maxItems": limits.max_batch_images}
+        if batch
+        else binary
+    )
+    top_k = {
+        "type": "integer",
+        "minimum": 1,
+        "default": DEFAULT_TOP_K,
+        "description": "how many classes to rank (capped at the number of classes)",
+    }
+    schema = {
+        "type": "object",
+        "required": [file_field],
+        "properties": {file_field: files, "top_k": top_k},
+    }
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
+def _responses(*, batch: bool, limits: Limits) -> dict[str, Any]:
+    error = _ref("ConvtuneError")
+    return {
+        "200": _json(
+            _ref("ConvtuneBatchPrediction" if batch else "ConvtuneSinglePrediction"),
+            "the prediction(s); the `X-Request-ID` header names the request in the log",
+        ),
+        "400": _json(error, _bad_request(batch=batch, limits=limits)),
+        "413": _json(error, "the request body is over the byte limit"),
+        "429": _json(
+            error, "too many requests in flight (BentoML's traffic.max_concurrency); retry"
+        ),
+        "503": _json(error, "the batching queue is overloaded; retry"),
+        "504": _json(error, "not answered within BentoML's traffic.timeout"),
+    }
+
+
+def _bad_request(*, batch: bool, limits: Limits) -> str:
+    """What a 400 answers, in the limits the service enforces."""
+    text = (
+        "not multipart/form-data; a missing, misnamed or extra field; text instead of a file "
+        "(never fetched as a URL); an empty, non-image, corrupt, truncated or unsupported "
+        f"file; an image over {limits.max_pixels:,} pixels; a top_k that is not one positive "
+        "integer"
+    )
+    if batch:
+        text += (
+            f"; more than {limits.max_batch_images} files. One bad image fails the whole "
+            "request; the message and `index` name it"
+        )
+    return text
 
 
 def merged_spec(bentoml_spec: dict[str, Any], limits: Limits) -> dict[str, Any]:

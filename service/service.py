@@ -1,17 +1,13 @@
 """``Convtune``: classify uploaded images with a convtune model from the BentoML store.
 
 ``POST /predict`` (multipart file ``image``) and ``POST /predict_batch`` (files ``images``),
-both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``. They are
-routes of a small Starlette app mounted on the service, not ``@bentoml.api`` methods: BentoML's
-input handling fetches a URL sent as text in a file field and answers some bad input with a
-500. Here uploads are decoded by ``data.images.decode_rgb`` (JPEGs at reduced scale when
-the model's input allows: ``data.transforms.eval_decode_size``), within limits set by
-``CONVTUNE_MAX_*`` variables, and refused requests get a 4xx with ``{"error": "..."}``
-(``service.http``); each request writes one JSON log line. BentoML still provides the health
-probes, metrics and traffic limits (429, 504); concurrent requests share onnxruntime calls
-through ``service.batching``. An artifact exported with ``--serve-tta VIEWS`` is answered
-like ``convtune predict --tta VIEWS``: each image's probabilities are the mean over its views,
-which run in the same onnxruntime call as the batch's images.
+both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``, averaged
+over the test-time views the artifact was exported to be served with (``--serve-tta``).
+They are routes of a small Starlette app mounted on the service, not ``@bentoml.api``
+methods: BentoML's input handling fetches a URL sent as text in a file field and answers
+some bad input with a 500. Limits, refusals (a 4xx with ``{"error": "..."}``) and the
+one-JSON-line-per-request log are ``service.http``'s; BentoML still provides the health
+probes, metrics and traffic limits (429, 504).
 """
 
 from __future__ import annotations
@@ -33,9 +29,9 @@ from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_predicti
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from convtune.service.http import (
     BadRequest,
-    Exchange,
     Limits,
     Overloaded,
+    RequestLogEntry,
     json_endpoint,
     read_form,
     setup_request_log,
@@ -49,20 +45,20 @@ MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 5
 INLINE_DECODE_MAX_BYTES = 1 << 20
 
 
-async def predict(request: Request, exchange: Exchange) -> dict[str, Any]:
+async def predict(request: Request, log_entry: RequestLogEntry) -> dict[str, Any]:
     service = bentoml.get_current_service()
     form = await read_form(request, "image", service.limits)
-    exchange.images = len(form.files)
+    log_entry.images = len(form.files)
     if len(form.files) != 1:
         raise BadRequest("send exactly one file in 'image' (several: /predict_batch)")
     [result] = await service.classify(form.files, form.top_k)
     return {"model": service.tag, **result}
 
 
-async def predict_batch(request: Request, exchange: Exchange) -> dict[str, Any]:
+async def predict_batch(request: Request, log_entry: RequestLogEntry) -> dict[str, Any]:
     service = bentoml.get_current_service()
     form = await read_form(request, "images", service.limits)
-    exchange.images = len(form.files)
+    log_entry.images = len(form.files)
     return {"model": service.tag, "results": await service.classify(form.files, form.top_k)}
 
 
@@ -107,10 +103,11 @@ class Convtune:
         self.classifier = OnnxClassifier(self.model.path, tta=None)
         self.tag = str(self.model.tag)
         cores = os.cpu_count() or 1
-        lanes, threads = lane_layout(cores)
+        # Lanes: sessions of their own with a thread or a few, side by side under load.
+        lane_count, threads_per_lane = lane_layout(cores)
         self._batcher = GreedyBatcher(
             self.classifier.probabilities,
-            lanes=[self.classifier.lane(threads=threads) for _ in range(lanes)],
+            lanes=[self.classifier.lane(threads=threads_per_lane) for _ in range(lane_count)],
             # Fewer images per call with views, so calls hold no more inputs than without.
             max_batch_size=max(1, MAX_BATCH_SIZE // len(VIEW_SETS[self.classifier.tta])),
             max_wait_s=MAX_QUEUE_WAIT_S,

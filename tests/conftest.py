@@ -68,7 +68,8 @@ def trained_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def exported_model(trained_run: Path, bentoml_home: Path) -> str:
     """The trained run exported as ``convtune`` into the session's BentoML store."""
-    from convtune.training.export import ARTIFACT_DIR, build_artifact, register_in_store
+    from convtune.models.artifact import ARTIFACT_DIR
+    from convtune.training.export import build_artifact, register_in_store
 
     artifact = build_artifact(trained_run, trained_run / ARTIFACT_DIR)
     return register_in_store(artifact, "convtune")

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from convtune.models.inference import softmax, view_probabilities
-from convtune.training.calibration import (
+from convtune.training.calibration import fit_temperature, fit_temperatures
+from convtune.training.metrics import (
     calibration_summary,
     expected_calibration_error,
-    fit_temperature,
-    fit_temperatures,
     negative_log_likelihood,
     reliability_bins,
 )

@@ -134,7 +134,7 @@ def test_head_augmentation_and_recipe_take_their_settings_from_the_config() -> N
     config = FitConfig(data="d", model="m", out="o", head_hidden=8, aug_scale_min=0.5, lr=0.3)
     assert HeadConfig(**config.head_kwargs()).hidden_features == 8
     assert Augmentation(**config.augmentation_kwargs()).scale == (0.5, 1.0)
-    recipe = Recipe(**config.recipe_kwargs(), class_weights=None, freeze_epochs=0)
+    recipe = Recipe(**config.recipe_kwargs())
     assert (recipe.lr, recipe.momentum) == (0.3, FitConfig.momentum)
     # No defaults of their own to drift from FitConfig's.
     for component in (HeadConfig, Recipe):

@@ -14,14 +14,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from convtune.data.datamodule import ImageDataset, seed_worker_transforms
-from convtune.data.images import decode_rgb
-from convtune.data.sources import (
+from convtune.data.datasets import (
     DatasetError,
     LabelFileFormat,
     LabelledImages,
     drop_unreadable,
     load_labelled_images,
 )
+from convtune.data.images import decode_rgb
 from convtune.data.splits import load_split, save_split, stratified_split
 from convtune.data.transforms import (
     Augmentation,

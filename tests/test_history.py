@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from convtune.data.synthetic import make_shapes_dataset
+from convtune.models.artifact import PROBE_HISTORY_FILE
 from convtune.training.cli import main
-from convtune.training.history import FINE_TUNE, FROZEN, PROBE_HISTORY_FILE, read_history
+from convtune.training.history import FINE_TUNE, FROZEN, read_history
 from convtune.training.report import dataset_name, report_title
 
 

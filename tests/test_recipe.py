@@ -28,8 +28,7 @@ from convtune.training.config import FitConfig
 from convtune.training.fit import validation_score
 from convtune.training.module import Recipe, build_optimizer, model_param_groups
 
-RECIPE = Recipe(**FitConfig(data="d", model="m", out="o").recipe_kwargs(), class_weights=None,
-                freeze_epochs=0)  # fmt: skip
+RECIPE = Recipe(**FitConfig(data="d", model="m", out="o").recipe_kwargs())
 
 
 def test_recalibrated_statistics_match_the_data_and_no_weight_changes() -> None:

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 
 from convtune.data.datamodule import ImageDataModule
-from convtune.data.sources import load_labelled_images
+from convtune.data.datasets import load_labelled_images
 from convtune.data.splits import stratified_split
 from convtune.data.transforms import Augmentation
 from convtune.models.factory import create_model, encoder_stages
@@ -34,7 +34,7 @@ from convtune.training.module import (
 
 # FitConfig's defaults, the settings each test changes replaced in.
 DEFAULTS = FitConfig(data="d", model="m", out="o")
-RECIPE = Recipe(**DEFAULTS.recipe_kwargs(), class_weights=None, freeze_epochs=0)
+RECIPE = Recipe(**DEFAULTS.recipe_kwargs())
 AUGMENTATION = Augmentation(**DEFAULTS.augmentation_kwargs())
 
 
@@ -304,12 +304,16 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
 
 
 def test_fit_writes_a_complete_run_directory(trained_run: Path) -> None:
-    for name in ("config.yaml", "split.json", "classes.json", "model.safetensors",
-                 "model.json", "logs/version_0/metrics.csv", "checkpoints/best.ckpt",
+    for name in ("config.yaml", "split.json", "model.safetensors", "model.json",
+                 "logs/version_0/metrics.csv", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt"):  # fmt: skip
         assert (trained_run / name).is_file(), name
+    # The class list, in output order, is the split's and written nowhere else in the run.
+    split = json.loads((trained_run / "split.json").read_text())
+    assert split["classes"] == ["circle", "square", "triangle"]
+    assert not (trained_run / "classes.json").exists()
     description = json.loads((trained_run / "model.json").read_text())
-    assert description["classes"] == ["circle", "square", "triangle"]
+    assert "classes" not in description
     assert description["temperature"] == description["val_metrics"]["temperature"] > 0
     # The shapes task is learnable: clearly better than chance (1/3) after 2 epochs.
     assert description["val_metrics"]["accuracy"] > 0.6
@@ -356,7 +360,7 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head[-1].weight.clone()
     result = linear_probe(model, datamodule, replace(RECIPE, lr=0.1), epochs=3, seed=0)
-    val_labels = torch.tensor(datamodule.part("val").labels)
+    val_labels = torch.tensor(datamodule.images_in("val").labels)
     assert result.val_logits.shape == (len(val_labels), 3)
     expected = (result.val_logits.argmax(1) == val_labels).float().mean().item()
     assert result.history[-1]["val_accuracy"] == pytest.approx(expected, abs=1e-6)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convtune.data.datasets import load_labelled_images
 from convtune.data.images import decode_rgb
-from convtune.data.sources import load_labelled_images
 from convtune.models.artifact import read_manifest
 from convtune.models.inference import OnnxClassifier, image_views, softmax, view_probabilities
 from convtune.training.cli import main
@@ -86,8 +86,9 @@ def test_fit_reports_the_single_view_and_the_views_side_by_side(
     assert "<th>single view</th><th>mean of the d4 views</th>" in report
     manifest = read_manifest(artifact_dir)
     assert manifest.temperatures == temperatures
-    assert manifest.raw["temperatures"] == temperatures
-    assert manifest.raw["serving"] == {"tta": "none"} and manifest.serving_tta == "none"
+    written = json.loads((artifact_dir / "manifest.json").read_text())
+    assert written["temperatures"] == temperatures
+    assert written["serving"] == {"tta": "none"} and manifest.serving_tta == "none"
 
 
 def test_an_artifact_from_before_test_time_views_still_reads(artifact_dir, tmp_path) -> None:
@@ -163,14 +164,12 @@ def test_evaluate_with_views_scores_what_predict_with_them_answers(
 
 
 def test_export_checks_the_view_set_it_is_to_serve(caplog: pytest.LogCaptureFixture) -> None:
-    from convtune.training.export import serving_settings
+    from convtune.training.export import check_serving_views
 
     temperatures = {"none": 1.5, "d4": 1.2}
-    assert serving_settings(tta="d4", temperatures=temperatures, input_size=(40, 40)) == {
-        "tta": "d4"
-    }
+    check_serving_views("d4", temperatures=temperatures, input_size=(40, 40))
     assert "no temperature" not in caplog.text
     with pytest.raises(ValueError, match="square"):
-        serving_settings(tta="d4", temperatures=temperatures, input_size=(40, 48))
-    assert serving_settings(tta="flip", temperatures=temperatures, input_size=(40, 48))
+        check_serving_views("d4", temperatures=temperatures, input_size=(40, 48))
+    check_serving_views("flip", temperatures=temperatures, input_size=(40, 48))
     assert "no temperature fitted for flip views" in caplog.text

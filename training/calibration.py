@@ -4,8 +4,7 @@ A network trained with cross-entropy is usually over-confident: among the images
 90 % sure, fewer than 90 % are right. Temperature scaling (Guo et al., 2017) divides the
 logits by one scalar T > 1 fitted on the validation split to minimise the negative log
 likelihood; the predicted class never changes, only how sure the softmax is. The expected
-calibration error (ECE) measures the gap: bin the predictions by confidence into 15 equal
-bins, and average |accuracy - mean confidence| over the bins weighted by their size.
+calibration error (``training.metrics``) measures the gap.
 
 With test-time views (``models.inference.VIEW_SETS``) the served probability is the mean
 over the views of ``softmax(logits_v / T)``; averaging already softens it, so each view set
@@ -19,9 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from convtune.models.inference import image_views, view_probabilities
-
-ECE_BINS = 15
+from convtune.models.inference import image_views
 
 
 def collect_logits(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
@@ -80,57 +77,3 @@ def fit_temperatures(logits: np.ndarray, labels: np.ndarray, *, views: str) -> d
     if views != "none":
         temperatures[views] = fit_temperature(logits, labels)
     return temperatures
-
-
-def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    picked = probabilities[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(picked, 1e-12, None)).mean())
-
-
-def reliability_bins(
-    probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
-) -> list[dict[str, float]]:
-    """Per confidence bin: its range, count, accuracy and mean confidence."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # Right-closed bins (lo, hi], with 0 confidence in the first: the usual convention.
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    table = []
-    for b in range(bins):
-        members = index == b
-        count = int(members.sum())
-        table.append(
-            {
-                "lower": float(edges[b]),
-                "upper": float(edges[b + 1]),
-                "count": count,
-                "accuracy": float(correct[members].mean()) if count else 0.0,
-                "confidence": float(confidence[members].mean()) if count else 0.0,
-            }
-        )
-    return table
-
-
-def expected_calibration_error(
-    probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
-) -> float:
-    table = reliability_bins(probabilities, labels, bins)
-    total = sum(row["count"] for row in table)
-    return float(
-        sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in table) / total
-    )
-
-
-def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
-    """ECE and NLL before (T = 1) and after temperature scaling."""
-    before, after = view_probabilities(logits, 1.0), view_probabilities(logits, temperature)
-    return {
-        "temperature": temperature,
-        "ece": expected_calibration_error(after, labels),
-        "nll": negative_log_likelihood(after, labels),
-        "uncalibrated": {
-            "ece": expected_calibration_error(before, labels),
-            "nll": negative_log_likelihood(before, labels),
-        },
-    }

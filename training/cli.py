@@ -203,7 +203,8 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from convtune.training.export import ARTIFACT_DIR, build_artifact, register_in_store
+    from convtune.models.artifact import ARTIFACT_DIR
+    from convtune.training.export import build_artifact, register_in_store
 
     artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta)
     print(register_in_store(artifact, args.name))

@@ -2,7 +2,7 @@
 
 :class:`FitConfig` is the one place where each option's name, type, default, allowed
 values and help live; the ``convtune fit`` flags, the YAML keys and ``--print-config``
-are derived from it. The resolved configuration is written to ``RUN_DIR/config.yaml`` so a
+are derived from it. The resolved configuration is written to ``RUN_DIR/CONFIG_FILE`` so a
 run can be read, resumed and reproduced from its directory alone.
 """
 
@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-from convtune.data.sources import LabelFileFormat
-
-CONFIG_FILE = "config.yaml"
+from convtune.data.datasets import LabelFileFormat
+from convtune.models.artifact import CONFIG_FILE
 
 
 def option(
@@ -247,9 +246,12 @@ class FitConfig:
             "color_jitter": self.color_jitter,
         }
 
-    def recipe_kwargs(self) -> dict[str, Any]:
-        """``training.module.Recipe``'s fields, except what fit decides from the data and
-        the schedule (class weights, the epoch the encoder starts learning)."""
+    def recipe_kwargs(
+        self, *, class_weights: tuple[float, ...] | None = None, freeze_epochs: int = 0
+    ) -> dict[str, Any]:
+        """``training.module.Recipe``'s fields. Fit decides the last two from the data and
+        the schedule: the weight of each class (with ``class_weights: auto``) and the epoch
+        the encoder starts learning; without them, no weights and from the start."""
         return {
             "lr": self.lr,
             "backbone_lr_scale": self.backbone_lr_scale,
@@ -258,6 +260,8 @@ class FitConfig:
             "weight_decay": self.weight_decay,
             "warmup_epochs": self.warmup_epochs,
             "label_smoothing": self.label_smoothing,
+            "class_weights": class_weights,
+            "freeze_epochs": freeze_epochs,
         }
 
 

@@ -9,74 +9,16 @@ from typing import Any
 import numpy as np
 from rich.progress import track
 
-from convtune.data.sources import DatasetError, LabelledImages, load_labelled_images
-from convtune.data.splits import SPLIT_FILE, load_split
+from convtune.data.datasets import DatasetError, LabelledImages, load_labelled_images
+from convtune.data.splits import load_split
+from convtune.models.artifact import SPLIT_FILE
 from convtune.models.inference import OnnxClassifier, view_probabilities
-from convtune.training.calibration import calibration_summary
 from convtune.training.config import FitConfig, load_saved_config
 from convtune.training.history import read_history
+from convtune.training.metrics import binary_metrics, calibration_summary, classification_metrics
 from convtune.training.report import report_title, write_report
 
 _TTA_KEYS = ("accuracy", "macro_f1", "nll", "ece", "temperature")
-
-
-def classification_metrics(
-    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]
-) -> dict[str, Any]:
-    """Accuracy, macro-F1 over all ``classes``, per-class scores and the confusion matrix.
-
-    ``confusion_matrix[i][j]`` counts images of class i predicted as class j. A class with
-    no predictions has precision 0 (and no support gives recall 0), as in scikit-learn's
-    ``zero_division=0``.
-    """
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    true_positive = np.diag(confusion).astype(np.float64)
-    predicted_count = confusion.sum(axis=0)
-    support = confusion.sum(axis=1)
-    precision = np.divide(
-        true_positive, predicted_count, out=np.zeros(k), where=predicted_count > 0
-    )
-    recall = np.divide(true_positive, support, out=np.zeros(k), where=support > 0)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(k), where=denominator > 0)
-    return {
-        "n": len(labels),
-        "accuracy": float(true_positive.sum() / max(1, len(labels))),
-        "macro_f1": float(f1.mean()),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(classes)
-        },
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
-def binary_metrics(
-    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...], negative: list[str]
-) -> dict[str, Any]:
-    """A two-class view: the ``negative`` classes against all the others (positive)."""
-    unknown = sorted(set(negative) - set(classes))
-    if unknown:
-        raise ValueError(f"binary view: unknown class(es) {unknown}; classes are {classes}")
-    negative_ids = [classes.index(name) for name in negative]
-    truth = (~np.isin(labels, negative_ids)).astype(np.int64)
-    guess = (~np.isin(predicted, negative_ids)).astype(np.int64)
-    view = classification_metrics(truth, guess, ("negative", "positive"))
-    return {
-        "negative_classes": list(negative),
-        "positive_classes": [c for c in classes if c not in negative],
-        "accuracy": view["accuracy"],
-        "macro_f1": view["macro_f1"],
-        **{f"positive_{k}": v for k, v in view["per_class"]["positive"].items()},
-        "confusion_matrix": view["confusion_matrix"],
-    }
 
 
 def evaluation_metrics(
@@ -171,7 +113,7 @@ def evaluate_and_report(
     images = load_labelled_images(data, config.label_format())
     if split:
         saved = load_split(run_dir / SPLIT_FILE, images)
-        images = images.subset(list(saved.part(split)))
+        images = images.subset(list(saved.indices(split)))
     logits, labels, classifier = artifact_logits(artifact_dir, images, tta=tta)
     metrics = evaluation_metrics(
         logits, labels, classifier.classes, temperature=classifier.temperature,

@@ -11,6 +11,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,23 +22,28 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from convtune.data.splits import saved_classes
+from convtune.data.transforms import Preprocessing
 from convtune.models.artifact import (
+    INPUT_NAME,
     MANIFEST_FILE,
+    MODEL_DESCRIPTION,
+    MODEL_WEIGHTS,
     ONNX_FILE,
-    SCHEMA_VERSION,
+    OUTPUT_NAME,
+    SPLIT_FILE,
     WEIGHTS_FILE,
     ArtifactError,
+    Manifest,
     read_manifest,
     write_manifest,
 )
 from convtune.models.factory import ImageClassifier, rebuild_model
-from convtune.models.inference import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, check_view_set
+from convtune.models.inference import OnnxClassifier, check_view_set
 from convtune.training.config import load_saved_config
-from convtune.training.fit import MODEL_DESCRIPTION, MODEL_WEIGHTS
 
 log = logging.getLogger("convtune")
 TOLERANCE = 1e-4
-ARTIFACT_DIR = "artifact"
 _VERSIONED_PACKAGES = (
     "convtune",
     "torch",
@@ -53,7 +60,7 @@ class ExportError(RuntimeError):
 
 
 def load_trained_model(run_dir: Path) -> tuple[ImageClassifier, dict[str, Any]]:
-    """Rebuild a run's best model from ``model.json`` + ``model.safetensors``."""
+    """Rebuild a run's best model from its ``MODEL_DESCRIPTION`` and ``MODEL_WEIGHTS``."""
     description_file = run_dir / MODEL_DESCRIPTION
     if not description_file.is_file():
         raise ExportError(f"{run_dir} has no {MODEL_DESCRIPTION}: has `convtune fit` finished?")
@@ -99,55 +106,49 @@ def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none")
 
 def build_manifest(
     run_dir: Path, description: dict[str, Any], *, serve_tta: str = "none"
-) -> dict[str, Any]:
+) -> Manifest:
+    """The manifest of ``run_dir``'s model (``description``: its ``MODEL_DESCRIPTION``), to
+    be served averaging over the ``serve_tta`` views."""
     temperature = description.get("temperature", 1.0)
     temperatures = description.get("temperatures", {"none": temperature})
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "architecture": description["architecture"],
-        "classes": description["classes"],
-        "num_classes": description["num_classes"],
-        "head": description["head"],
-        "preprocessing": description["preprocessing"],
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "kind": "logits"},
-        "temperature": temperature,
-        "temperatures": temperatures,
-        "serving": serving_settings(
-            tta=serve_tta,
-            temperatures=temperatures,
-            input_size=tuple(description["preprocessing"]["input_size"]),
-        ),
-        "metrics": {"val": description["val_metrics"]},
-        "training_config": load_saved_config(run_dir).to_dict(),
-        "versions": {name: _version(name) for name in _VERSIONED_PACKAGES},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    preprocessing = Preprocessing.from_dict(description["preprocessing"])
+    check_serving_views(serve_tta, temperatures=temperatures, input_size=preprocessing.input_size)
+    return Manifest(
+        architecture=description["architecture"],
+        classes=saved_classes(run_dir / SPLIT_FILE),
+        head=description["head"],
+        preprocessing=preprocessing,
+        temperatures=temperatures,
+        serving_tta=serve_tta,
+        val_metrics=description["val_metrics"],
+        training_config=load_saved_config(run_dir).to_dict(),
+        versions={name: _version(name) for name in _VERSIONED_PACKAGES},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
-def serving_settings(
-    *, tta: str, temperatures: dict[str, float], input_size: tuple[int, int]
-) -> dict[str, str]:
-    """The manifest's ``serving`` part: the view set the service averages over."""
-    check_view_set(tta, input_size=input_size)
-    if tta not in temperatures:
+def check_serving_views(
+    views: str, *, temperatures: Mapping[str, float], input_size: tuple[int, int]
+) -> None:
+    """Refuse a view set the service cannot average over; warn if the run fitted no
+    temperature for it."""
+    check_view_set(views, input_size=input_size)
+    if views not in temperatures:
         log.warning(
             "the run has no temperature fitted for %s views (fit with --tta %s): the service "
-            "will use the single-view one", tta, tta,
+            "will use the single-view one", views, views,
         )  # fmt: skip
-    return {"tta": tta}
 
 
 def with_serving_tta(artifact_dir: Path, destination: Path, *, tta: str) -> Path:
     """A copy of an artifact in ``destination`` whose service averages over the ``tta``
     views (the manifest is not covered by the files' hashes)."""
     manifest = read_manifest(artifact_dir)
+    check_serving_views(
+        tta, temperatures=manifest.temperatures, input_size=manifest.preprocessing.input_size
+    )
     shutil.copytree(artifact_dir, destination)
-    serving = serving_settings(
-        tta=tta, temperatures=dict(manifest.temperatures),
-        input_size=manifest.preprocessing.input_size,
-    )  # fmt: skip
-    write_manifest(destination, {**manifest.raw, "serving": serving})
+    write_manifest(destination, replace(manifest, serving_tta=tta))
     return destination
 
 
@@ -184,11 +185,11 @@ def register_in_store(artifact_dir: Path, name: str, *, bentoml_home: Path | Non
         from bentoml._internal.models import ModelStore
 
         store["_model_store"] = ModelStore(bentoml_home / "models")
-    manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
+    manifest = read_manifest(artifact_dir)
     with bentoml.models.create(
         name,
-        labels={"framework": "onnx", "architecture": manifest["architecture"]},
-        metadata={"classes": manifest["classes"], "val": manifest["metrics"]["val"]},
+        labels={"framework": "onnx", "architecture": manifest.architecture},
+        metadata={"classes": list(manifest.classes), "val": dict(manifest.val_metrics)},
         **store,
     ) as stored:
         for file in artifact_dir.iterdir():

@@ -1,17 +1,8 @@
-"""One fine-tuning run, from a dataset path to ``RUN_DIR/model.safetensors``.
+"""One fine-tuning run, from a dataset path to ``RUN_DIR/MODEL_WEIGHTS``.
 
-A run directory holds everything needed to resume, evaluate and export it::
-
-    config.yaml          the resolved configuration
-    split.json           the exact train/val/test images (reused by resume and evaluate)
-    classes.json         class names in output order
-    logs/version_N/      metrics.csv per attempt (resuming starts a new version)
-    probe.json           with --cache-features: the linear probe's per-epoch history
-    checkpoints/         best.ckpt and last.ckpt (Lightning, for --resume)
-    model.safetensors    the best weights (by the monitored val metric; the probe's too)
-    model.json           how to rebuild the model, its temperature and val metrics
-    metrics.json         with a test part: the test metrics (see training/report.py)
-    report.html          with a test part: the evaluation report
+The run directory holds everything needed to resume, evaluate and export it; its layout
+is in ``models/artifact.py``. The best weights are chosen by the monitored val metric,
+among the fine-tuned epochs' and, with --cache-features, the linear probe's.
 """
 
 from __future__ import annotations
@@ -34,30 +25,33 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from convtune.data.datamodule import ImageDataModule
-from convtune.data.sources import LabelledImages, drop_unreadable, load_labelled_images
-from convtune.data.splits import SPLIT_FILE, Split, load_split, save_split, stratified_split
+from convtune.data.datasets import LabelledImages, drop_unreadable, load_labelled_images
+from convtune.data.splits import Split, load_split, save_split, stratified_split
 from convtune.data.transforms import Augmentation
+from convtune.models.artifact import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    LOGS_DIR,
+    MODEL_DESCRIPTION,
+    MODEL_WEIGHTS,
+    SPLIT_FILE,
+)
 from convtune.models.factory import HeadConfig, ImageClassifier, create_model, first_stages
 from convtune.models.inference import VIEW_SETS, softmax
 from convtune.training.batchnorm import recalibrate_batchnorm
 from convtune.training.budget import plan_epochs, time_eval_batch, time_train_step
-from convtune.training.calibration import (
-    collect_logits,
-    collect_view_logits,
-    fit_temperatures,
-    negative_log_likelihood,
-)
+from convtune.training.calibration import collect_logits, collect_view_logits, fit_temperatures
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
 from convtune.training.config import FitConfig, save_config
-from convtune.training.evaluate import classification_metrics, evaluation_metrics_with_views
+from convtune.training.evaluate import evaluation_metrics_with_views
 from convtune.training.history import read_history, write_probe_history
+from convtune.training.metrics import classification_metrics, negative_log_likelihood
 from convtune.training.module import ClassifierModule, Recipe
 from convtune.training.probe import ProbeResult, linear_probe
 from convtune.training.report import report_title, write_report
 
 log = logging.getLogger("convtune")
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_DESCRIPTION = "model.json"
 _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
 # Enough batches for stable BatchNorm means and variances, a few seconds on a CPU.
 _RECALIBRATION_IMAGES = 256
@@ -68,7 +62,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train as configured; return the best model's val (and test) metrics."""
     started = time.monotonic()
     run_dir = Path(config.out)
-    last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    last_checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume and not last_checkpoint.is_file():
         raise FileNotFoundError(f"cannot resume: {last_checkpoint} does not exist")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +70,6 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     L.seed_everything(config.seed, workers=True, verbose=False)
 
     images, split = prepare_split(config, run_dir)
-    (run_dir / "classes.json").write_text(json.dumps(list(images.classes), indent=1))
     model = build_model(config, len(images.classes))
     datamodule = build_datamodule(config, images, split, model)
     probe = config.cache_features and config.freeze_epochs > 0
@@ -105,8 +98,8 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
             )
             save_config(config, run_dir)  # the epochs that will run, for --resume
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename=BEST_CHECKPOINT,
         monitor=f"val/{config.monitor}",
         mode=_MONITOR_MODE[config.monitor],
         save_last=True,
@@ -143,7 +136,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         precision=resolve_precision(config.precision),
         callbacks=callbacks,
         # One logs/version_N/ per attempt, so resuming never overwrites earlier metrics.
-        logger=CSVLogger(run_dir, name="logs"),
+        logger=CSVLogger(run_dir, name=LOGS_DIR),
         deterministic=False,
         log_every_n_steps=1,
         enable_model_summary=False,
@@ -171,7 +164,7 @@ def keep_the_better(
     fine-tuned ones (``val_logits``); return the val logits of the weights kept."""
     probe_state, result = probe
     probe_logits = result.val_logits.numpy()
-    labels = np.array(datamodule.part("val").labels)
+    labels = np.array(datamodule.images_in("val").labels)
     classes = len(datamodule.images.classes)
     tuned, probed = (
         validation_score(logits, labels, monitor, classes) for logits in (val_logits, probe_logits)
@@ -266,7 +259,7 @@ def finish_run(
             model, datamodule.val_dataloader(), views=views
         )
     else:
-        val_logits, val_labels = val_logits[None], np.array(datamodule.part("val").labels)
+        val_logits, val_labels = val_logits[None], np.array(datamodule.images_in("val").labels)
     temperatures = fit_temperatures(val_logits, val_labels, views=views)
     val = evaluation_metrics_with_views(
         val_logits, val_labels, classes, views=views, temperatures=temperatures,
@@ -274,8 +267,7 @@ def finish_run(
     )  # fmt: skip
     headline = (*_SUMMARY_KEYS, "tta")
     summary = {"val": {key: val[key] for key in headline if key in val}}
-    save_trained_model(model, run_dir, classes=classes, metrics=summary["val"],
-                       temperatures=temperatures)  # fmt: skip
+    save_trained_model(model, run_dir, metrics=summary["val"], temperatures=temperatures)
     if datamodule.split.test:
         test_logits, test_labels = collect_view_logits(
             model, datamodule.test_dataloader(), views=views
@@ -286,7 +278,7 @@ def finish_run(
         )  # fmt: skip
         report = write_report(
             run_dir, {"split": "test", **test}, logits=test_logits[0], labels=test_labels,
-            paths=datamodule.part("test").paths, classes=classes,
+            paths=datamodule.images_in("test").paths, classes=classes,
             title=report_title(model=config.model, data_path=config.data, run_dir=config.out,
                                split="test"),
             history=read_history(run_dir),
@@ -356,7 +348,7 @@ def build_recipe(
     if config.class_weights == "auto":
         counts = np.bincount(train_images.labels, minlength=len(train_images.classes))
         weights = tuple(float(w) for w in len(train_images) / (len(counts) * counts))
-    return Recipe(**config.recipe_kwargs(), class_weights=weights, freeze_epochs=freeze_epochs)
+    return Recipe(**config.recipe_kwargs(class_weights=weights, freeze_epochs=freeze_epochs))
 
 
 def resolve_precision(precision: str) -> str:
@@ -373,17 +365,16 @@ def save_trained_model(
     model: ImageClassifier,
     run_dir: Path,
     *,
-    classes: tuple[str, ...],
     metrics: dict,
     temperatures: dict[str, float],
 ) -> None:
-    """The weights and ``model.json``; ``temperatures`` by view set, the single view's
-    (``none``) also as ``temperature``, which readers before test-time views know."""
+    """The weights and ``MODEL_DESCRIPTION``; ``temperatures`` by view set, the single
+    view's (``none``) also as ``temperature``, which readers before test-time views know.
+    The class names are the split's (``data.splits.saved_classes``)."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, run_dir / MODEL_WEIGHTS)
     description = {
         **model.describe(),
-        "classes": list(classes),
         "temperature": temperatures["none"],
         "temperatures": temperatures,
         "val_metrics": metrics,

@@ -1,6 +1,6 @@
 """A run's training history: one entry per epoch, the frozen phase marked.
 
-Lightning writes ``logs/version_N/metrics.csv`` (a new version per attempt, so ``--resume``
+Lightning writes ``LOGS_DIR/version_N/LOG_METRICS_FILE`` (a new version per attempt, so ``--resume``
 adds one); with ``--cache-features`` the frozen epochs run as a linear probe outside
 Lightning, whose history ``fit`` saves as ``PROBE_HISTORY_FILE``. ``read_history`` puts the
 two together in epoch order.
@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from convtune.models.artifact import LOG_METRICS_FILE, LOGS_DIR, PROBE_HISTORY_FILE
 from convtune.training.config import load_saved_config
 
-PROBE_HISTORY_FILE = "probe.json"
 FROZEN, FINE_TUNE = "frozen", "fine-tune"
 # Lightning's column for each history key; the probe records all but val_macro_f1.
 _CSV_COLUMNS = {
@@ -37,7 +37,7 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     probe = json.loads(probe_file.read_text()) if probe_file.is_file() else []
     epochs = dict(enumerate(probe))
     # After a probe, Lightning counts its epochs from 0 again.
-    for number, values in _lightning_epochs(run_dir / "logs").items():
+    for number, values in _lightning_epochs(run_dir / LOGS_DIR).items():
         epochs[len(probe) + number] = values
     freeze_epochs = load_saved_config(run_dir).freeze_epochs
     return [
@@ -68,7 +68,8 @@ def _lightning_epochs(logs_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def _metrics_files(logs_dir: Path) -> list[Path]:
-    """``version_N/metrics.csv`` in attempt order (numerically: version_10 after version_9)."""
+    """``version_N/LOG_METRICS_FILE`` in attempt order (numerically: version_10 after
+    version_9)."""
     numbers = [d.name.removeprefix("version_") for d in logs_dir.glob("version_*")]
-    files = [logs_dir / f"version_{n}" / "metrics.csv" for n in sorted(numbers, key=int)]
+    files = [logs_dir / f"version_{n}" / LOG_METRICS_FILE for n in sorted(numbers, key=int)]
     return [f for f in files if f.is_file()]

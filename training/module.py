@@ -25,7 +25,7 @@ from convtune.models.factory import ImageClassifier
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """The optimisation recipe. Its settings have no defaults here: they are FitConfig's
-    (``Recipe(**config.recipe_kwargs(), ...)``), so each default lives in one place."""
+    (``Recipe(**config.recipe_kwargs())``), so each default lives in one place."""
 
     lr: float
     backbone_lr_scale: float

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from convtune.data.datamodule import ImageDataModule
 from convtune.models.factory import ImageClassifier
+from convtune.training.metrics import accuracy
 from convtune.training.module import Recipe, build_loss, build_optimizer, param_groups
 
 log = logging.getLogger("convtune")
@@ -109,5 +110,5 @@ def validate(
     logits = head(features)
     return {
         "val_loss": float(loss_fn(logits, labels)),
-        "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "val_accuracy": accuracy(labels.numpy(), logits.argmax(1).numpy()),
     }

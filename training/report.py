@@ -24,12 +24,11 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from convtune.data.images import ImageDecodeError, decode_rgb
+from convtune.models.artifact import METRICS_FILE, REPORT_FILE
 from convtune.models.inference import view_probabilities
-from convtune.training.calibration import reliability_bins
 from convtune.training.history import FROZEN
+from convtune.training.metrics import ECE_BINS, reliability_bins
 
-METRICS_FILE = "metrics.json"
-REPORT_FILE = "report.html"
 GALLERY_SIZE = 12
 # Folder names that say nothing about the dataset, skipped when naming it after a label file.
 _GENERIC_FOLDERS = frozenset({"data", "dataset", "datasets", "images", "labels", "annotations"})
@@ -95,7 +94,7 @@ def write_report(
         _per_class_table(metrics["per_class"]),
         "<h2>Calibration</h2>",
         f"<p>Temperature T = {temperature:.3f} (fitted on the validation split). "
-        f"ECE over 15 equal-width bins: {metrics['uncalibrated']['ece']:.4f} before, "
+        f"ECE over {ECE_BINS} equal-width bins: {metrics['uncalibrated']['ece']:.4f} before, "
         f"{metrics['ece']:.4f} after; NLL {metrics['uncalibrated']['nll']:.4f} before, "
         f"{metrics['nll']:.4f} after.</p>",
         _img(_reliability_figure(reliability)),

@@ -2,8 +2,8 @@
 
 Nothing may fail under load: no 5xx, no refused or reset connection, and no memory growth
 (a leak per request would show as RSS climbing between second 5, after warm-up, and the
-end). The load comes from ``python -m benchmarks.loadgen``, run as a user would run it by
-hand (with other numbers); its table is printed (``pytest -s`` shows it).
+end). The load comes from ``python -m convtune.benchmarks.loadgen``, run as a user would
+run it by hand (with other numbers); its table is printed (``pytest -s`` shows it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Find labelled images: a folder-per-class tree or a CSV/TSV label file."""
+"""Datasets on disk: labelled images from a folder-per-class tree or a CSV/TSV label file."""
 
 from __future__ import annotations
 
@@ -37,25 +37,26 @@ class LabelledImages:
 
 
 def load_labelled_images(
-    source: str | Path, label_format: LabelFileFormat | None = None
+    dataset: str | Path, label_format: LabelFileFormat | None = None
 ) -> LabelledImages:
-    """Read a folder tree (``root/<class>/<image>``) or a label file (CSV, TSV, ...)."""
-    source = Path(source)
-    if source.is_dir():
-        images = scan_folder_tree(source)
-    elif source.is_file():
-        images = read_label_file(source, label_format or LabelFileFormat())
+    """The dataset at ``dataset``: a folder tree (``root/<class>/<image>``) or a label file
+    (CSV, TSV, ...)."""
+    dataset = Path(dataset)
+    if dataset.is_dir():
+        images = read_class_folders(dataset)
+    elif dataset.is_file():
+        images = read_label_file(dataset, label_format or LabelFileFormat())
     else:
-        raise DatasetError(f"{source} does not exist")
+        raise DatasetError(f"{dataset} does not exist")
     if len(images.classes) < 2:
         raise DatasetError(
-            f"{source} has only {len(images.classes)} class ({images.classes[0]!r}); "
+            f"{dataset} has only {len(images.classes)} class ({images.classes[0]!r}); "
             "a classifier needs at least 2"
         )
     return images
 
 
-def scan_folder_tree(root: Path) -> LabelledImages:
+def read_class_folders(root: Path) -> LabelledImages:
     """One sub-folder per class; hidden files and folders and non-image files are skipped."""
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
@@ -70,7 +71,7 @@ def scan_folder_tree(root: Path) -> LabelledImages:
             for path in class_dir.rglob("*")
             if path.suffix.lower() in IMAGE_SUFFIXES
             and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            and not any(name.startswith(".") for name in path.relative_to(class_dir).parts)
         )
         if not images:
             raise DatasetError(f"class folder {class_dir} holds no images")

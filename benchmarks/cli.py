@@ -1,0 +1,163 @@
+"""The ``convtune bench`` command: each benchmark's options, and the extras it needs.
+
+The parser lives here, apart from the benchmarks, so that ``--help`` and a missing extra
+are answered before torch, lightning or a server is loaded. ``python -m
+convtune.benchmarks.cli`` is the same command in a checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from convtune.benchmarks.common import missing_distributions
+
+DEV_EXTRA_INSTALL = "pip install -e '.[dev]'"
+# Distributions of the dev extra (pyproject.toml) that `bench serve` needs: the load
+# generator and the server runner, and, unless --no-peer, the naive FastAPI peer.
+SERVE_NEEDS = ("httpx", "psutil")
+PEER_NEEDS = ("fastapi", "python-multipart")
+
+# Fit settings `bench train` takes as flags: (flag, FitConfig field, type, help).
+TRAIN_FIT_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--model", "model", str, "timm architecture"),
+    ("--pretrained", "pretrained", str, "encoder weights, as for convtune fit"),
+    ("--img-size", "img_size", int, "input size"),
+    ("--batch-size", "batch_size", int, "images per batch"),
+    ("--num-workers", "num_workers", int, "DataLoader worker processes"),
+    ("--freeze-epochs", "freeze_epochs", int, "frozen epochs to compare"),
+)
+# Where `bench train` departs from convtune fit's defaults: a model a CPU trains in
+# seconds, and as many frozen epochs as configs/elpv.yaml's probe, since the probe's
+# speed-up grows with them (docs/benchmarks.md, Training).
+TRAIN_FIT_DEFAULTS: dict[str, Any] = {
+    "model": "tf_efficientnet_lite0",
+    "batch_size": 16,
+    "freeze_epochs": 10,
+}
+TRAIN_MEASUREMENTS = ("steps", "pipeline", "frozen")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
+    )
+    parser.add_argument(
+        "--images", type=Path,
+        help="folder of images to send, in turn [generated images of shapes]",
+    )  # fmt: skip
+    parser.add_argument("--image-count", type=int, default=32, help="generated images [32]")
+    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--image-format", default="PNG", choices=["PNG", "JPEG"], help="generated format [PNG]"
+    )
+    parser.add_argument(
+        "--concurrency", default="1,8",
+        help="client counts, comma-separated; goals use 1 and the highest [1,8]",
+    )  # fmt: skip
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load [20]")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first [3]")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=3.0, help="timing per batch size [3]"
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
+    parser.add_argument(
+        "--serve-tta", metavar="VIEWS",
+        help="none | flip | d4: serve a copy of the artifact set to average over these views "
+        "(export --serve-tta); the ceiling and the peer stay single-view [as exported]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--service-env", action="append", default=[], metavar="NAME=VALUE",
+        help="environment for the service (tuning: CONVTUNE_*); repeatable",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path,
+        help="a `convtune fit` YAML file: benchmark its model, data, sizes and recipe",
+    )  # fmt: skip
+    for flag, field, kind, text in TRAIN_FIT_OPTIONS:
+        default = TRAIN_FIT_DEFAULTS.get(field, "as convtune fit")
+        # No argparse default: the benchmark tells an explicit flag from the config's.
+        parser.add_argument(
+            flag, dest=field, type=kind, help=f"{text} [{default}, or the config's]"
+        )
+    parser.add_argument(
+        "--data", help="folder tree or label file [the config's, or generated 300×300 shapes]"
+    )
+    parser.add_argument("--per-class", type=int, default=64, help="generated images per class")
+    parser.add_argument("--steps", type=int, default=16, help="timed training steps [16]")
+    parser.add_argument("--skip-steps", type=int, default=2, help="untimed steps first [2]")
+    parser.add_argument("--pipeline-batches", type=int, default=20, help="timed batches [20]")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument(
+        "--parts", default=",".join(TRAIN_MEASUREMENTS),
+        help="comma-separated subset of the measurements to run [all three]",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convtune bench",
+        description="Benchmarks from a source checkout's benchmarks/ (docs/benchmarks.md).",
+    )
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    add_serve_arguments(
+        benchmarks.add_parser(
+            "serve",
+            help="the service against the in-process ceiling and a naive FastAPI peer",
+            description="Benchmark the service against the in-process onnxruntime ceiling "
+            "and a naive FastAPI + torch peer, on the same artifact and images.",
+        )
+    )
+    add_train_arguments(
+        benchmarks.add_parser(
+            "train",
+            help="Lightning against a plain loop, data against model, probe against epochs",
+            description="Benchmark training: Lightning against a plain loop, the data "
+            "pipeline against the model, and the cached-feature probe against normal frozen "
+            "epochs.",
+        )
+    )
+    return parser
+
+
+def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.benchmark == "serve":
+        return SERVE_NEEDS + (() if args.no_peer else PEER_NEEDS)
+    return ()
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark ``argv`` names (``serve ...`` or ``train ...``); its exit status."""
+    args = build_parser().parse_args(argv)
+    missing = missing_distributions(needed_distributions(args))
+    if missing:
+        print(
+            f"convtune bench {args.benchmark} needs {', '.join(missing)} from the dev extra: "
+            f"{DEV_EXTRA_INSTALL}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.benchmark == "serve":
+            from convtune.benchmarks import serve
+
+            return serve.run(args)
+        from convtune.benchmarks import train
+
+        return train.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # As `convtune`'s other commands: our errors carry a message meant for the user.
+        print(f"convtune bench {args.benchmark}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
