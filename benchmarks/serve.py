@@ -41,8 +41,9 @@ from convtune.benchmarks.common import median_of, write_report
 from convtune.benchmarks.loadgen import Files, run_load
 from convtune.benchmarks.servers import free_port, running_server
 from convtune.data.synthetic import SHAPES, draw_shape
+from convtune.models.artifact import locate_artifact
 from convtune.models.inference import OnnxClassifier
-from convtune.training.export import locate_artifact, register_in_store, with_serving_tta
+from convtune.training.export import register_in_store, with_serving_tta
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: where `convtune` imports from
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)

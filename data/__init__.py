@@ -4,6 +4,7 @@ Training, evaluation and the service all decode and preprocess through this pack
 they see the same pixels; datasets on disk and their train/val/test splits live here too.
 
 Imports: numpy, Pillow, OpenCV, albumentations and rich only; torch and lightning in
-``data.datamodule`` alone. The service imports ``data.images`` and ``data.transforms``, so
-those two must never import torch. Never ``models``, ``training`` or ``service``.
+``data.datamodule`` alone. The service imports ``data.images`` and ``data.preprocessing``,
+so those two use numpy, Pillow and OpenCV only (albumentations loads torch where it is
+installed). Never ``models``, ``training`` or ``service``.
 """

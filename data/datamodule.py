@@ -13,15 +13,14 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from convtune.data.datasets import LabelledImages
 from convtune.data.images import decode_rgb
-from convtune.data.splits import Split
-from convtune.data.transforms import (
-    Augmentation,
+from convtune.data.preprocessing import (
     EvalTransform,
     Preprocessing,
     build_eval_transform,
-    build_train_transform,
     eval_decode_size,
 )
+from convtune.data.splits import Split
+from convtune.data.transforms import Augmentation, build_train_transform
 
 
 class ImageDataset(Dataset):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from convtune.data.transforms import Preprocessing
+from convtune.data.preprocessing import Preprocessing
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
@@ -201,3 +201,22 @@ def read_manifest(directory: str | Path) -> Manifest:
                 "or was modified"
             )
     return manifest
+
+
+def locate_artifact(reference: str) -> Path:
+    """``reference`` is an artifact directory or a ``NAME[:VERSION]`` in the BentoML store."""
+    path = Path(reference)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if path.exists():
+        raise ArtifactError(f"{path} is not a convtune artifact (no {MANIFEST_FILE})")
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return Path(bentoml.models.get(reference).path)
+    except (NotFound, ValueError) as error:
+        raise ArtifactError(
+            f"{reference!r} is neither an artifact directory nor a model in the BentoML "
+            f"store ({error}); see `bentoml models list`"
+        ) from error

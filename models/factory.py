@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import timm
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from convtune.data.transforms import Preprocessing
+from convtune.data.preprocessing import Preprocessing
 from convtune.models.head import build_head
-from convtune.models.weights import WeightsError, WeightSource, offline_hint, resolve_weight_source
+from convtune.models.packaged import WeightsError
+from convtune.models.weights import WeightSource, offline_hint, resolve_weight_source
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +47,7 @@ class ImageClassifier(nn.Module):
     def __init__(
         self,
         encoder: nn.Module,
-        head: nn.Module,
+        head: nn.Sequential,
         *,
         architecture: str,
         preprocessing: Preprocessing,
@@ -62,6 +64,34 @@ class ImageClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(pixels))
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's description of this model, so timm's tools read what convtune uses:
+        ``timm.data.resolve_model_data_config(model)`` returns :attr:`preprocessing`.
+
+        The encoder's pretrained config, with the eval view this model is trained and
+        served with, its classes, and module names that resolve in this model. Derived on
+        each read, so a replaced :attr:`preprocessing` (see :func:`rebuild_model`) shows.
+        """
+        view = self.preprocessing
+        encoder_cfg = self.encoder.pretrained_cfg
+        first_conv = encoder_cfg.get("first_conv")
+        return {
+            **encoder_cfg,
+            "input_size": (3, *view.input_size),
+            "interpolation": view.interpolation,
+            "mean": view.mean,
+            "std": view.std,
+            "crop_pct": view.crop_pct,
+            "crop_mode": view.crop_mode,
+            # One eval view: a test-time size or crop would override it in timm's resolver.
+            "test_input_size": None,
+            "test_crop_pct": None,
+            "num_classes": self.num_classes,
+            "classifier": f"head.{len(self.head) - 1}",
+            "first_conv": f"encoder.{first_conv}" if isinstance(first_conv, str) else None,
+        }
 
     def describe(self) -> dict:
         """What is needed to rebuild this model's structure (stored with weights)."""
@@ -91,7 +121,7 @@ def create_model(
     With ``num_classes`` equal to the pretrained classifier's (1000 for ImageNet) and a
     plain linear head, the pretrained classifier is kept instead of a new one.
     """
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         raise ValueError(
             f"unknown timm model {name!r}; see `timm.list_models()` for the available names"
         )
@@ -101,39 +131,17 @@ def create_model(
         else resolve_weight_source(pretrained, name)
     )
     head_config = head or HeadConfig.linear()
-    pretrained_cfg = timm.models.get_pretrained_cfg(name)
-    keep_pretrained_head = (
-        source.kind != "none"
-        and head_config.is_linear()
-        and pretrained_cfg is not None
-        and pretrained_cfg.num_classes == num_classes
+    keep_classifier = keeps_pretrained_classifier(
+        name, num_classes, source=source, head=head_config
     )
-    kwargs = source.timm_kwargs()
-    if img_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
-        kwargs["img_size"] = img_size  # ViT-style models build their patch grid for a size
-    try:
-        encoder = timm.create_model(
-            name, num_classes=num_classes if keep_pretrained_head else 0, **kwargs
-        )
-    except (OSError, RuntimeError) as error:
-        if source.kind == "hub":
-            raise WeightsError(f"{offline_hint(name)} ({error})") from error
-        raise
-    if keep_pretrained_head:
-        classifier = encoder.get_classifier()
-        encoder.reset_classifier(0)
-        head_module: nn.Module = nn.Sequential(classifier)
-    else:
-        head_module = build_head(
-            encoder.num_features,
-            num_classes,
-            hidden_features=head_config.hidden_features,
-            dropout=head_config.dropout,
-            activation=head_config.activation,
-        )
+    encoder = create_encoder(
+        name, source=source, num_classes=num_classes if keep_classifier else 0, img_size=img_size
+    )
     return ImageClassifier(
         encoder,
-        head_module,
+        detach_classifier(encoder)
+        if keep_classifier
+        else build_head(encoder.num_features, num_classes, **asdict(head_config)),
         architecture=name,
         preprocessing=resolve_preprocessing(
             encoder, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode
@@ -141,6 +149,44 @@ def create_model(
         head_config=head_config,
         num_classes=num_classes,
     )
+
+
+def keeps_pretrained_classifier(
+    name: str, num_classes: int, *, source: WeightSource, head: HeadConfig
+) -> bool:
+    """Whether the pretrained classifier serves as the head: weights are loaded, the head
+    asked for is one linear layer, and the classes are as many as it was trained on."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    return (
+        source.kind != "none"
+        and head.is_linear()
+        and pretrained_cfg is not None
+        and pretrained_cfg.num_classes == num_classes
+    )
+
+
+def create_encoder(
+    name: str, *, source: WeightSource, num_classes: int = 0, img_size: int | None = None
+) -> nn.Module:
+    """``timm.create_model(name)`` with ``source``'s weights; ``num_classes`` 0 ends it at
+    global pooling, so it maps an image to one feature vector."""
+    kwargs = source.timm_kwargs()
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if img_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = img_size  # ViT-style models build their patch grid for a size
+    try:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    except (OSError, RuntimeError) as error:
+        if source.kind == "hub":
+            raise WeightsError(f"{offline_hint(name)} ({error})") from error
+        raise
+
+
+def detach_classifier(encoder: nn.Module) -> nn.Sequential:
+    """The encoder's own classifier as a head; the encoder then ends at global pooling."""
+    classifier = encoder.get_classifier()
+    encoder.reset_classifier(0)
+    return nn.Sequential(classifier)
 
 
 def encoder_stages(encoder: nn.Module) -> list[list[nn.Module]]:
@@ -194,16 +240,17 @@ def resolve_preprocessing(
     crop_pct: float | None = None,
     crop_mode: str | None = None,
 ) -> Preprocessing:
-    """The encoder's pretrained data config, with the eval view optionally overridden."""
-    config = resolve_model_data_config(encoder)
-    size = (img_size, img_size) if img_size else tuple(config["input_size"][1:])
+    """The encoder's pretrained data config, resolved by timm with the eval view's
+    overrides (None keeps the encoder's own)."""
+    overrides = {"img_size": img_size, "crop_pct": crop_pct, "crop_mode": crop_mode}
+    config = resolve_model_data_config(encoder, args=overrides)
     return Preprocessing(
-        input_size=size,
+        input_size=tuple(config["input_size"][1:]),
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         interpolation=config["interpolation"],
-        crop_pct=float(crop_pct if crop_pct is not None else config["crop_pct"]),
-        crop_mode=crop_mode or config.get("crop_mode", "center"),
+        crop_pct=float(config["crop_pct"]),
+        crop_mode=config["crop_mode"],
     )
 
 

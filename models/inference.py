@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from convtune.data.images import DEFAULT_MAX_PIXELS, decode_rgb
-from convtune.data.transforms import build_eval_transform, eval_decode_size
+from convtune.data.preprocessing import build_eval_transform, eval_decode_size
 from convtune.models.artifact import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, read_manifest
 
 log = logging.getLogger("convtune")

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convtune.models.artifact import sha256_file
-from convtune.models.weights import WeightsError
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +37,14 @@ log = logging.getLogger("convtune")
 
 CACHE_ENV_VAR = "CONVTUNE_CACHE_DIR"
 WEIGHTS_EXTRA = "convtune[weights]"
+
+
+class WeightsError(ValueError):
+    """Pretrained weights were asked for but cannot be provided; the message says how.
+
+    It lives in the lowest module that raises it, so ``models.weights`` (which resolves
+    ``--pretrained``, packaged weights included) depends on this module and not the reverse.
+    """
 
 
 @dataclass(frozen=True)

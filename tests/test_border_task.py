@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convtune.data.preprocessing import Preprocessing, build_eval_transform
 from convtune.data.synthetic import (
     add_border_notch,
     draw_photo_background,
     make_border_dataset,
     make_shapes_dataset,
 )
-from convtune.data.transforms import Preprocessing, build_eval_transform
 from convtune.training.cli import main
 from convtune.training.config import FitConfig
 from convtune.training.fit import fit

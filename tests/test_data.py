@@ -22,14 +22,9 @@ from convtune.data.datasets import (
     load_labelled_images,
 )
 from convtune.data.images import decode_rgb
+from convtune.data.preprocessing import Preprocessing, build_eval_transform, eval_decode_size
 from convtune.data.splits import load_split, save_split, stratified_split
-from convtune.data.transforms import (
-    Augmentation,
-    Preprocessing,
-    build_eval_transform,
-    build_train_transform,
-    eval_decode_size,
-)
+from convtune.data.transforms import Augmentation, build_train_transform
 from convtune.training.config import FitConfig
 
 PREPROCESSING = Preprocessing(

@@ -13,10 +13,10 @@ import torch
 
 from convtune.data.datasets import load_labelled_images
 from convtune.data.images import decode_rgb
-from convtune.models.artifact import ArtifactError, read_manifest
+from convtune.models.artifact import ArtifactError, locate_artifact, read_manifest
 from convtune.models.inference import OnnxClassifier, softmax
 from convtune.training.cli import main
-from convtune.training.export import check_onnx_matches, load_trained_model, locate_artifact
+from convtune.training.export import check_onnx_matches, load_trained_model
 
 
 def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> None:

@@ -8,10 +8,11 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.data import resolve_model_data_config
 
 from convtune.models.factory import HeadConfig, create_model, rebuild_model
 from convtune.models.head import OUTPUT_INIT_STD, build_head
-from convtune.models.weights import WeightsError
+from convtune.models.packaged import WeightsError
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,33 @@ def test_model_maps_images_to_logits_and_resolves_its_preprocessing() -> None:
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
     rebuilt = rebuild_model({**model.describe(), "classes": list("abcd")})
     rebuilt.load_state_dict(model.state_dict())  # same structure, strict
+
+
+def test_timm_reads_the_models_own_preprocessing() -> None:
+    # tf_efficientnet_lite0 normalises with 0.5, not ImageNet's 0.485/0.456/0.406.
+    model = create_model("tf_efficientnet_lite0", 3)
+    own = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+           "std": (0.5, 0.5, 0.5), "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    assert resolve_model_data_config(model) == own
+    assert model.preprocessing.mean == own["mean"]  # what convtune normalises with
+    # An overridden eval view is what timm reads, with or without its test-time size, and
+    # so is the view of a model rebuilt from its description.
+    model = create_model("tf_efficientnet_lite0", 3, img_size=160, crop_pct=1.0,
+                         crop_mode="border")  # fmt: skip
+    overridden = {**own, "input_size": (3, 160, 160), "crop_pct": 1.0, "crop_mode": "border"}
+    assert resolve_model_data_config(model) == overridden
+    assert resolve_model_data_config(model, use_test_size=True) == overridden
+    assert resolve_model_data_config(rebuild_model(model.describe())) == overridden
+    # The module names in the config are this model's.
+    assert model.get_submodule(model.pretrained_cfg["classifier"]) is model.head[-1]
+    assert model.get_submodule(model.pretrained_cfg["first_conv"]) is model.encoder.conv_stem
+    assert model.pretrained_cfg["num_classes"] == 3
+
+
+def test_a_model_name_may_carry_timms_pretrained_tag() -> None:
+    model = create_model("test_resnet.r160_in1k", 3)
+    assert model.architecture == "test_resnet.r160_in1k"
+    assert model.preprocessing.input_size == (160, 160)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,12 @@ import pytest
 import timm
 import torch
 
-from convtune.data.transforms import build_eval_transform
+from convtune.data.preprocessing import build_eval_transform
 from convtune.models import packaged
 from convtune.models.artifact import sha256_file
 from convtune.models.factory import ImageClassifier, create_model
-from convtune.models.weights import WeightsError, offline_hint, resolve_weight_source
+from convtune.models.packaged import WeightsError
+from convtune.models.weights import offline_hint, resolve_weight_source
 from convtune.training.cli import main
 from convtune.training.config import FitConfig
 

@@ -14,9 +14,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
+from timm.data import resolve_model_data_config
 
 from convtune.data.datamodule import ImageDataModule
 from convtune.data.datasets import load_labelled_images
+from convtune.data.preprocessing import Preprocessing
 from convtune.data.splits import stratified_split
 from convtune.data.transforms import Augmentation
 from convtune.models.factory import create_model, encoder_stages
@@ -127,6 +129,16 @@ def test_more_frozen_stages_than_the_encoder_has_fail_when_the_model_is_built() 
         build_model(config, 3)
 
 
+def test_the_eval_view_options_reach_the_model() -> None:
+    config = FitConfig(data="d", model="test_efficientnet", out="o", pretrained="none",
+                       eval_img_size=48, crop_pct=1.0, crop_mode="border")  # fmt: skip
+    model = build_model(config, 3)
+    assert model.preprocessing.input_size == (48, 48)
+    assert (model.preprocessing.crop_pct, model.preprocessing.crop_mode) == (1.0, "border")
+    assert model.describe()["preprocessing"]["crop_mode"] == "border"  # what export writes
+    assert resolve_model_data_config(model)["crop_mode"] == "border"
+
+
 class RecordHeadBias(L.Callback):
     """The output layer's bias after every optimizer step."""
 
@@ -149,7 +161,9 @@ def val_loss(module: ClassifierModule, datamodule: ImageDataModule) -> float:
     """Mean loss per image over the val split, as Lightning averages ``val/loss``."""
     module.eval()
     with torch.no_grad():
-        batches = [(module.loss(module(x), y), len(y)) for x, y in datamodule.val_dataloader()]
+        batches = [
+            (module.loss(module.model(x), y), len(y)) for x, y in datamodule.val_dataloader()
+        ]
     return float(sum(loss * n for loss, n in batches) / sum(n for _, n in batches))
 
 
@@ -317,6 +331,23 @@ def test_fit_writes_a_complete_run_directory(trained_run: Path) -> None:
     assert description["temperature"] == description["val_metrics"]["temperature"] > 0
     # The shapes task is learnable: clearly better than chance (1/3) after 2 epochs.
     assert description["val_metrics"]["accuracy"] > 0.6
+
+
+def test_the_best_checkpoint_describes_itself(trained_run: Path) -> None:
+    path = trained_run / "checkpoints" / "best.ckpt"
+    module = ClassifierModule.load_from_checkpoint(path, weights_only=True)
+    assert (module.recipe.lr, module.recipe.optimizer, module.recipe.freeze_epochs) == (
+        0.1, "sgd", 0
+    )  # fmt: skip
+    description = json.loads((trained_run / "model.json").read_text())
+    assert module.hparams["model"]["architecture"] == description["architecture"]
+    expected_view = Preprocessing.from_dict(description["preprocessing"])
+    assert module.model.preprocessing == expected_view
+    saved = load_file(trained_run / "model.safetensors")  # the best weights
+    rebuilt = module.model.state_dict()
+    assert rebuilt.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(rebuilt[name], value), name
 
 
 def test_resume_continues_from_the_last_checkpoint(

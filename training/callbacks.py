@@ -7,14 +7,14 @@ from functools import partial
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from convtune.models.factory import first_stages
 
 
-class EncoderFreeze(L.Callback):
+class EncoderFreeze(BaseFinetuning):
     """Train only the head for the first ``freeze_epochs`` epochs, then the whole model.
 
     While frozen, the encoder is a fixed feature extractor: no gradients, and its
@@ -31,22 +31,40 @@ class EncoderFreeze(L.Callback):
     mode: their generic low-level features are kept as pretrained, and backward passes stop
     before them, which makes fine-tuning steps cheaper. Their parameters get no gradients,
     so the optimizer skips them and keeps no state for them.
+
+    Of ``BaseFinetuning`` this uses the hooks (``freeze_before_training`` at setup,
+    ``finetune_function`` at every epoch start), not its ``freeze`` or
+    ``unfreeze_and_add_param_group``, for two reasons:
+
+    - Unfreezing adds no param group. The encoder's groups are in the optimizer from the
+      first step (``module.model_param_groups``), at a learning-rate multiplier of 0 until
+      ``freeze_epochs``, then warming up a second time (``module.delayed_warmup_cosine``).
+      The per-step ``LambdaLR`` holds one multiplier per group it was built with, so a
+      group added at unfreezing would keep a constant rate: no warmup, no cosine decay.
+    - ``freeze`` switches BatchNorm to ``track_running_stats=False``, which in train mode
+      normalises with each batch's statistics; a frozen layer here stays in eval mode and
+      normalises with its pretrained ones.
     """
 
     def __init__(
         self, freeze_epochs: int, *, keep_bn_eval: bool = False, freeze_stages: int = 0
     ) -> None:
+        super().__init__()
         self.freeze_epochs = freeze_epochs
         self.keep_bn_eval = keep_bn_eval
         self.freeze_stages = freeze_stages
         self._frozen_modules: list[nn.Module] = []
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        """Find the stages that never learn (a bad ``freeze_stages`` fails here)."""
         self._frozen_modules = first_stages(pl_module.model.encoder, self.freeze_stages)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def finetune_function(
+        self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Set what learns in ``epoch`` and which BatchNorm layers hold their statistics."""
         encoder = pl_module.model.encoder
-        frozen = trainer.current_epoch < self.freeze_epochs
+        frozen = epoch < self.freeze_epochs
         was_frozen = not any(parameter.requires_grad for parameter in encoder.parameters())
         encoder.requires_grad_(not frozen)
         encoder.train(not frozen)
@@ -56,7 +74,7 @@ class EncoderFreeze(L.Callback):
             rank_zero_info(f"Encoder frozen for epochs 0-{self.freeze_epochs - 1}")
         elif was_frozen and not frozen:
             kept = f" except its first {self.freeze_stages} stage(s)" if self.freeze_stages else ""
-            rank_zero_info(f"Encoder unfrozen at epoch {trainer.current_epoch}{kept}")
+            rank_zero_info(f"Encoder unfrozen at epoch {epoch}{kept}")
 
 
 def hold_frozen(modules: Iterable[nn.Module], *, train: bool) -> None:

@@ -211,7 +211,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from convtune.training.export import locate_artifact
+    from convtune.models.artifact import locate_artifact
     from convtune.training.predict import predict_images
 
     artifact = locate_artifact(args.model)
@@ -220,8 +220,8 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from convtune.models.artifact import locate_artifact
     from convtune.training.evaluate import evaluate_and_report
-    from convtune.training.export import locate_artifact
 
     if args.split and args.run is None:
         raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from convtune.data.preprocessing import Preprocessing
 from convtune.data.splits import saved_classes
-from convtune.data.transforms import Preprocessing
 from convtune.models.artifact import (
     INPUT_NAME,
-    MANIFEST_FILE,
     MODEL_DESCRIPTION,
     MODEL_WEIGHTS,
     ONNX_FILE,
@@ -195,25 +194,6 @@ def register_in_store(artifact_dir: Path, name: str, *, bentoml_home: Path | Non
         for file in artifact_dir.iterdir():
             shutil.copyfile(file, Path(stored.path) / file.name)
     return str(stored.tag)
-
-
-def locate_artifact(reference: str) -> Path:
-    """``reference`` is an artifact directory or a ``NAME[:VERSION]`` in the BentoML store."""
-    path = Path(reference)
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    if path.exists():
-        raise ArtifactError(f"{path} is not a convtune artifact (no {MANIFEST_FILE})")
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        return Path(bentoml.models.get(reference).path)
-    except (NotFound, ValueError) as error:
-        raise ArtifactError(
-            f"{reference!r} is neither an artifact directory nor a model in the BentoML "
-            f"store ({error}); see `bentoml models list`"
-        ) from error
 
 
 def _version(package: str) -> str | None:

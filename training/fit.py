@@ -72,7 +72,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     images, split = prepare_split(config, run_dir)
     model = build_model(config, len(images.classes))
     datamodule = build_datamodule(config, images, split, model)
-    probe = config.cache_features and config.freeze_epochs > 0
+    probe = probes_the_head(config)
     recipe = build_recipe(
         config, images.subset(list(split.train)), freeze_epochs=0 if probe else config.freeze_epochs
     )
@@ -82,21 +82,58 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     candidate, finish_seconds = None, 0.0
     if not resume:
         datamodule.setup("fit")
-        if config.bn_recalibrate:
-            recalibrate(model, datamodule, seed=config.seed)
-        if probe:
-            result = linear_probe(
-                model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed
-            )
-            write_probe_history(run_dir, result.history)
-            # The probe's model competes with the fine-tuned ones for the final choice.
-            candidate = ({k: v.clone() for k, v in model.state_dict().items()}, result)
+        candidate = recalibrate_and_probe(config, model, datamodule, recipe, run_dir)
         if config.time_limit:
             elapsed = time.monotonic() - started
             config, finish_seconds = plan_to_time_limit(
                 config, model, datamodule, recipe, elapsed=elapsed
             )
             save_config(config, run_dir)  # the epochs that will run, for --resume
+    seconds_left = (
+        config.time_limit - (time.monotonic() - started) - finish_seconds
+        if config.time_limit
+        else None
+    )
+    trainer, checkpoint = build_trainer(config, run_dir, seconds_left=seconds_left)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint if resume else None)
+
+    model = load_best_checkpoint(module, checkpoint.best_model_path or last_checkpoint)
+    val_logits, _ = collect_logits(model, datamodule.val_dataloader())
+    if candidate is not None:
+        val_logits = keep_the_better(model, val_logits, candidate, datamodule, config.monitor)
+    return calibrate_save_and_report(model, datamodule, config, run_dir, val_logits=val_logits)
+
+
+def probes_the_head(config: FitConfig) -> bool:
+    """Whether the frozen epochs run as a linear probe on cached features."""
+    return config.cache_features and config.freeze_epochs > 0
+
+
+def recalibrate_and_probe(
+    config: FitConfig,
+    model: ImageClassifier,
+    datamodule: ImageDataModule,
+    recipe: Recipe,
+    run_dir: Path,
+) -> tuple[dict[str, torch.Tensor], ProbeResult] | None:
+    """Before fine-tuning: re-estimate BatchNorm statistics and, with ``--cache-features``,
+    train the head as a linear probe. Returns the probe's weights and result, which
+    compete with the fine-tuned model for the final choice."""
+    if config.bn_recalibrate:
+        recalibrate(model, datamodule, seed=config.seed)
+    if not probes_the_head(config):
+        return None
+    result = linear_probe(model, datamodule, recipe, epochs=config.freeze_epochs, seed=config.seed)
+    write_probe_history(run_dir, result.history)
+    return {k: v.clone() for k, v in model.state_dict().items()}, result
+
+
+def build_trainer(
+    config: FitConfig, run_dir: Path, *, seconds_left: float | None
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The trainer for the epochs Lightning runs, and the callback that keeps the best
+    checkpoint. ``seconds_left``: the time training may take (None: no limit)."""
+    probe = probes_the_head(config)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename=BEST_CHECKPOINT,
@@ -127,11 +164,7 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     trainer = L.Trainer(
         max_epochs=config.epochs - config.freeze_epochs if probe else config.epochs,
         # A backstop: a machine that slows down mid-run still stops in time to finish.
-        max_time=timedelta(
-            seconds=max(1.0, config.time_limit - (time.monotonic() - started) - finish_seconds)
-        )
-        if config.time_limit
-        else None,
+        max_time=timedelta(seconds=max(1.0, seconds_left)) if seconds_left is not None else None,
         accelerator=config.accelerator,
         precision=resolve_precision(config.precision),
         callbacks=callbacks,
@@ -141,16 +174,19 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         log_every_n_steps=1,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint if resume else None)
+    return trainer, checkpoint
 
-    best = checkpoint.best_model_path or str(last_checkpoint)
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
-    model = model.cpu()
-    val_logits, _ = collect_logits(model, datamodule.val_dataloader())
-    if candidate is not None:
-        val_logits = keep_the_better(model, val_logits, candidate, datamodule, config.monitor)
-    return finish_run(model, datamodule, config, run_dir, val_logits=val_logits)
+
+def load_best_checkpoint(module: ClassifierModule, path: str | Path) -> ImageClassifier:
+    """``module``'s model, on the CPU, with the weights of the checkpoint at ``path``.
+
+    The module's own model and recipe are passed in rather than rebuilt from the
+    checkpoint's hyperparameters: a run resumed from a checkpoint without them still loads.
+    """
+    best = ClassifierModule.load_from_checkpoint(
+        path, model=module.model, recipe=module.recipe, map_location="cpu", weights_only=True
+    )
+    return best.model.cpu()
 
 
 def keep_the_better(
@@ -187,7 +223,7 @@ def plan_to_time_limit(
 ) -> tuple[FitConfig, float]:
     """``config`` with as many epochs (at most ``config.epochs``) as fit in the time left,
     and the seconds to keep for finishing the run; see training/budget.py."""
-    probe = config.cache_features and config.freeze_epochs > 0
+    probe = probes_the_head(config)
     train_loader = datamodule.train_dataloader()
     plan = plan_epochs(
         seconds_left=config.time_limit - elapsed,
@@ -239,7 +275,7 @@ def validation_score(
     return metrics[monitor]
 
 
-def finish_run(
+def calibrate_save_and_report(
     model: ImageClassifier,
     datamodule: ImageDataModule,
     config: FitConfig,
@@ -299,9 +335,9 @@ def build_model(config: FitConfig, num_classes: int) -> ImageClassifier:
         head=HeadConfig(**config.head_kwargs()),
     )
     first_stages(model.encoder, config.freeze_stages)  # a bad count fails before any training
-    # Channels-last convolution weights make every convolution run in NHWC: on CPU (oneDNN)
-    # training steps ran ~1.5x faster for tf_efficientnet_lite0 (docs/benchmarks.md), and it
-    # is what tensor cores want on GPUs. Saved weights are made contiguous again.
+    # Channels-last convolution weights make every convolution run in NHWC, the layout
+    # oneDNN (CPU) and tensor cores (GPU) are fastest in; docs/benchmarks.md measures it.
+    # Saved weights are made contiguous again.
     return model.to(memory_format=torch.channels_last)
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from convtune.models.factory import ImageClassifier
+from convtune.models.factory import ImageClassifier, rebuild_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,18 +50,29 @@ class Recipe:
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, model: ImageClassifier, recipe: Recipe) -> None:
+    """The recipe around ``model``; ``training_step`` calls the model itself.
+
+    A checkpoint describes itself in plain data, which ``weights_only`` loading accepts:
+    its hyperparameters are the model's structure (:meth:`ImageClassifier.describe`, not
+    the model object) and the recipe, so ``ClassifierModule.load_from_checkpoint(path,
+    weights_only=True)`` rebuilds both; pass ``model=`` to load into an existing model.
+    """
+
+    def __init__(
+        self, model: ImageClassifier | dict[str, Any], recipe: Recipe | dict[str, Any]
+    ) -> None:
         super().__init__()
-        self.model = model
-        self.recipe = recipe
-        self.loss = build_loss(recipe)
-        num_classes = model.num_classes
+        self.model = model if isinstance(model, ImageClassifier) else rebuild_model(model)
+        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe(**recipe)
+        # Not sent to the logger: the run's config.yaml already records the settings.
+        self.save_hyperparameters(
+            {"model": self.model.describe(), "recipe": asdict(self.recipe)}, logger=False
+        )
+        self.loss = build_loss(self.recipe)
+        num_classes = self.model.num_classes
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_macro_f1 = MulticlassF1Score(num_classes, average="macro")
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixels)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         pixels, labels = batch

@@ -1,0 +1,175 @@
+"""How pixels become the encoder's input: the eval view, the one every prediction sees.
+
+A :class:`Preprocessing` (resolved by ``models`` from the encoder's own pretrained config and
+stored in the artifact's manifest) says the input size, normalisation, interpolation and
+crop; :class:`EvalTransform` applies it. Validation, the test report, ``convtune predict``
+and ``evaluate``, and the service all run this one transform, so training and serving
+cannot drift apart. numpy and OpenCV only: the service imports it, and albumentations
+would load torch wherever torch is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+CROP_MODES = ("center", "squash", "border")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become the encoder's input tensor (stored in the artifact manifest)."""
+
+    input_size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; one of {sorted(INTERPOLATIONS)}"
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"unknown crop_mode {self.crop_mode!r}; one of {CROP_MODES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        """The inverse of :meth:`to_dict`; a key that is absent keeps the field's default."""
+        known = {field.name for field in fields(cls)}
+        kept = {name: value for name, value in values.items() if name in known}
+        for name in ("input_size", "mean", "std"):
+            kept[name] = tuple(kept[name])
+        return cls(**kept)
+
+
+def build_eval_transform(preprocessing: Preprocessing) -> EvalTransform:
+    """timm's eval view (``crop_pct`` and ``crop_mode``), resized to the input size."""
+    return EvalTransform(preprocessing)
+
+
+def resize(image: np.ndarray, size: tuple[int, int], *, interpolation: str) -> np.ndarray:
+    """``image`` resized to ``size`` (width, height): pixel-area averaging when it shrinks
+    on both axes, so a large image does not alias; ``interpolation`` otherwise.
+
+    Every eval view goes through here, so a large PNG and its JPEG twin (which the JPEG
+    decoder already shrank by averaging) give nearly the same input.
+    """
+    height, width = image.shape[:2]
+    if (width, height) == size:
+        return image
+    shrinking = size[0] <= width and size[1] <= height
+    flag = cv2.INTER_AREA if shrinking else INTERPOLATIONS[interpolation]
+    return cv2.resize(image, size, interpolation=flag)
+
+
+class EvalGeometry:
+    """timm's eval geometry for one ``crop_mode``, on uint8 RGB, without normalisation.
+
+    With ``scale_size = size / crop_pct``: ``center`` resizes the shorter side to it and
+    crops the centre (aspect kept, the border lost unless ``crop_pct`` is 1); ``squash``
+    resizes each side to it and crops the centre (aspect not kept); ``border`` resizes the
+    longer side to it and pads with the mean colour (nothing lost at ``crop_pct`` 1).
+    The region that survives is cut out before resizing, so an elongated upload never
+    builds a huge intermediate.
+    """
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.height, self.width = preprocessing.input_size
+        self.crop_pct = preprocessing.crop_pct
+        self.mode = preprocessing.crop_mode
+        self.interpolation = preprocessing.interpolation
+        self.fill = tuple(round(255 * m) for m in preprocessing.mean)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.mode == "border":
+            return self._fit_and_pad(image)
+        h, w = image.shape[:2]
+        if self.mode == "center" and self.height == self.width:
+            crop_h = crop_w = max(1, round(min(h, w) * self.crop_pct))
+        elif self.mode == "center":
+            # Shorter side to scale, keeping aspect: the crop spans size/scale of each side.
+            scale = max(self.height / h, self.width / w) / self.crop_pct
+            crop_h = min(h, max(1, round(self.height / scale)))
+            crop_w = min(w, max(1, round(self.width / scale)))
+        else:
+            crop_h, crop_w = max(1, round(h * self.crop_pct)), max(1, round(w * self.crop_pct))
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        crop = image[top : top + crop_h, left : left + crop_w]
+        return resize(crop, (self.width, self.height), interpolation=self.interpolation)
+
+    def _fit_and_pad(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        scale = min(self.height / h, self.width / w) / self.crop_pct
+        crop_h, crop_w = min(h, round(self.height / scale)), min(w, round(self.width / scale))
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        out_h = min(self.height, max(1, round(crop_h * scale)))
+        out_w = min(self.width, max(1, round(crop_w * scale)))
+        fitted = resize(
+            image[top : top + crop_h, left : left + crop_w],
+            (out_w, out_h),
+            interpolation=self.interpolation,
+        )
+        pad_top, pad_left = (self.height - out_h) // 2, (self.width - out_w) // 2
+        return cv2.copyMakeBorder(
+            fitted, pad_top, self.height - out_h - pad_top, pad_left,
+            self.width - out_w - pad_left, cv2.BORDER_CONSTANT, value=self.fill,
+        )  # fmt: skip
+
+
+class EvalTransform:
+    """The eval view, called as ``transform(image=rgb)["image"]`` like the training pipeline.
+
+    Geometry, then one lookup table for normalisation and a transpose: the pixels of an
+    albumentations pipeline of the same steps for less work, which matters because the
+    service pays it on every request.
+    """
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.geometry = EvalGeometry(preprocessing)
+        self.lookup = normalisation_lookup(preprocessing)
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
+        normalised = cv2.LUT(self.geometry(image), self.lookup)
+        return {"image": np.ascontiguousarray(normalised.transpose(2, 0, 1))}
+
+
+def eval_decode_size(preprocessing: Preprocessing) -> tuple[int, int]:
+    """The (width, height) a JPEG may be shrunk to while decoding, for the eval transform.
+
+    Decoding at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``) costs a fraction of a full
+    decode; at this size the eval region is still no smaller than the input, so the eval
+    transform only ever shrinks. Training's val/test loaders (and its image cache),
+    ``convtune predict`` and ``evaluate`` and the service all decode this way, so they see
+    the same pixels.
+    """
+    side = math.ceil(max(preprocessing.input_size) / preprocessing.crop_pct)
+    return side, side
+
+
+def normalisation_lookup(preprocessing: Preprocessing) -> np.ndarray:
+    """(1, 256, 3) float32: each uint8 value of each channel normalised, computed as
+    albumentations' ``Normalize`` computes it (``(value - 255 mean) / (255 std)``), so the
+    training pipeline and this table give the same numbers."""
+    mean = np.asarray(preprocessing.mean, dtype=np.float32) * 255.0
+    reciprocal = np.reciprocal(np.asarray(preprocessing.std, dtype=np.float32) * 255.0)
+    values = np.arange(256, dtype=np.float32)[:, np.newaxis]
+    return ((values - mean) * reciprocal).astype(np.float32)[np.newaxis]
