@@ -144,7 +144,7 @@ def step_throughput(
 ) -> dict:
     model = build_model(config, num_classes=3)
     loader = fixed_batches(model, batch_size=config.batch_size, steps=steps + skip)
-    recipe = Recipe()
+    recipe = Recipe(**config.recipe_kwargs())
     results = {}
     for runner in ("lightning", "plain") if lightning_first else ("plain", "lightning"):
         fresh = copy.deepcopy(model)  # both start from identical weights

@@ -95,7 +95,7 @@ class ImageDataModule(L.LightningDataModule):
         split: Split,
         preprocessing: Preprocessing,
         *,
-        augmentation: Augmentation | None = None,
+        augmentation: Augmentation,
         train_size: tuple[int, int] | None = None,
         batch_size: int = 32,
         num_workers: int = 2,
@@ -106,7 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         self.images = images
         self.split = split
         self.preprocessing = preprocessing
-        self.augmentation = augmentation or Augmentation()
+        self.augmentation = augmentation
         self.train_size = train_size or preprocessing.input_size
         self.batch_size = batch_size
         self.num_workers = num_workers

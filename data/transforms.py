@@ -17,9 +17,9 @@ import numpy as np
 from convtune.data.preprocessing import INTERPOLATIONS, EvalGeometry, Preprocessing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Augmentation:
-    """Training-time augmentation (the defaults suit photos in small fine-tuning sets).
+    """Training-time augmentation.
 
     ``random_crop`` off trains on the eval view of the whole image, which suits inspection
     data (cells, documents, X-rays) where the evidence may sit anywhere, the border
@@ -27,16 +27,19 @@ class Augmentation:
     the affine ranges add the small scale, shift and rotation changes a fixture allows.
     """
 
-    random_crop: bool = True
-    scale: tuple[float, float] = (0.25, 1.0)
+    # No defaults for what a fit configures: training's FitConfig holds them (they suit
+    # photos in small fine-tuning sets), so each lives in one place.
+    random_crop: bool
+    scale: tuple[float, float]
+    hflip: float
+    vflip: float
+    rotate90: bool
+    affine_scale: float
+    affine_shift: float
+    affine_rotate: float
+    color_jitter: float
+    # Fixed parts of the recipe, not fit options.
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotate90: bool = False
-    affine_scale: float = 0.0
-    affine_shift: float = 0.0
-    affine_rotate: float = 0.0
-    color_jitter: float = 0.2
     color_jitter_p: float = 0.8
 
 
@@ -63,7 +66,7 @@ class EvalView(A.ImageOnlyTransform):
 
 def build_train_transform(
     preprocessing: Preprocessing,
-    augmentation: Augmentation | None = None,
+    augmentation: Augmentation,
     *,
     input_size: tuple[int, int] | None = None,
 ) -> A.Compose:
@@ -73,7 +76,7 @@ def build_train_transform(
     ``input_size`` defaults to the eval input size; training may run smaller (cheaper) and
     evaluate at the model's full size.
     """
-    aug = augmentation or Augmentation()
+    aug = augmentation
     size = input_size or preprocessing.input_size
     if aug.rotate90 and size[0] != size[1]:
         raise ValueError(f"rotate90 needs a square input size, got {size[0]}x{size[1]}")

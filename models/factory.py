@@ -24,11 +24,19 @@ from convtune.models.packaged import WeightsError
 from convtune.models.weights import WeightSource, offline_hint, resolve_weight_source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeadConfig:
-    hidden_features: int = 0
-    dropout: float = 0.0
-    activation: str = "relu"
+    """The classifier head. No defaults: a fit's come from training's FitConfig, so each
+    lives in one place; :meth:`linear` is the head timm's own classifiers have."""
+
+    hidden_features: int
+    dropout: float
+    activation: str
+
+    @classmethod
+    def linear(cls) -> HeadConfig:
+        """One linear layer, no dropout (``activation`` is unused without a hidden layer)."""
+        return cls(hidden_features=0, dropout=0.0, activation="relu")
 
     def is_linear(self) -> bool:
         return self.hidden_features == 0 and self.dropout == 0.0
@@ -124,7 +132,7 @@ def create_model(
         if isinstance(pretrained, WeightSource)
         else resolve_weight_source(pretrained, name)
     )
-    head_config = head or HeadConfig()
+    head_config = head or HeadConfig.linear()
     keep_classifier = keeps_pretrained_classifier(
         name, num_classes, source=source, head=head_config
     )

@@ -25,10 +25,13 @@ from convtune.data.images import decode_rgb
 from convtune.data.preprocessing import Preprocessing, build_eval_transform, eval_decode_size
 from convtune.data.splits import load_split, save_split, stratified_split
 from convtune.data.transforms import Augmentation, build_train_transform
+from convtune.training.config import FitConfig
 
 PREPROCESSING = Preprocessing(
     input_size=(32, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_pct=0.875
 )
+# A fit's default augmentation (FitConfig holds its defaults).
+AUGMENTATION = Augmentation(**FitConfig(data="d", model="m", out="o").augmentation_kwargs())
 
 
 def write_image(path: Path, colour=(200, 50, 50), size=(40, 30)) -> Path:
@@ -248,8 +251,8 @@ def test_a_large_png_and_its_jpeg_twin_give_nearly_the_same_input(tmp_path: Path
 
 def test_train_transform_without_random_crop_is_the_eval_view_up_to_symmetries() -> None:
     preprocessing = replace(PREPROCESSING, crop_pct=1.0)
-    augmentation = Augmentation(random_crop=False, hflip=0.5, vflip=0.5, rotate90=True,
-                                color_jitter=0.0)  # fmt: skip
+    augmentation = replace(AUGMENTATION, random_crop=False, hflip=0.5, vflip=0.5, rotate90=True,
+                           color_jitter=0.0)  # fmt: skip
     transform = build_train_transform(preprocessing, augmentation)
     pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
     view = build_eval_transform(preprocessing)(image=pixels)["image"]
@@ -264,11 +267,13 @@ def test_train_transform_without_random_crop_is_the_eval_view_up_to_symmetries()
 
 
 def test_train_transform_can_train_smaller_than_it_evaluates() -> None:
-    transform = build_train_transform(PREPROCESSING, input_size=(16, 16))
+    transform = build_train_transform(PREPROCESSING, AUGMENTATION, input_size=(16, 16))
     pixels = np.zeros((40, 40, 3), dtype=np.uint8)
     assert transform(image=pixels)["image"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="square"):
-        build_train_transform(PREPROCESSING, Augmentation(rotate90=True), input_size=(16, 24))
+        build_train_transform(
+            PREPROCESSING, replace(AUGMENTATION, rotate90=True), input_size=(16, 24)
+        )
 
 
 def test_eval_loader_workers_start_without_a_random_pipeline_to_seed(tmp_path: Path) -> None:
@@ -296,7 +301,7 @@ def test_eval_transform_keeps_the_centre() -> None:
 
 def test_train_transform_is_random_but_seedable() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    transform = build_train_transform(PREPROCESSING)
+    transform = build_train_transform(PREPROCESSING, AUGMENTATION)
     transform.set_random_seed(3)
     first = [transform(image=pixels)["image"] for _ in range(3)]
     transform.set_random_seed(3)
@@ -311,7 +316,7 @@ def test_each_dataloader_worker_draws_its_own_augmentations(tmp_path: Path) -> N
         path
     )
     images = LabelledImages((path,) * 8, (0,) * 8, ("a",))
-    transform = build_train_transform(PREPROCESSING)
+    transform = build_train_transform(PREPROCESSING, AUGMENTATION)
     transform.set_random_seed(0)
     dataset = ImageDataset(images, transform)
     # batch_size 4 and 2 workers: worker 0 yields batch 0, worker 1 yields batch 1.

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from convtune.models.factory import create_model
 from convtune.models.inference import softmax
+from convtune.training.config import FitConfig
 from convtune.training.metrics import (
     ECE_BINS,
     classification_metrics,
@@ -68,7 +69,8 @@ def test_validation_metrics_agree_with_the_reported_ones(absent: str) -> None:
     assert (3 in labels) == (absent == "none")
     assert (3 in predicted) == (absent != "never predicted")
     # The module's own metrics, fed batch by batch as validation feeds them.
-    module = ClassifierModule(create_model("test_resnet", 4, pretrained="none"), Recipe())
+    recipe = Recipe(**FitConfig(data="d", model="m", out="o").recipe_kwargs())
+    module = ClassifierModule(create_model("test_resnet", 4, pretrained="none"), recipe)
     for batch in np.array_split(np.arange(len(labels)), 7):
         scores, targets = torch.from_numpy(logits[batch]), torch.from_numpy(labels[batch])
         module.val_accuracy.update(scores, targets)

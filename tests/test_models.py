@@ -32,8 +32,8 @@ def test_head_init_variances(activation: str, expected_variance) -> None:
 
 
 def test_model_maps_images_to_logits_and_resolves_its_preprocessing() -> None:
-    model = create_model("test_vit", 4, pretrained="none", img_size=64,
-                         head=HeadConfig(hidden_features=16, dropout=0.1))  # fmt: skip
+    head = HeadConfig(hidden_features=16, dropout=0.1, activation="relu")
+    model = create_model("test_vit", 4, pretrained="none", img_size=64, head=head)
     assert model.preprocessing.input_size == (64, 64)
     assert model.preprocessing.mean == (0.5, 0.5, 0.5)  # test_vit's own statistics
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,11 @@ from convtune.training.budget import (
     plan_epochs,
 )
 from convtune.training.cli import main
+from convtune.training.config import FitConfig
 from convtune.training.fit import validation_score
 from convtune.training.module import Recipe, build_optimizer, model_param_groups
+
+RECIPE = Recipe(**FitConfig(data="d", model="m", out="o").recipe_kwargs())
 
 
 def test_recalibrated_statistics_match_the_data_and_no_weight_changes() -> None:
@@ -65,7 +69,7 @@ def test_recalibrated_statistics_match_the_data_and_no_weight_changes() -> None:
 
 def test_the_encoder_warms_up_again_after_unfreezing() -> None:
     model = create_model("test_resnet", 3)
-    recipe = Recipe(lr=0.1, backbone_lr_scale=0.5)
+    recipe = replace(RECIPE, lr=0.1, backbone_lr_scale=0.5)
     groups = model_param_groups(model, recipe, encoder_start_step=10)
     optimizer, schedule = build_optimizer(groups, recipe, total_steps=40, warmup_steps=4)
     head_lr, encoder_lr = [], []
@@ -82,7 +86,7 @@ def test_the_encoder_warms_up_again_after_unfreezing() -> None:
 
 
 def test_after_a_probe_the_head_learns_at_the_encoders_rate() -> None:
-    recipe = Recipe(lr=0.01, backbone_lr_scale=0.5, label_smoothing=0.05).after_probe()
+    recipe = replace(RECIPE, lr=0.01, backbone_lr_scale=0.5, label_smoothing=0.05).after_probe()
     assert (recipe.lr, recipe.backbone_lr_scale, recipe.label_smoothing) == (0.005, 1.0, 0.05)
     groups = model_param_groups(create_model("test_resnet", 3), recipe)
     assert {group["lr"] for group in groups} == {0.005}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,7 @@ from convtune.data.datamodule import ImageDataModule
 from convtune.data.datasets import load_labelled_images
 from convtune.data.preprocessing import Preprocessing
 from convtune.data.splits import stratified_split
+from convtune.data.transforms import Augmentation
 from convtune.models.factory import create_model, encoder_stages
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
 from convtune.training.cli import build_parser, main
@@ -32,12 +34,18 @@ from convtune.training.module import (
     warmup_cosine,
 )
 
+# FitConfig's defaults, the settings each test changes replaced in.
+DEFAULTS = FitConfig(data="d", model="m", out="o")
+RECIPE = Recipe(**DEFAULTS.recipe_kwargs())
+AUGMENTATION = Augmentation(**DEFAULTS.augmentation_kwargs())
+
 
 def small_datamodule(shapes_dir: Path, model) -> ImageDataModule:
     images = load_labelled_images(shapes_dir)
     images = images.subset([i for i in range(len(images)) if i % 10 == 0])  # 60 images
     split = stratified_split(images.labels, images.classes, val_fraction=0.2, seed=0)
-    return ImageDataModule(images, split, model.preprocessing, batch_size=8, num_workers=0)
+    return ImageDataModule(images, split, model.preprocessing, augmentation=AUGMENTATION,
+                           batch_size=8, num_workers=0)  # fmt: skip
 
 
 def train_one_epoch(
@@ -59,7 +67,7 @@ def train_one_epoch(
 def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(shapes_dir: Path) -> None:
     torch.manual_seed(0)
     model = create_model("test_efficientnet", 3, img_size=40)
-    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    module = ClassifierModule(model, replace(RECIPE, lr=0.05, warmup_epochs=0))
     datamodule = small_datamodule(shapes_dir, model)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
@@ -77,7 +85,7 @@ def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(shapes_dir: Path)
 def test_keep_bn_eval_fine_tunes_weights_but_not_batchnorm_statistics(shapes_dir: Path):
     torch.manual_seed(0)
     model = create_model("test_efficientnet", 3, img_size=40)
-    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    module = ClassifierModule(model, replace(RECIPE, lr=0.05, warmup_epochs=0))
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     train_one_epoch(module, small_datamodule(shapes_dir, model), 0, keep_bn_eval=True)
     assert not torch.equal(model.encoder.conv_stem.weight, before["conv_stem.weight"])
@@ -95,7 +103,7 @@ def own_tensors(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
 def test_frozen_stages_stay_as_they_were_while_later_stages_fine_tune(shapes_dir: Path):
     torch.manual_seed(0)
     model = create_model("test_efficientnet", 3, img_size=40)
-    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    module = ClassifierModule(model, replace(RECIPE, lr=0.05, warmup_epochs=0))
     stages = encoder_stages(model.encoder)
     frozen = own_tensors([module for stage in stages[:2] for module in stage])
     later = own_tensors([module for stage in stages[2:] for module in stage])
@@ -162,7 +170,7 @@ def val_loss(module: ClassifierModule, datamodule: ImageDataModule) -> float:
 def test_ema_weights_are_validated_and_checkpointed(shapes_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model("test_efficientnet", 3, img_size=40)
-    module = ClassifierModule(model, Recipe(lr=0.05, warmup_epochs=0))
+    module = ClassifierModule(model, replace(RECIPE, lr=0.05, warmup_epochs=0))
     datamodule = small_datamodule(shapes_dir, model)
     record = RecordHeadBias()
     callbacks = [record, EncoderFreeze(0), WeightEMA(0.9),
@@ -240,7 +248,9 @@ def test_class_weights_do_not_move_the_smoothed_target() -> None:
     target = torch.full((4, 4), smoothing / 4, dtype=torch.float64)
     target += (1 - smoothing) * torch.eye(4, dtype=torch.float64)
 
-    loss = build_loss(Recipe(label_smoothing=smoothing, class_weights=tuple(weights.tolist())))
+    loss = build_loss(
+        replace(RECIPE, label_smoothing=smoothing, class_weights=tuple(weights.tolist()))
+    )
     assert torch.allclose(loss_minimiser(loss, labels, 4), target, atol=1e-6)
     # torch's own loss weights the smoothing term per class too (pytorch/pytorch#104776):
     # a functional cell (class 0) is pushed to put far more than ε/K on the rare grades.
@@ -254,7 +264,7 @@ def test_smoothed_loss_matches_torch_where_torch_is_right() -> None:
     logits, labels = torch.randn(16, 4), torch.randint(0, 4, (16,))
     weights = (0.5, 1.0, 3.0, 2.0)
     for smoothing, class_weights in ((0.1, None), (0.1, (1.0,) * 4), (0.0, weights)):
-        ours = build_loss(Recipe(label_smoothing=smoothing, class_weights=class_weights))
+        ours = build_loss(replace(RECIPE, label_smoothing=smoothing, class_weights=class_weights))
         theirs = torch.nn.CrossEntropyLoss(
             weight=torch.tensor(class_weights) if class_weights else None,
             label_smoothing=smoothing,
@@ -380,7 +390,7 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     datamodule = small_datamodule(shapes_dir, model)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head[-1].weight.clone()
-    result = linear_probe(model, datamodule, Recipe(lr=0.1), epochs=3, seed=0)
+    result = linear_probe(model, datamodule, replace(RECIPE, lr=0.1), epochs=3, seed=0)
     val_labels = torch.tensor(datamodule.images_in("val").labels)
     assert result.val_logits.shape == (len(val_labels), 3)
     expected = (result.val_logits.argmax(1) == val_labels).float().mean().item()

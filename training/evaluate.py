@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.progress import track
 
-from convtune.data.datasets import DatasetError, LabelledImages
+from convtune.data.datasets import DatasetError, LabelledImages, load_labelled_images
+from convtune.data.splits import load_split
+from convtune.models.artifact import SPLIT_FILE
 from convtune.models.inference import OnnxClassifier, view_probabilities
+from convtune.training.config import FitConfig, load_saved_config
+from convtune.training.history import read_history
 from convtune.training.metrics import binary_metrics, calibration_summary, classification_metrics
+from convtune.training.report import report_title, write_report
 
 _TTA_KEYS = ("accuracy", "macro_f1", "nll", "ece", "temperature")
 
@@ -82,3 +88,44 @@ def artifact_logits(
         pixels = np.stack([classifier.preprocess(b) for b in batch])
         logits.append(classifier.view_logits(pixels))
     return np.concatenate(logits, axis=1), labels, classifier
+
+
+def evaluate_and_report(
+    model: str,
+    artifact_dir: Path,
+    *,
+    data: str,
+    label_file: dict[str, Any],
+    run_dir: Path | None = None,
+    split: str | None = None,
+    out_dir: Path | None = None,
+    tta: str = "none",
+) -> dict[str, Any]:
+    """``convtune evaluate``: the artifact's metrics on the images in ``data`` (only the
+    ``split`` part of ``run_dir``'s saved split, if given), written as a report to
+    ``out_dir`` when given.
+
+    The label file is read with ``run_dir``'s saved settings (the defaults without a run),
+    each overridden by ``label_file``; the binary view is the run's too.
+    """
+    base = load_saved_config(run_dir) if run_dir else FitConfig(data=data, model=model, out="")
+    config = replace(base, **label_file)
+    images = load_labelled_images(data, config.label_format())
+    if split:
+        saved = load_split(run_dir / SPLIT_FILE, images)
+        images = images.subset(list(saved.indices(split)))
+    logits, labels, classifier = artifact_logits(artifact_dir, images, tta=tta)
+    metrics = evaluation_metrics(
+        logits, labels, classifier.classes, temperature=classifier.temperature,
+        binary_negative=config.binary_negative,
+    )  # fmt: skip
+    result = {"model": model, "split": split or "all", "views": tta, **metrics}
+    if out_dir is not None:
+        report = write_report(
+            out_dir, result, logits=logits, labels=labels, paths=images.paths,
+            classes=classifier.classes,
+            title=report_title(model=model, data_path=data, run_dir=run_dir, split=split),
+            history=read_history(run_dir) if run_dir else (),
+        )  # fmt: skip
+        result["report"] = str(report)
+    return result

@@ -334,7 +334,7 @@ def build_model(config: FitConfig, num_classes: int) -> ImageClassifier:
         img_size=config.eval_img_size or config.img_size,
         crop_pct=config.crop_pct,
         crop_mode=config.crop_mode,
-        head=HeadConfig(config.head_hidden, config.head_dropout, config.head_activation),
+        head=HeadConfig(**config.head_kwargs()),
     )
     first_stages(model.encoder, config.freeze_stages)  # a bad count fails before any training
     # Channels-last convolution weights make every convolution run in NHWC, the layout
@@ -350,17 +350,7 @@ def build_datamodule(
         images,
         split,
         model.preprocessing,
-        augmentation=Augmentation(
-            random_crop=config.random_crop,
-            scale=(config.aug_scale_min, 1.0),
-            hflip=config.hflip,
-            vflip=config.vflip,
-            rotate90=config.rotate90,
-            affine_scale=config.affine_scale,
-            affine_shift=config.affine_shift,
-            affine_rotate=config.affine_rotate,
-            color_jitter=config.color_jitter,
-        ),
+        augmentation=Augmentation(**config.augmentation_kwargs()),
         train_size=(config.img_size, config.img_size) if config.img_size else None,
         batch_size=config.batch_size,
         num_workers=config.num_workers,
@@ -396,17 +386,7 @@ def build_recipe(
     if config.class_weights == "auto":
         counts = np.bincount(train_images.labels, minlength=len(train_images.classes))
         weights = tuple(float(w) for w in len(train_images) / (len(counts) * counts))
-    return Recipe(
-        lr=config.lr,
-        backbone_lr_scale=config.backbone_lr_scale,
-        optimizer=config.optimizer,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        label_smoothing=config.label_smoothing,
-        class_weights=weights,
-        freeze_epochs=freeze_epochs,
-    )
+    return Recipe(**config.recipe_kwargs(class_weights=weights, freeze_epochs=freeze_epochs))
 
 
 def resolve_precision(precision: str) -> str:

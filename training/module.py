@@ -24,19 +24,23 @@ from convtune.models.artifact import ModelStructure
 from convtune.models.factory import ImageClassifier, rebuild_model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
-    lr: float = 0.01
-    backbone_lr_scale: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    class_weights: tuple[float, ...] | None = None
+    """The optimisation recipe. Its settings have no defaults here: they are FitConfig's
+    (``Recipe(**config.recipe_kwargs())``), so each default lives in one place."""
+
+    lr: float
+    backbone_lr_scale: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: float
+    # Set by fit from the training data, when FitConfig's class_weights is auto.
+    class_weights: tuple[float, ...] | None
     # Epochs before the encoder learns: its learning rate warms up again from there, so
     # the first unfrozen steps do not hit pretrained weights at the peak rate.
-    freeze_epochs: int = 0
+    freeze_epochs: int
 
     def after_probe(self) -> Recipe:
         """The recipe for fine-tuning a model whose head a linear probe has trained: the
