@@ -180,13 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logger = logging.getLogger("convtune")
     logger.setLevel(logging.INFO)
-    logger.addHandler(logging.StreamHandler())
+    # For this call only: a handler left behind would keep writing to this call's stderr
+    # (closed, when a caller swapped it) and every further call would add one more.
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
     try:
         status = args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # Our own errors carry a message meant for the user; a traceback would bury it.
         print(f"convtune {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(handler)
     return status or 0
 
 
