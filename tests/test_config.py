@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import types
@@ -159,3 +160,16 @@ def test_bench_without_the_benchmarks_says_how_to_get_them(monkeypatch, capsys) 
     assert main(["bench", "serve"]) == 2
     message = capsys.readouterr().err
     assert "source checkout" in message and "pip install -e '.[dev]'" in message
+
+
+def test_each_call_logs_to_the_stderr_of_its_time_and_leaves_no_handler(
+    tmp_path: Path, capsys
+) -> None:
+    logger = logging.getLogger("convtune")
+    handlers = list(logger.handlers)
+    for _ in range(2):
+        # An error path that logs nothing, then a fit that logs: both leave nothing behind.
+        assert main(["fit", "--data", str(tmp_path / "absent"), "--model", "x", "--out",
+                     str(tmp_path / "run")]) == 2  # fmt: skip
+        assert logger.handlers == handlers
+    assert "error:" in capsys.readouterr().err

@@ -79,3 +79,15 @@ def test_the_installed_subpackages_come_from_the_wheel(
     assert Path(images_file).is_relative_to(unpacked_wheel / "convtune" / "data")
     assert path_entries == "1"
     assert benchmarks == "no benchmarks"
+
+
+def test_bench_from_the_wheel_says_where_the_benchmarks_are(
+    unpacked_wheel: Path, tmp_path: Path
+) -> None:
+    result = run_python(
+        unpacked_wheel,
+        "import sys; from convtune.training.cli import main; sys.exit(main(['bench', 'serve']))",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "source checkout" in result.stderr and "pip install -e" in result.stderr
