@@ -16,7 +16,7 @@ import yaml
 from convtune.data.transforms import Augmentation
 from convtune.models.factory import HeadConfig
 from convtune.training.cli import main
-from convtune.training.config import FitConfig, option_names
+from convtune.training.config import FitConfig, command_line_options, option_names
 from convtune.training.module import Recipe
 
 REQUIRED = ["--data", "photos", "--model", "test_resnet", "--out", "runs/photos"]
@@ -173,3 +173,18 @@ def test_each_call_logs_to_the_stderr_of_its_time_and_leaves_no_handler(
                      str(tmp_path / "run")]) == 2  # fmt: skip
         assert logger.handlers == handlers
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_defaults_the_readme_quotes_are_the_dataclass_defaults() -> None:
+    options = {option.flag: option for option in command_line_options()}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.findall(r"`(--[a-z0-9-]+)[^`]*`\s+\[([^\]]+)\]", readme)
+    checked = 0
+    for flag, text in quoted:
+        option = options.get(flag)
+        if option is None or option.default is None:
+            continue  # another command's flag, or a default that depends on the model
+        shown = re.search(r"\[([^\]]+)\]$", option.help).group(1)
+        assert re.split(r",| = ", text)[0].strip() == shown, (flag, text, shown)
+        checked += 1
+    assert checked >= 10
