@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
+from helpers import encode, huge_canvas_png
 from PIL import Image
 
 from convtune.data.images import ImageDecodeError, decode_rgb
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def gradient_rgb(width: int = 24, height: int = 16) -> Image.Image:
@@ -26,23 +17,34 @@ def gradient_rgb(width: int = 24, height: int = 16) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
 
-@pytest.mark.parametrize(
-    ("mode", "fmt"),
-    [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "GIF"), ("RGB", "JPEG"),
-     ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP"),
-     ("RGB", "TIFF"), ("F", "TIFF")],
-)  # fmt: skip
-def test_every_mode_decodes_to_uint8_rgb(mode: str, fmt: str) -> None:
-    image = gradient_rgb().convert("L" if mode in ("I;16", "F") else "RGB")
+# (mode, format, whether the format loses detail: then pixels are near, not equal)
+MODES = [("1", "PNG", False), ("L", "PNG", False), ("LA", "PNG", False), ("P", "GIF", False),
+         ("RGB", "JPEG", True), ("RGBA", "PNG", False), ("CMYK", "JPEG", True),
+         ("I;16", "PNG", False), ("RGB", "WEBP", True), ("RGB", "BMP", False),
+         ("RGB", "TIFF", False), ("F", "TIFF", False)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "fmt", "lossy"), MODES)
+def test_every_mode_decodes_to_uint8_rgb(mode: str, fmt: str, lossy: bool) -> None:
+    """Each mode's pixels arrive as the RGB the image shows: its own values, grays as equal
+    channels, every channel in place (a gradient tells red, green and blue apart)."""
+    rgb = gradient_rgb()
+    gray = np.asarray(rgb.convert("L"))
     if mode == "I;16":
-        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
+        image = Image.fromarray(gray.astype(np.uint16) * 257)
     elif mode == "F":
-        image = Image.fromarray(np.asarray(image).astype(np.float32) / 255.0)
+        image = Image.fromarray(gray.astype(np.float32) / 255.0)
     else:
-        image = image.convert(mode)
+        image = rgb.convert(mode)
+    shown = np.asarray(image.convert("RGB")) if mode not in ("I;16", "F") else gray[..., None]
     pixels = decode_rgb(encode(image, fmt))
     assert pixels.dtype == np.uint8
     assert pixels.shape == (16, 24, 3)
+    difference = np.abs(pixels.astype(int) - np.broadcast_to(shown, pixels.shape))
+    if lossy:  # compression noise of a few levels; a swapped channel would be off by ~100
+        assert difference.mean() < 6 and difference.max() < 48, difference.max()
+    else:
+        assert difference.max() == 0
 
 
 def test_sixteen_bit_and_float_gray_map_onto_the_8_bit_range() -> None:
@@ -78,22 +80,18 @@ def test_first_frame_of_an_animation() -> None:
     assert tuple(decode_rgb(data)[0, 0]) == (255, 0, 0)
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims a huge canvas (a decompression bomb)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + header
-    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    return b"\x89PNG\r\n\x1a\n" + ihdr + b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         (b"", "empty"),
         (b"hello, this is not an image", "not an image"),
         (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not an image"),
-        (png_declaring(50_000, 50_000), "than the limit"),
+        # Over the 40 M pixel limit, under Pillow's own guard (89 M): the limit refuses it.
+        (huge_canvas_png(8000, 8000), "8000x8000 pixels, more than the limit of 40,000,000"),
+        # A decompression bomb, over Pillow's guard too: still reported as our limit.
+        (huge_canvas_png(50_000, 50_000), "declares more pixels than the limit of 40,000,000"),
     ],
+    ids=["empty", "text", "svg", "over-the-limit", "bomb"],
 )
 def test_bad_bytes_raise_a_clear_error(data: bytes, message: str) -> None:
     with pytest.raises(ImageDecodeError, match=message):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import reference_results
 from PIL import Image
 
 from convtune.benchmarks.servers import free_port, running_server
@@ -107,6 +108,13 @@ def cli_results(exported: Exported, probe_images: list[Path]) -> list[dict]:
         "--top-k", "99",
     )  # fmt: skip
     return json.loads(out)["results"]
+
+
+@pytest.fixture(scope="session")
+def expected_results(exported: Exported, probe_images: list[Path]) -> list[dict]:
+    """The probe images' answers computed without convtune's inference code
+    (``helpers.reference_results``): what the CLI and the service must both give."""
+    return reference_results(exported.artifact_dir, probe_images)
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,104 @@
-"""service.batching.GreedyBatcher: who runs together, who gets which rows, what fails."""
+"""service.batching.GreedyBatcher: who runs together, who gets which rows, what fails.
+
+No test here waits for a clock: a model call is held until the test releases it, the
+test waits for conditions (a call started, requests queued), and the queue's clock is
+one the test moves. Deadlines are only backstops against a hang.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
+from convtune.service import batching
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 
+BACKSTOP_S = 30.0  # a wait this long means the batcher hangs: fail instead
 
-class RecordingModel:
-    """Rows = the input times two; remembers each call's batch size, thread and duration."""
 
-    def __init__(self, seconds: float = 0.05) -> None:
-        self.seconds = seconds
+class Flights:
+    """Which model calls were in flight together: each call notes the others as it starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now: Counter[str] = Counter()
+        self.starts: list[tuple[str, Counter[str]]] = []  # (name, the calls in flight then)
+
+    @contextlib.contextmanager
+    def flying(self, name: str) -> Iterator[None]:
+        with self._lock:
+            self.starts.append((name, +self._now))
+            self._now[name] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._now[name] -= 1
+
+    def beside(self, name: str) -> set[str]:
+        """The calls that were in flight when a call of ``name`` started."""
+        return {other for started, others in self.starts if started == name for other in others}
+
+
+class Model:
+    """Rows = the input times two; remembers each call's batch size and thread.
+
+    ``held``: every call waits until ``release()``, so the test decides when it ends.
+    """
+
+    def __init__(self, name: str = "infer", *, held: bool = False, flights: Flights | None = None):
+        self.name = name
         self.batch_sizes: list[int] = []
         self.threads: set[int] = set()
-        self.calls: list[tuple[float, float]] = []  # (start, end) of each call
+        self.flights = flights or Flights()
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
+
+    def release(self) -> None:
+        self._released.set()
+
+    @property
+    def started(self) -> int:
+        return len(self.batch_sizes)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(len(pixels))
         self.threads.add(threading.get_ident())
-        start = time.perf_counter()
-        time.sleep(self.seconds)
-        self.calls.append((start, time.perf_counter()))
-        return pixels * 2
+        with self.flights.flying(self.name):
+            assert self._released.wait(BACKSTOP_S), f"{self.name} was never released"
+            return pixels * 2
 
 
-def overlaps(calls: list[tuple[float, float]]) -> int:
-    """How many pairs of the (start, end) intervals overlap."""
-    return sum(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(calls, 2))
+class Clock:
+    """The batcher's clock (``time.monotonic``), moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the event loop and the worker threads run until ``condition()`` holds."""
+    deadline = time.monotonic() + BACKSTOP_S
+    while not condition():
+        assert time.monotonic() < deadline, "the batcher never got there"
+        await asyncio.sleep(0.001)
+
+
+def queued(batcher: GreedyBatcher) -> int:
+    """Requests prepared and waiting for a model call."""
+    return len(batcher._queue)
 
 
 def ready(pixels: np.ndarray) -> Callable[[], np.ndarray]:
@@ -48,47 +112,54 @@ def requests(*sizes: int) -> list[np.ndarray]:
     return [np.arange(a, b, dtype=np.float32)[:, None] for a, b in itertools.pairwise(bounds)]
 
 
-def test_lone_request_runs_at_once_and_later_ones_share_a_call() -> None:
-    model = RecordingModel()
-
-    async def scenario() -> tuple[list[np.ndarray], float]:
-        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
-        first = asyncio.create_task(batcher(ready(requests(1)[0])))
-        await asyncio.sleep(0.01)  # the first call is running now
-        started = time.perf_counter()
-        others = await asyncio.gather(*(batcher(ready(r)) for r in requests(1, 2, 3)))
-        return [await first, *others], time.perf_counter() - started
-
-    inputs = [requests(1)[0], *requests(1, 2, 3)]
-    results, waited = asyncio.run(scenario())
-    # One call for the first, one for the three that queued behind it: no waiting for more.
-    assert model.batch_sizes == [1, 6]
-    assert waited < 3 * model.seconds
-    assert threading.get_ident() not in model.threads  # never on the event loop's thread
+def assert_rows(results: list[np.ndarray], inputs: list[np.ndarray]) -> None:
     for given, got in zip(inputs, results, strict=True):
         np.testing.assert_array_equal(got, given * 2)
 
 
+def test_lone_request_runs_at_once_and_later_ones_share_a_call() -> None:
+    model = Model(held=True)
+    [lone, *later] = inputs = requests(1, 1, 2, 3)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
+        first = asyncio.create_task(batcher(ready(lone)))
+        await until(lambda: model.started == 1)  # alone, it did not wait for company
+        others = [asyncio.create_task(batcher(ready(r))) for r in later]
+        await until(lambda: queued(batcher) == 3)
+        model.release()
+        return [await first, *await asyncio.gather(*others)]
+
+    results = asyncio.run(scenario())
+    # One call for the first, one for the three that queued behind it.
+    assert model.batch_sizes == [1, 6]
+    assert threading.get_ident() not in model.threads  # never on the event loop's thread
+    assert_rows(results, inputs)
+
+
 def test_batches_never_exceed_the_limit_and_keep_requests_whole() -> None:
-    model = RecordingModel(seconds=0.02)
-    sizes = (3, 3, 3, 3, 5)
+    model = Model(held=True)
+    [first_request, *later] = inputs = requests(3, 3, 3, 3, 5)
 
     async def scenario() -> list[np.ndarray]:
         batcher = GreedyBatcher(model, max_batch_size=7, max_wait_s=10)
-        return await asyncio.gather(*(batcher(ready(r)) for r in requests(*sizes)))
+        first = asyncio.create_task(batcher(ready(first_request)))
+        await until(lambda: model.started == 1)
+        others = [asyncio.create_task(batcher(ready(r))) for r in later]
+        await until(lambda: queued(batcher) == 4)
+        model.release()
+        return [await first, *await asyncio.gather(*others)]
 
     results = asyncio.run(scenario())
-    assert sum(model.batch_sizes) == sum(sizes)
-    assert all(size <= 7 for size in model.batch_sizes)
-    for given, got in zip(requests(*sizes), results, strict=True):
-        np.testing.assert_array_equal(got, given * 2)
+    # In order, whole requests, at most 7 images: 3+3 fit, a third 3 would not; 3+5 neither.
+    assert model.batch_sizes == [3, 6, 3, 5]
+    assert_rows(results, inputs)
 
 
 def test_a_failing_call_fails_only_its_own_requests() -> None:
     def infer(pixels: np.ndarray) -> np.ndarray:
         if (pixels < 0).any():
             raise RuntimeError("bad batch")
-        time.sleep(0.02)
         return pixels
 
     async def scenario() -> tuple[object, ...]:
@@ -100,138 +171,162 @@ def test_a_failing_call_fails_only_its_own_requests() -> None:
         )
 
     bad, good = asyncio.run(scenario())
-    assert isinstance(bad, RuntimeError)
+    assert isinstance(bad, RuntimeError) and str(bad) == "bad batch"
     np.testing.assert_array_equal(good, [[1.0]])
 
 
-def test_requests_queued_too_long_are_refused_and_cancelled_ones_skipped() -> None:
-    model = RecordingModel(seconds=0.2)
+def test_requests_queued_too_long_are_refused_and_cancelled_ones_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(batching, "time", clock)
+    model = Model(held=True)
+    [a, b, c, d] = requests(1, 1, 1, 1)
 
     async def scenario() -> tuple[object, ...]:
-        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=0.05)
-        [a, b, c] = requests(1, 1, 1)
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
         running = asyncio.create_task(batcher(ready(a)))
-        await asyncio.sleep(0.01)
-        cancelled = asyncio.create_task(batcher(ready(b)))
-        late = asyncio.create_task(batcher(ready(c)))
-        await asyncio.sleep(0.01)
+        await until(lambda: model.started == 1)
+        stale = asyncio.create_task(batcher(ready(b)))  # queued at 0 s
+        cancelled = asyncio.create_task(batcher(ready(c)))
+        await until(lambda: queued(batcher) == 2)
+        clock.now = 5.0
+        fresh = asyncio.create_task(batcher(ready(d)))  # queued at 5 s
+        await until(lambda: queued(batcher) == 3)
         cancelled.cancel()
-        return tuple(await asyncio.gather(running, cancelled, late, return_exceptions=True))
+        clock.now = 10.5  # the stale one has waited 10.5 s, the fresh one 5.5 s
+        model.release()
+        return tuple(await asyncio.gather(running, stale, cancelled, fresh, return_exceptions=True))
 
-    running, cancelled, late = asyncio.run(scenario())
-    np.testing.assert_array_equal(running, requests(1)[0] * 2)
+    running, stale, cancelled, fresh = asyncio.run(scenario())
+    np.testing.assert_array_equal(running, a * 2)
+    assert isinstance(stale, QueueTimeout) and str(stale) == "queued over 10 s"
     assert isinstance(cancelled, asyncio.CancelledError)
-    assert isinstance(late, QueueTimeout)
-    assert model.batch_sizes == [1]  # neither the cancelled nor the stale one ran
+    np.testing.assert_array_equal(fresh, d * 2)
+    assert model.batch_sizes == [1, 1]  # neither the stale nor the cancelled one ran
 
 
 def test_without_lanes_one_call_runs_at_a_time() -> None:
-    model = RecordingModel(seconds=0.02)
+    model = Model(held=True)
+    [lone, *later] = inputs = requests(*[1] * 6)
 
-    async def scenario() -> None:
+    async def scenario() -> list[np.ndarray]:
         batcher = GreedyBatcher(model, max_batch_size=1, max_wait_s=10)
-        await asyncio.gather(*(batcher(ready(r)) for r in requests(*[1] * 6)))
+        first = asyncio.create_task(batcher(ready(lone)))
+        await until(lambda: model.started == 1)
+        others = [asyncio.create_task(batcher(ready(r))) for r in later]
+        await until(lambda: queued(batcher) == 5)  # none started beside the held call
+        model.release()
+        return [await first, *await asyncio.gather(*others)]
 
-    asyncio.run(scenario())
-    assert overlaps(model.calls) == 0
+    assert_rows(asyncio.run(scenario()), inputs)
     assert model.batch_sizes == [1] * 6
+    assert model.flights.beside("infer") == set()
 
 
 def test_load_is_shared_among_lanes_and_the_all_core_call_never_runs_beside_them() -> None:
-    infer = RecordingModel(seconds=0.1)
-    lanes = [RecordingModel(seconds=0.2), RecordingModel(seconds=0.2)]
+    flights = Flights()
+    infer = Model("infer", held=True, flights=flights)
+    lanes = [Model(f"lane {i}", held=True, flights=flights) for i in range(2)]
+    slow_may_finish = threading.Event()
+    [lone, slow, *quick] = inputs = requests(1, 1, 1, 1, 1, 1)
+
+    def prepare_slow() -> np.ndarray:
+        assert slow_may_finish.wait(BACKSTOP_S)
+        return slow
 
     async def scenario() -> list[np.ndarray]:
         batcher = GreedyBatcher(infer, lanes=lanes, max_batch_size=64, max_wait_s=10)
-        [lone, slow, *quick] = requests(1, 1, 1, 1, 1, 1)
-
-        def prepare_slow() -> np.ndarray:
-            time.sleep(0.2)  # still decoding when the lone request's call ends
-            return slow
-
         first = asyncio.create_task(batcher(ready(lone)))
-        await asyncio.sleep(0.02)  # the lone request runs on the all-core ``infer``
+        await until(lambda: infer.started == 1)  # the lone request has every core
         others = [asyncio.create_task(batcher(prepare_slow))]
         others += [asyncio.create_task(batcher(ready(r))) for r in quick]
+        await until(lambda: queued(batcher) == 4)
+        # A decode is still running when the lone request's call ends, so the four queued
+        # requests go to the lanes, two each, not to the all-core call.
+        infer.release()
+        await until(lambda: lanes[0].started == lanes[1].started == 1)  # side by side
+        slow_may_finish.set()
+        await until(lambda: queued(batcher) == 1)
+        for lane in lanes:
+            lane.release()  # the first lane to come free takes the slow one
         return [await first, *await asyncio.gather(*others)]
 
-    results = asyncio.run(scenario())
-    for given, got in zip(requests(1, 1, 1, 1, 1, 1), results, strict=True):
-        np.testing.assert_array_equal(got, given * 2)
-    # The lone request had the cores to itself; the four that queued behind it were split
-    # two and two between the lanes (a decode was still running, so not ``infer``); the
-    # slow one went to the first lane to come free.
+    assert_rows(asyncio.run(scenario()), inputs)
     assert infer.batch_sizes == [1]
     assert sorted(lanes[0].batch_sizes + lanes[1].batch_sizes) == [1, 2, 2]
-    assert overlaps(lanes[0].calls + lanes[1].calls) > 0  # side by side
-    assert overlaps(infer.calls + lanes[0].calls) == overlaps(infer.calls + lanes[1].calls) == 0
-    assert overlaps(lanes[0].calls) == overlaps(lanes[1].calls) == 0
+    assert flights.beside("lane 0") | flights.beside("lane 1") <= {"lane 0", "lane 1"}
+    assert "lane 0" not in flights.beside("lane 0") and "lane 1" not in flights.beside("lane 1")
+    assert flights.beside("infer") == set()
 
 
 @pytest.mark.parametrize("inline", [True, False])
 def test_an_idle_model_prepares_and_infers_without_a_trip_through_the_event_loop(
     inline: bool,
 ) -> None:
-    loop_blocked_s = 0.2
-    times: dict[str, float] = {}
+    """Inline, the lone request's inference starts on its ``prepare``'s thread while the
+    event loop is held up; otherwise the loop has to start it, so it waits for the loop."""
+    inferred, late_prepared = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+    [lone, late] = inputs = requests(1, 2)
 
     def infer(pixels: np.ndarray) -> np.ndarray:
-        times.setdefault("inferred", time.perf_counter())
-        time.sleep(2 * loop_blocked_s)
-        times.setdefault("first call done", time.perf_counter())
+        inferred.set()
+        seen.setdefault("infer thread", threading.get_ident())
+        # The late request is prepared while this call still runs.
+        seen.setdefault("late prepared meanwhile", late_prepared.wait(BACKSTOP_S))
         return pixels * 2
 
     async def scenario() -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         batcher = GreedyBatcher(infer, max_batch_size=64, max_wait_s=10)
-        [lone, late] = requests(1, 2)
+
+        def hold_the_loop() -> None:  # runs on the loop, which can do nothing else meanwhile
+            seen["inferred while the loop was held"] = inferred.wait(BACKSTOP_S if inline else 1)
 
         def prepare_lone() -> np.ndarray:
-            # Keep the event loop busy from now on: an inference that had to be started
-            # from the loop would wait for it.
-            loop.call_soon_threadsafe(time.sleep, loop_blocked_s)
-            times["prepared"] = time.perf_counter()
+            seen["prepare thread"] = threading.get_ident()
+            loop.call_soon_threadsafe(hold_the_loop)
             return lone
 
         def prepare_late() -> np.ndarray:
-            times["late prepared"] = time.perf_counter()
+            late_prepared.set()
             return late
 
         first = asyncio.create_task(batcher(prepare_lone, inline=inline))
-        while "inferred" not in times:
-            await asyncio.sleep(0.005)
+        await until(inferred.is_set)
         second = await batcher(prepare_late)  # the model is busy with the lone request
         return [await first, second]
 
-    results = asyncio.run(scenario())
+    assert_rows(asyncio.run(scenario()), inputs)
+    assert seen["inferred while the loop was held"] is inline
     if inline:
-        assert times["inferred"] - times["prepared"] < loop_blocked_s / 3
-    else:  # prepared on a thread of its own: the loop had to start the inference
-        assert times["inferred"] - times["prepared"] >= 0.9 * loop_blocked_s
-    # The late request was prepared while the lone one's call still ran.
-    assert times["late prepared"] < times["first call done"]
-    for given, got in zip(requests(1, 2), results, strict=True):
-        np.testing.assert_array_equal(got, given * 2)
+        assert seen["infer thread"] == seen["prepare thread"]
+    assert seen["late prepared meanwhile"] is True
 
 
 @pytest.mark.parametrize("busy", [False, True])
 def test_a_failing_prepare_fails_its_request_and_frees_the_model(busy: bool) -> None:
-    model = RecordingModel(seconds=0.02)
+    model = Model(held=busy)
+    [x] = requests(1)
 
     def broken() -> np.ndarray:
         raise ValueError("not an image")
 
     async def scenario() -> tuple[object, ...]:
         batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
-        first = asyncio.create_task(batcher(ready(requests(1)[0]))) if busy else None
-        await asyncio.sleep(0)
-        failed = await asyncio.gather(batcher(broken), return_exceptions=True)
-        after = await batcher(ready(requests(1)[0]))
-        return (*failed, after, await first if first else None)
+        first = asyncio.create_task(batcher(ready(x))) if busy else None
+        await until(lambda: model.started == int(busy))
+        [failed] = await asyncio.gather(batcher(broken), return_exceptions=True)
+        model.release()
+        after = await batcher(ready(x))
+        return failed, after, await first if first else None
 
-    failed, after, _ = asyncio.run(scenario())
-    assert isinstance(failed, ValueError)
-    np.testing.assert_array_equal(after, requests(1)[0] * 2)
+    failed, after, first = asyncio.run(scenario())
+    assert isinstance(failed, ValueError) and str(failed) == "not an image"
+    np.testing.assert_array_equal(after, x * 2)
+    if busy:
+        np.testing.assert_array_equal(first, x * 2)
 
 
 def test_lane_layout_defaults_to_a_lane_per_core_plus_one_and_reads_the_environment() -> None:

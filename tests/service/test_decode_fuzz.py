@@ -9,10 +9,9 @@ exception would reach the service as a 500.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
+from helpers import encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -30,12 +29,6 @@ FUZZ = settings(
 )
 
 
-def _encode(image: Image.Image, image_format: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
 def _seeds() -> dict[str, bytes]:
     x = np.linspace(0, 255, 12, dtype=np.uint8)
     rgb = Image.fromarray(
@@ -44,20 +37,20 @@ def _seeds() -> dict[str, bytes]:
     rgba = rgb.convert("RGBA")
     rgba.putalpha(100)
     return {
-        "png": _encode(rgb, "PNG"),
-        "png-rgba": _encode(rgba, "PNG"),
-        "png-16bit": _encode(Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257), "PNG"),
-        "png-palette": _encode(rgb.convert("P"), "PNG", transparency=3),
-        "jpeg": _encode(rgb, "JPEG", quality=80),
-        "jpeg-progressive": _encode(rgb, "JPEG", progressive=True),
-        "jpeg-cmyk": _encode(rgb.convert("CMYK"), "JPEG"),
-        "gif": _encode(rgb.convert("P"), "GIF", transparency=0),
-        "webp": _encode(rgb, "WEBP", quality=80),
-        "webp-lossless-alpha": _encode(rgba, "WEBP", lossless=True),
-        "tiff": _encode(rgb, "TIFF"),
-        "tiff-lzw": _encode(rgb, "TIFF", compression="tiff_lzw"),
-        "tiff-float": _encode(rgb.convert("F"), "TIFF"),
-        "bmp": _encode(rgb, "BMP"),
+        "png": encode(rgb, "PNG"),
+        "png-rgba": encode(rgba, "PNG"),
+        "png-16bit": encode(Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257), "PNG"),
+        "png-palette": encode(rgb.convert("P"), "PNG", transparency=3),
+        "jpeg": encode(rgb, "JPEG", quality=80),
+        "jpeg-progressive": encode(rgb, "JPEG", progressive=True),
+        "jpeg-cmyk": encode(rgb.convert("CMYK"), "JPEG"),
+        "gif": encode(rgb.convert("P"), "GIF", transparency=0),
+        "webp": encode(rgb, "WEBP", quality=80),
+        "webp-lossless-alpha": encode(rgba, "WEBP", lossless=True),
+        "tiff": encode(rgb, "TIFF"),
+        "tiff-lzw": encode(rgb, "TIFF", compression="tiff_lzw"),
+        "tiff-float": encode(rgb.convert("F"), "TIFF"),
+        "bmp": encode(rgb, "BMP"),
     }
 
 

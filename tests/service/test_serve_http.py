@@ -1,5 +1,9 @@
 """The served model over HTTP: same numbers as the CLI, batching, metrics, no URL fetching.
 
+The numbers both must give are computed by the tests themselves (``expected_results``:
+softmax(logits / T) of onnxruntime's logits), so a fault the CLI and the service share
+(a temperature dropped in the inference code they both use) still shows.
+
 Bad and unusual input: ``test_serve_inputs.py``; configured limits and overload:
 ``test_serve_limits.py``.
 """
@@ -13,26 +17,41 @@ import time
 import httpx
 import pytest
 from helpers import (
+    TOLERANCE,
     assert_concurrent_answers,
     assert_prediction,
     assert_same_numbers,
     image_file,
+    largest_difference,
     post,
+    reference_results,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from convtune.data.synthetic import make_shapes_dataset
 
 pytestmark = pytest.mark.slow
 
 
-def test_predict_matches_cli(server, exported, probe_images, cli_results) -> None:
-    for path, expected in zip(probe_images, cli_results, strict=True):
+def test_cli_answers_the_calibrated_softmax_of_the_onnx_logits(
+    exported, probe_images, cli_results, expected_results
+) -> None:
+    for result, expected in zip(cli_results, expected_results, strict=True):
+        assert_same_numbers(result, expected)
+    # The check can fail: without the temperature the numbers differ.
+    uncalibrated = reference_results(exported.artifact_dir, probe_images, temperature=1.0)
+    assert largest_difference(uncalibrated, expected_results) > 100 * TOLERANCE
+
+
+def test_predict_matches_cli(server, exported, probe_images, cli_results, expected_results):
+    for path, cli, expected in zip(probe_images, cli_results, expected_results, strict=True):
         response = post(server, "predict", files={"image": image_file(path)})
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["model"] == exported.tag
         assert_prediction(body, exported.classes, top_k=5)
         assert_same_numbers(body, expected)
+        assert_same_numbers(body, cli)
 
 
 @pytest.mark.parametrize(("top_k", "expected_length"), [("1", 1), ("2", 2), ("99", 3)])
@@ -46,7 +65,9 @@ def test_top_k_is_sorted_and_clamped(server, exported, probe_images, top_k, expe
     assert_prediction(response.json(), exported.classes, top_k=int(top_k))
 
 
-def test_predict_batch_matches_cli_in_input_order(server, exported, probe_images, cli_results):
+def test_predict_batch_matches_cli_in_input_order(
+    server, exported, probe_images, cli_results, expected_results
+) -> None:
     # The probe images get distinct answers, so a reordering would show.
     assert len({tuple(r["probabilities"].values()) for r in cli_results}) == len(cli_results)
     for order in (list(range(len(probe_images))), list(reversed(range(len(probe_images))))):
@@ -58,13 +79,14 @@ def test_predict_batch_matches_cli_in_input_order(server, exported, probe_images
         assert len(body["results"]) == len(order)
         for index, result in zip(order, body["results"], strict=True):
             assert_prediction(result, exported.classes, top_k=2)
+            assert_same_numbers(result, expected_results[index])
             assert_same_numbers(result, cli_results[index])
 
 
-def test_concurrent_requests_are_batched_correctly(server, exported, probe_images, cli_results):
+def test_concurrent_requests_are_batched_correctly(server, probe_images, expected_results):
     """Many requests at once share onnxruntime calls; each still gets its own answer. The
     3 batches of 45 images are over the 64-image batch limit together."""
-    assert_concurrent_answers(server, probe_images, cli_results, singles=32, batches=3,
+    assert_concurrent_answers(server, probe_images, expected_results, singles=32, batches=3,
                               repeat=5, workers=16)  # fmt: skip
 
 
@@ -80,11 +102,38 @@ def test_accuracy_on_heldout_images(server, exported) -> None:
     assert accuracy > 0.7, f"held-out accuracy {accuracy:.3f} (chance is 1/3)"
 
 
-def test_metrics_endpoint_counts_requests(server, probe_images) -> None:
-    post(server, "predict", files={"image": image_file(probe_images[0])})
-    response = httpx.get(f"{server}/metrics", timeout=10)
+def request_counts(url: str) -> dict[tuple[str, str], float]:
+    """BentoML's request counter from ``/metrics``, by (route, status)."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
     assert response.status_code == 200
-    assert "bentoml_" in response.text and "/predict" in response.text
+    counts = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "bentoml_service_request_total":
+                key = (sample.labels["endpoint"], sample.labels["http_response_code"])
+                counts[key] = sample.value
+    return counts
+
+
+def test_metrics_endpoint_counts_requests(server, probe_images) -> None:
+    before = request_counts(server)
+    sent = {("/predict", "200"): 3, ("/predict", "400"): 2, ("/predict_batch", "200"): 1}
+    for _ in range(3):
+        assert post(server, "predict", files={"image": image_file(probe_images[0])}).is_success
+    for _ in range(2):
+        assert post(server, "predict", json={}).status_code == 400
+    files = [("images", image_file(path)) for path in probe_images[:2]]
+    assert post(server, "predict_batch", files=files).is_success
+
+    def counted() -> dict[tuple[str, str], float]:
+        after = request_counts(server)
+        return {key: after.get(key, 0.0) - before.get(key, 0.0) for key in sent}
+
+    # The counter may be written just after the answer is sent: wait for it to catch up.
+    deadline = time.monotonic() + 30
+    while (increase := counted()) != sent and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert increase == sent
 
 
 class Listener:

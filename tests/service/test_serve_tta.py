@@ -14,11 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import (
+    TOLERANCE,
     assert_concurrent_answers,
     assert_prediction,
     assert_same_numbers,
     image_file,
+    largest_difference,
     post,
+    reference_results,
 )
 
 from convtune.data.images import decode_rgb
@@ -57,39 +60,58 @@ def cli_tta_results(exported, probe_images: list[Path]) -> list[dict]:
     return json.loads(out)["results"]
 
 
+@pytest.fixture(scope="module")
+def expected_tta_results(exported, probe_images: list[Path]) -> list[dict]:
+    """The mean over the 8 views of softmax(logits / T_d4), computed by the test helpers."""
+    return reference_results(exported.artifact_dir, probe_images, views="d4")
+
+
 @pytest.mark.slow
 def test_served_views_give_the_numbers_of_predict_with_them(
-    tta_server, tta_tag, exported, probe_images, cli_tta_results, cli_results
-) -> None:
-    for path, expected in zip(probe_images, cli_tta_results, strict=True):
+    tta_server, tta_tag, exported, probe_images, cli_tta_results, expected_tta_results,
+    expected_results,
+) -> None:  # fmt: skip
+    for path, cli, expected in zip(probe_images, cli_tta_results, expected_tta_results,
+                                   strict=True):  # fmt: skip
+        assert_same_numbers(cli, expected)
         response = post(tta_server, "predict", files={"image": image_file(path)})
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["model"] == tta_tag
         assert_prediction(body, exported.classes, top_k=5)
         assert_same_numbers(body, expected)
-    # The views change the answer: the single view's differs.
-    gaps = [
-        abs(tta["probabilities"][name] - single["probabilities"][name])
-        for tta, single in zip(cli_tta_results, cli_results, strict=True)
-        for name in exported.classes
+    # The views change the answer, and so does their own temperature.
+    assert largest_difference(expected_tta_results, expected_results) > 100 * TOLERANCE
+    single_temperature = json.loads((exported.artifact_dir / "manifest.json").read_text())[
+        "temperature"
     ]
-    assert max(gaps) > 1e-4
+    at_single_temperature = reference_results(
+        exported.artifact_dir, probe_images, views="d4", temperature=single_temperature
+    )
+    assert largest_difference(expected_tta_results, at_single_temperature) > 100 * TOLERANCE
 
 
 @pytest.mark.slow
-def test_served_views_survive_batching_and_lanes(tta_server, probe_images, cli_tta_results) -> None:
+def test_served_views_survive_batching_and_lanes(
+    tta_server, probe_images, expected_tta_results
+) -> None:
     """Concurrent requests share onnxruntime calls of 8 views per image, in lanes too."""
-    assert_concurrent_answers(tta_server, probe_images, cli_tta_results, singles=24, batches=2,
-                              repeat=3, workers=8)  # fmt: skip
+    assert_concurrent_answers(tta_server, probe_images, expected_tta_results, singles=24,
+                              batches=2, repeat=3, workers=8)  # fmt: skip
 
 
-def test_batcher_with_view_lanes_gives_each_request_its_rows(exported, probe_images) -> None:
+def test_batcher_with_view_lanes_gives_each_request_its_rows(
+    exported, probe_images, expected_tta_results
+) -> None:
     """In process: requests spread over a whole-machine session and single-thread lanes,
     each inferring 8 views per image, get the rows of one call on their own images."""
     classifier = OnnxClassifier(exported.artifact_dir, tta="d4")
     pixels = np.stack([classifier.preprocess(decode_rgb(path)) for path in probe_images])
-    requests = np.split(pixels, [1, 3, 4, 7])  # 1, 2, 1, 3 and 2 images
+    bounds = [1, 3, 4, 7]  # requests of 1, 2, 1, 3 and 2 images
+    requests = np.split(pixels, bounds)
+    expected = np.split(
+        np.array([list(r["probabilities"].values()) for r in expected_tta_results]), bounds
+    )
 
     async def scenario() -> list[np.ndarray]:
         batcher = GreedyBatcher(
@@ -100,6 +122,5 @@ def test_batcher_with_view_lanes_gives_each_request_its_rows(exported, probe_ima
         )
         return await asyncio.gather(*(batcher(lambda r=r: r) for r in requests))
 
-    for request, rows in zip(requests, asyncio.run(scenario()), strict=True):
-        assert rows.shape == (len(request), len(classifier.classes))
-        np.testing.assert_allclose(rows, classifier.probabilities(request), atol=1e-6)
+    for rows, want in zip(asyncio.run(scenario()), expected, strict=True):
+        np.testing.assert_allclose(rows, want, atol=TOLERANCE)

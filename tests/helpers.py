@@ -1,7 +1,8 @@
-"""Helpers shared by the service tests: requests, generated images, and answer checks.
+"""Helpers shared by the tests: generated images, requests, the answers a model must give.
 
-Imported as ``helpers`` (pytest puts this folder, which has no ``__init__.py``, on
-``sys.path``). Every image is generated here, in memory: the tests own their corpus.
+Imported as ``helpers``: pytest puts ``tests/`` (it holds a ``conftest.py`` and no
+``__init__.py``) on ``sys.path``. Every image is generated in memory: the tests own their
+corpus.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ import io
 import json
 import struct
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+from convtune.data.images import decode_rgb
+from convtune.data.transforms import Preprocessing, build_eval_transform, eval_decode_size
 
 TOLERANCE = 1e-5  # onnxruntime may sum in another order when requests share a batch
 
@@ -45,8 +51,13 @@ def drawing(width: int = 64, height: int = 40) -> Image.Image:
     return image
 
 
-def huge_canvas_png(width: int = 50_000, height: int = 50_000) -> bytes:
-    """A valid PNG header that declares a canvas far over the pixel limit, in 45 bytes."""
+def huge_canvas_png(width: int = 8000, height: int = 8000) -> bytes:
+    """A valid PNG header that declares a ``width`` x ``height`` canvas, in 45 bytes.
+
+    The default, 64 million pixels, is over the service's limit (40 million) and under
+    Pillow's own decompression-bomb guard (89 million), so only the service's check can
+    refuse it.
+    """
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -134,3 +145,59 @@ def assert_concurrent_answers(
     for results in batched:
         for result, want in zip(results, expected * repeat, strict=True):
             assert_same_numbers(result, want)
+
+
+def reference_results(
+    artifact_dir: Path,
+    images: Sequence[bytes | Path],
+    *,
+    views: str = "none",
+    temperature: float | None = None,
+) -> list[dict]:
+    """What an artifact must answer for ``images``, computed here, not by
+    ``convtune.models.inference``: onnxruntime's logits of each view of the eval view,
+    softmax(logits / T) with the manifest's temperature T for those views (or
+    ``temperature``), averaged over the views. Decoding and the eval view are the
+    library's (training uses them too)."""
+    import onnxruntime
+
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    if temperature is None:  # a view set the run fitted no temperature for: the single view's
+        temperature = manifest.get("temperatures", {}).get(views, manifest["temperature"])
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    transform = build_eval_transform(preprocessing)
+    draft = eval_decode_size(preprocessing)  # as the CLI and the service decode JPEGs
+    pixels = np.stack(
+        [transform(image=decode_rgb(image, draft_size=draft))["image"] for image in images]
+    )
+    session = onnxruntime.InferenceSession(
+        str(artifact_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    [input_name] = [node.name for node in session.get_inputs()]
+    mirrors = {"none": (False,), "flip": (False, True), "d4": (False, True)}[views]
+    turns = range(4) if views == "d4" else range(1)
+    each_view = []
+    for mirrored in mirrors:
+        for quarter_turns in turns:
+            view = np.rot90(pixels[..., ::-1] if mirrored else pixels, quarter_turns, axes=(2, 3))
+            [logits] = session.run(None, {input_name: np.ascontiguousarray(view)})
+            scaled = logits.astype(np.float64) / temperature
+            exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+            each_view.append(exp / exp.sum(axis=1, keepdims=True))
+    classes = manifest["classes"]
+    return [
+        {
+            "label": classes[int(np.argmax(row))],
+            "probabilities": dict(zip(classes, row.tolist(), strict=True)),
+        }
+        for row in np.mean(each_view, axis=0)
+    ]
+
+
+def largest_difference(results: list[dict], others: list[dict]) -> float:
+    """The largest difference between two answers' probabilities for any image and class."""
+    return max(
+        abs(result["probabilities"][name] - other["probabilities"][name])
+        for result, other in zip(results, others, strict=True)
+        for name in result["probabilities"]
+    )
