@@ -14,15 +14,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers import reference_results
 from PIL import Image
 
-from convtune.benchmarks.servers import free_port, running_server
+from convtune.benchmarks.servers import free_port, running_server, stop
 from convtune.data.synthetic import make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,15 +128,21 @@ class Served:
     log: Path
 
 
+def serve_command(port: int) -> list[str]:
+    """``bentoml serve`` of the repository's service on a local port."""
+    service = "convtune.service.service:Convtune"
+    return [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1",
+            "--port", str(port)]  # fmt: skip
+
+
 @contextlib.contextmanager
 def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
     """``bentoml serve service.service:Convtune`` on a free local port, with ``env`` added."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = exported.root / f"{name}.log"
-    command = [sys.executable, "-m", "bentoml", "serve", "convtune.service.service:Convtune"]
     with running_server(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        serve_command(port),
         ready_url=f"{url}/readyz",
         log_path=log_path,
         env={**exported.env, **env},
@@ -143,10 +151,49 @@ def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
         yield Served(url, process, log_path)
 
 
+def refused_start(exported: Exported, name: str, error: str, **env: str) -> str:
+    """Start ``bentoml serve`` with ``env`` added, expecting the service to refuse to start:
+    wait until its log shows ``error``, check that ``/readyz`` does not answer 200, stop it,
+    and return the log."""
+    port = free_port()
+    log_path = exported.root / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            serve_command(port),
+            cwd=REPO,
+            env={**exported.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def ready() -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        return False
+
+    try:
+        deadline = time.monotonic() + 180  # a backstop: the log line is what is waited for
+        while error not in log_path.read_text(errors="replace"):
+            assert not ready(), f"the service started:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no {error!r} in:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        assert not ready(), "a service that failed to start says it is ready"
+    finally:
+        stop(process)
+    return log_path.read_text(errors="replace")
+
+
 @pytest.fixture(scope="session")
 def start_server(exported: Exported) -> Callable[..., contextlib.AbstractContextManager[Served]]:
     """``start_server(name, **env)``: another server of the exported model, for a test."""
     return functools.partial(serving, exported)
+
+
+@pytest.fixture(scope="session")
+def start_refused(exported: Exported) -> Callable[..., str]:
+    """``start_refused(name, error, **env)``: a server that must refuse to start (its log)."""
+    return functools.partial(refused_start, exported)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,14 @@
 sets its traffic limits. With two requests allowed in flight and a 4 s timeout, two
 clients that stall mid-upload fill the server: the next request must be refused at once
 (429), the stalled ones must time out (504), and then the server must answer again.
+A bad limit or a tampered model stops the service at start.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -86,10 +88,37 @@ def test_pixel_limits_come_from_the_environment(tight) -> None:
     assert post(tight.url, "predict", files={"image": GOOD}).status_code == 200
 
 
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_a_chunked_body_is_refused_as_it_passes_the_limit_before_it_ends(tight) -> None:
+    """A chunked upload that never ends: the 413 must arrive while it is still open, so the
+    server counted it as it came instead of reading (and spooling) it to the end. A server
+    that waited for the end would answer 504 once its 4 s timeout passed."""
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    body = part + bytes(MAX_BYTES + 1)
+    with socket.create_connection(address(tight.url), timeout=TIMEOUT_S + 30) as client:
+        client.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        for start in range(0, len(body), 16_384):
+            chunk = body[start : start + 16_384]
+            client.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        # No last chunk: the body has not ended.
+        answer = http.client.HTTPResponse(client)
+        answer.begin()
+        assert answer.status == 413
+        refusal = json.loads(answer.read())
+    assert refusal["limit_bytes"] == MAX_BYTES
+    assert f"over the limit of {MAX_BYTES:,} bytes" in refusal["error"]
+
+
 def stalled_upload(url: str) -> socket.socket:
     """A client that sends the start of a /predict request and then nothing more."""
-    host, port = url.removeprefix("http://").split(":")
-    client = socket.create_connection((host, int(port)), timeout=TIMEOUT_S + 10)
+    client = socket.create_connection(address(url), timeout=TIMEOUT_S + 10)
     client.sendall(
         b"POST /predict HTTP/1.1\r\nHost: test\r\n"
         b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\n"
@@ -124,9 +153,29 @@ def test_overload_is_refused_at_once_and_stalled_requests_time_out(tight) -> Non
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "ten", "1.5", ""])
-def test_a_bad_limit_stops_the_service_at_start(value: str) -> None:
+def test_a_bad_limit_value_is_refused(value: str) -> None:
     with pytest.raises(ValueError, match="CONVTUNE_MAX_PIXELS must be a positive integer"):
         Limits.from_env({"CONVTUNE_MAX_PIXELS": value})
+
+
+def test_a_bad_limit_stops_the_service_at_start(start_refused) -> None:
+    error = "ValueError: CONVTUNE_MAX_PIXELS must be a positive integer, not 'ten'"
+    start_refused("serve-bad-limit", error, CONVTUNE_MAX_PIXELS="ten")
+
+
+def test_a_tampered_model_is_refused_at_start(start_refused, exported, tmp_path) -> None:
+    home = tmp_path / "bentoml"  # a store holding a copy of the model, one byte changed
+    shutil.copytree(exported.bentoml_home / "models", home / "models", symlinks=True)
+    onnx = home / "models" / exported.tag.replace(":", "/") / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    start_refused(
+        "serve-tampered",
+        "model.onnx does not match its recorded sha256",
+        BENTOML_HOME=str(home),
+        CONVTUNE_MODEL=exported.tag,
+    )
 
 
 def test_limits_default_and_parse() -> None:

@@ -42,10 +42,16 @@ import convtune.service.service as module
 instance = module.Convtune()  # resolves convtune:latest from $BENTOML_HOME
 calls = []  # images per onnxruntime call
 run = instance.classifier.view_logits
-# Each call takes 0.2 s longer, so requests prepared meanwhile are all queued when it ends.
+queued_before_it_ends = [0]
+# The first call of a scenario is held until the scenario's other requests are queued, so
+# they all share the next call (a deadline only as a backstop against a hang).
 def recorded(pixels):
     calls.append(len(pixels))
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while len(instance._batcher._queue) < queued_before_it_ends[0]:
+        assert time.monotonic() < deadline, "the other requests never queued"
+        time.sleep(0.001)
+    queued_before_it_ends[0] = 0
     return run(pixels)
 
 instance.classifier.view_logits = recorded
@@ -56,10 +62,12 @@ async def main():
     results = await instance.classify(uploads, 99)
     # Queued together: one request per image, then 3 requests of 5x the images each.
     del calls[:]
+    queued_before_it_ends[0] = len(pixels) - 1
     singles = await asyncio.gather(*(instance._batcher(lambda p=p: p[None]) for p in pixels))
     single_calls = calls[:]
     del calls[:]
     big = np.concatenate([pixels] * 5)
+    queued_before_it_ends[0] = 2
     bigs = await asyncio.gather(*(instance._batcher(lambda: big) for _ in range(3)))
     return {
         "results": results,
@@ -83,23 +91,25 @@ def in_process(exported, probe_images) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_prediction_path_imports_no_torch(in_process, exported, cli_results) -> None:
+def test_prediction_path_imports_no_torch(in_process, exported, expected_results) -> None:
     assert in_process["loaded"] == []
     assert in_process["model"] == exported.tag
-    for result, expected in zip(in_process["results"], cli_results, strict=True):
+    for result, expected in zip(in_process["results"], expected_results, strict=True):
         assert result["label"] == expected["label"]
         for name, probability in expected["probabilities"].items():
             assert result["probabilities"][name] == pytest.approx(probability, abs=1e-5)
 
 
-def test_batching_merges_and_splits_requests(in_process, exported, cli_results) -> None:
-    expected = np.array([[r["probabilities"][c] for c in exported.classes] for r in cli_results])
+def test_batching_merges_and_splits_requests(in_process, exported, expected_results) -> None:
+    expected = np.array(
+        [[r["probabilities"][c] for c in exported.classes] for r in expected_results]
+    )
     # The first request runs at once; those that queued meanwhile share the next call, and
     # each gets its own row back.
-    assert in_process["single_calls"] == [1, len(cli_results) - 1]
+    assert in_process["single_calls"] == [1, len(expected) - 1]
     np.testing.assert_allclose(in_process["singles"], expected, atol=1e-5)
     # Two of these requests together would pass the batch limit: one call each, never split.
-    request = 5 * len(cli_results)
+    request = 5 * len(expected)
     assert 2 * request > in_process["max_batch"]
     assert in_process["big_calls"] == [request] * 3
     for rows in in_process["bigs"]:
