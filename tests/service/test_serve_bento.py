@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import tarfile
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from convtune.models.artifact import read_manifest
 
@@ -15,13 +19,51 @@ pytestmark = pytest.mark.slow
 TORCH_FAMILY = {"torch", "torchvision", "lightning", "pytorch-lightning", "timm"}
 
 
-def requirement_names(text: str) -> set[str]:
-    names = set()
-    for line in text.splitlines():
-        line = line.split("#")[0].strip()
-        if line and not line.startswith("-"):
-            names.add(re.split(r"[\s\[<>=!~;@]", line)[0].lower().replace("_", "-"))
-    return names
+def requirements(path: Path) -> list[Requirement]:
+    """The requirements a pip requirements file installs, following ``-r`` includes.
+
+    Anything else pip could install from (``-e``, a path, a URL, an index option) fails the
+    test: it would install packages this check cannot see.
+    """
+    found = []
+    for line in path.read_text().splitlines():
+        line = line.split(" #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if include := re.fullmatch(r"(?:-r|--requirement)[\s=]+(\S+)", line):
+            found += requirements(path.parent / include.group(1))
+            continue
+        assert not line.startswith("-"), f"{path}: cannot check {line!r}"
+        requirement = Requirement(line)
+        assert requirement.url is None, f"{path}: cannot check {line!r}"
+        found.append(requirement)
+    return found
+
+
+def installed_closure(wanted: list[Requirement]) -> dict[str, set[str]]:
+    """Every distribution ``wanted`` installs, directly or through dependencies, with the
+    extras asked of it: the requirements of the installed distributions, walked."""
+    closure: dict[str, set[str]] = {}
+    pending = list(wanted)
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        extras = set(requirement.extras)
+        if name in closure and extras <= closure[name]:
+            continue
+        closure[name] = closure.get(name, set()) | extras
+        for text in metadata.requires(name) or []:
+            dependency = Requirement(text)
+            environments = [{"extra": extra} for extra in closure[name] or {""}]
+            if dependency.marker is None or any(map(dependency.marker.evaluate, environments)):
+                pending.append(dependency)
+    return closure
+
+
+def test_the_dependency_walk_sees_a_package_pulled_in_indirectly() -> None:
+    # torchmetrics (a dev dependency, through lightning) needs torch: the walk must say so.
+    closure = installed_closure([Requirement("torchmetrics")])
+    assert "torch" in closure and "torchmetrics" in closure
 
 
 def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
@@ -47,9 +89,12 @@ def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
 
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for s in info["services"] for m in s["models"]] == [exported.tag]
-    requirements = requirement_names((bento / "env/python/requirements.txt").read_text())
-    assert {"bentoml", "onnxruntime", "albumentations", "numpy", "pillow"} <= requirements
-    assert not requirements & TORCH_FAMILY, requirements
+    wanted = requirements(bento / "env" / "python" / "requirements.txt")
+    direct = {canonicalize_name(r.name) for r in wanted}
+    assert {"bentoml", "onnxruntime", "albumentations", "numpy", "pillow"} <= direct
+    # Nothing the image installs, however indirectly, is torch or its family.
+    installed = installed_closure(wanted)
+    assert not set(installed) & TORCH_FAMILY, sorted(installed)
 
     # A built bento refers to the model in the store; `bentoml export` (what pushing and
     # containerizing start from) packs it under models/. It must arrive intact.
