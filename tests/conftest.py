@@ -6,6 +6,8 @@ a real model reuses it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -67,12 +69,14 @@ def trained_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def exported_model(trained_run: Path, bentoml_home: Path) -> str:
-    """The trained run exported as ``convtune`` into the session's BentoML store."""
-    from convtune.models.artifact import ARTIFACT_DIR
-    from convtune.training.export import build_artifact, register_in_store
+    """``convtune export`` of the trained run as ``convtune`` into the session's BentoML
+    store: the tag it prints."""
+    from convtune.training.cli import main
 
-    artifact = build_artifact(trained_run, trained_run / ARTIFACT_DIR)
-    return register_in_store(artifact, "convtune")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(trained_run), "--name", "convtune"]) == 0
+    return printed.getvalue().strip()
 
 
 @pytest.fixture(scope="session")

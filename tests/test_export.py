@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import reference_results
+from safetensors.torch import load_file, save_file
 
 from convtune.data.datasets import load_labelled_images
-from convtune.data.images import decode_rgb
-from convtune.models.artifact import ArtifactError, locate_artifact, read_manifest
+from convtune.models.artifact import ArtifactError, locate_artifact, read_manifest, sha256_file
 from convtune.models.inference import OnnxClassifier, softmax
+from convtune.training import export
 from convtune.training.cli import main
 from convtune.training.export import build_manifest, check_onnx_matches, load_trained_model
 
@@ -34,6 +37,46 @@ def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> N
     assert raw["training_config"]["model"] == "test_resnet"
     assert raw["versions"]["torch"] == metadata.version("torch")
     assert set(raw["files"]) == {"model.onnx", "weights.safetensors"}
+
+
+def test_export_command_writes_the_artifact_and_stores_it(
+    exported_model: str, trained_run: Path, bentoml_home: Path
+) -> None:
+    # The suite's model was exported by `convtune export` (tests/conftest.py), which printed
+    # the tag of what it stored.
+    assert re.fullmatch(r"convtune:[a-z0-9]+", exported_model), exported_model
+    name, version = exported_model.split(":")
+    stored = bentoml_home / "models" / name / version
+    written = trained_run / "artifact"
+    for file in ("model.onnx", "weights.safetensors", "manifest.json"):
+        assert sha256_file(stored / file) == sha256_file(written / file), file
+    assert (
+        load_file(written / "weights.safetensors").keys()
+        == load_file(trained_run / "model.safetensors").keys()
+    )
+
+
+def test_export_is_refused_when_onnx_and_pytorch_disagree(
+    trained_run: Path, artifact_dir: Path, bentoml_home: Path, tmp_path: Path, monkeypatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # A run whose weights moved after its graph was made: the graph below is the suite's
+    # model's, the weights now give every class a different bias.
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("artifact"))
+    weights = load_file(run / "model.safetensors")
+    weights["head.0.bias"] += torch.tensor([0.5, -0.5, 0.0])
+    save_file(weights, run / "model.safetensors")
+
+    def export_the_old_graph(model: torch.nn.Module, path: Path) -> None:
+        shutil.copyfile(artifact_dir / "model.onnx", path)
+
+    monkeypatch.setattr(export, "export_onnx", export_the_old_graph)
+    assert main(["export", str(run), "--name", "refused"]) == 2
+    captured = capsys.readouterr()
+    assert "ONNX and PyTorch logits differ by 5.00e-01 (> 1e-04)" in captured.err
+    assert captured.out == ""
+    assert not (run / "artifact").exists()
+    assert not (bentoml_home / "models" / "refused").exists()
 
 
 def test_onnx_graph_matches_pytorch_for_any_batch_size(artifact_dir, trained_run) -> None:
@@ -96,11 +139,12 @@ def test_predict_prints_calibrated_probabilities(artifact_dir, heldout_shapes_di
     files = sorted(heldout_shapes_dir.glob("*/000[0-2].png"))
     assert main(["predict", "convtune:latest", *map(str, files), "--top-k", "2"]) == 0
     answer = json.loads(capsys.readouterr().out)
-    classifier = OnnxClassifier(artifact_dir)
-    expected = classifier.classify([decode_rgb(f) for f in files])
+    # softmax(logits / T) of onnxruntime's logits, computed by the test helpers.
+    expected = reference_results(artifact_dir, files)
     assert len(answer["results"]) == len(files)
-    for result, row in zip(answer["results"], expected, strict=True):
+    for result, want in zip(answer["results"], expected, strict=True):
         probabilities = list(result["probabilities"].values())
+        row = np.array(list(want["probabilities"].values()))
         assert list(result["probabilities"]) == ["circle", "square", "triangle"]
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-6)
         assert np.allclose(probabilities, row, atol=1e-6)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -20,6 +21,7 @@ from convtune.data.datamodule import ImageDataModule
 from convtune.data.datasets import load_labelled_images
 from convtune.data.preprocessing import Preprocessing
 from convtune.data.splits import stratified_split
+from convtune.data.synthetic import make_shapes_dataset
 from convtune.data.transforms import Augmentation
 from convtune.models.factory import create_model, encoder_stages
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
@@ -201,19 +203,52 @@ def test_ema_weights_are_validated_and_checkpointed(shapes_dir: Path, tmp_path: 
     assert val_loss(module, datamodule) != pytest.approx(logged[-1], rel=1e-3)
 
 
-def test_fit_with_ema_keeps_the_ema_weights_and_resumes(
-    shapes_dir: Path, tmp_path: Path, fit_args: list[str]
-) -> None:
-    args = [*fit_args, "--ema-decay", "0.9"]
-    args[args.index("--epochs") + 1] = "1"
-    assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
-    assert main(["fit", "--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["epoch"] == 1  # saved by the resumed run
+@pytest.fixture(scope="module")
+def resumed_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory, fit_args: list[str]):
+    """A run fitted for 1 epoch (with an EMA of the weights), then resumed to 2: its
+    directory and what the first attempt left (last checkpoint, split)."""
+    run_dir = tmp_path_factory.mktemp("resumed") / "run"
+    args = [*fit_args, "--ema-decay", "0.9", "--epochs", "1"]
+    assert main(["fit", "--data", str(shapes_dir), "--out", str(run_dir), *args]) == 0
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    split = (run_dir / "split.json").read_text()
+    assert main(["fit", "--out", str(run_dir), "--resume", "--epochs", "2"]) == 0
+    return run_dir, first, split
+
+
+def logged(metrics_csv: Path, column: str) -> list[tuple[int, int, float]]:
+    """(epoch, step, value) of every row of a Lightning metrics.csv that has ``column``."""
+    with open(metrics_csv) as file:
+        rows = [row for row in csv.DictReader(file) if row[column]]
+    return [(int(row["epoch"]), int(row["step"]), float(row[column])) for row in rows]
+
+
+def test_resume_continues_from_the_last_checkpoint(resumed_run) -> None:
+    run_dir, first, split = resumed_run
+    assert (run_dir / "split.json").read_text() == split
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (first["epoch"], last["epoch"]) == (0, 1)  # the second epoch ran after resuming
+    assert last["global_step"] == 2 * first["global_step"]
+    # One log per attempt, nothing overwritten; the second starts where the first ended:
+    # at the second epoch, its steps counted on, with the first attempt's weights (a fresh
+    # start would repeat the first epoch, the same seed giving the same losses).
+    before = logged(run_dir / "logs" / "version_0" / "metrics.csv", "train/loss_step")
+    after = logged(run_dir / "logs" / "version_1" / "metrics.csv", "train/loss_step")
+    assert {epoch for epoch, _, _ in before} == {0} and {epoch for epoch, _, _ in after} == {1}
+    assert min(step for _, step, _ in after) == first["global_step"]
+    first_losses = [loss for _, _, loss in before[:3]]
+    resumed_losses = [loss for _, _, loss in after[:3]]
+    assert np.mean(resumed_losses) < np.mean(first_losses) - 0.1
+
+
+def test_fit_with_ema_keeps_the_ema_weights_and_resumes(resumed_run) -> None:
+    run_dir, first, _ = resumed_run
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # One EMA update per optimizer step, across the resume.
+    assert first["averaging_state"]["n_averaged"] == first["global_step"]
     assert last["averaging_state"]["n_averaged"] == last["global_step"]
-    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
-    saved = load_file(tmp_path / "model.safetensors")
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    saved = load_file(run_dir / "model.safetensors")
     for name, value in saved.items():
         assert torch.equal(value, best["state_dict"][f"model.{name}"]), name
     assert not torch.equal(
@@ -350,22 +385,6 @@ def test_the_best_checkpoint_describes_itself(trained_run: Path) -> None:
         assert torch.equal(rebuilt[name], value), name
 
 
-def test_resume_continues_from_the_last_checkpoint(
-    shapes_dir: Path, tmp_path: Path, fit_args: list[str]
-) -> None:
-    run_dir = tmp_path / "run"
-    args = [*fit_args]
-    args[args.index("--epochs") + 1] = "1"
-    assert main(["fit", "--data", str(shapes_dir), "--out", str(run_dir), *args]) == 0
-    split_before = (run_dir / "split.json").read_text()
-    assert main(["fit", "--out", str(run_dir), "--resume", "--epochs", "2"]) == 0
-    assert (run_dir / "split.json").read_text() == split_before
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["epoch"] == 1  # the second epoch ran after resuming
-    assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()  # nothing overwritten
-    assert (run_dir / "logs" / "version_1" / "metrics.csv").is_file()
-
-
 def test_fit_reports_on_the_held_out_test_part(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     split = json.loads((trained_run / "split.json").read_text())
@@ -416,3 +435,99 @@ def test_fit_with_cached_features_runs_only_the_unfrozen_epochs(
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 0  # 2 epochs: 1 as the probe, 1 with Lightning
     assert json.loads((tmp_path / "model.json").read_text())["val_metrics"]["accuracy"] > 0.5
+
+
+def test_the_best_checkpoint_is_the_best_epoch_by_the_monitored_metric(trained_run: Path):
+    accuracy = logged(trained_run / "logs" / "version_0" / "metrics.csv", "val/accuracy")
+    best_epoch, _, best_accuracy = max(accuracy, key=lambda row: (row[2], -row[0]))
+    best = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == best_epoch
+    description = json.loads((trained_run / "model.json").read_text())
+    assert description["val_metrics"]["accuracy"] == pytest.approx(best_accuracy, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def imbalanced_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes dataset with few squares: 20 circles, 6 squares, 20 triangles."""
+    root = make_shapes_dataset(tmp_path_factory.mktemp("imbalanced"), per_class=20, size=40,
+                               seed=2)  # fmt: skip
+    for path in sorted((root / "square").iterdir())[6:]:
+        path.unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_runs(
+    imbalanced_shapes: Path, tmp_path_factory: pytest.TempPathFactory, fit_args: list[str]
+) -> dict[str, Path]:
+    """One-epoch runs on the imbalanced shapes: seed 0 twice, seed 1, and seed 0 with
+    ``--class-weights auto``."""
+    root = tmp_path_factory.mktemp("small-runs")
+    variants = {"seed 0": [], "seed 0 again": [], "seed 1": ["--seed", "1"],
+                "class weights": ["--class-weights", "auto"]}  # fmt: skip
+    for name, extra in variants.items():
+        args = [*fit_args, "--epochs", "1", "--tta", "none", "--test-fraction", "0", *extra]
+        out = root / name.replace(" ", "-")
+        assert main(["fit", "--data", str(imbalanced_shapes), "--out", str(out), *args]) == 0
+    return {name: root / name.replace(" ", "-") for name in variants}
+
+
+def same_weights(run: Path, other: Path) -> bool:
+    weights, others = (load_file(r / "model.safetensors") for r in (run, other))
+    return weights.keys() == others.keys() and all(
+        torch.equal(weights[k], others[k]) for k in weights
+    )
+
+
+def train_losses(run: Path) -> list[float]:
+    return [loss for _, _, loss in logged(run / "logs" / "version_0" / "metrics.csv",
+                                          "train/loss_step")]  # fmt: skip
+
+
+def test_the_same_seed_gives_the_same_run_and_another_seed_another(small_runs) -> None:
+    run, again, other = small_runs["seed 0"], small_runs["seed 0 again"], small_runs["seed 1"]
+    assert (run / "split.json").read_text() == (again / "split.json").read_text()
+    assert train_losses(run) == train_losses(again)
+    assert same_weights(run, again)
+    # The seed chooses the split, the initial weights and the augmentation.
+    assert (run / "split.json").read_text() != (other / "split.json").read_text()
+    assert not same_weights(run, other)
+
+
+def test_class_weights_auto_weighs_classes_by_inverse_frequency(small_runs) -> None:
+    run, weighted = small_runs["seed 0"], small_runs["class weights"]
+    split = json.loads((weighted / "split.json").read_text())
+    assert split == json.loads((run / "split.json").read_text())
+    train_labels = [label for _, label in split["train"]]
+    counts = np.array([train_labels.count(name) for name in split["classes"]])
+    assert counts[1] < counts[0] == counts[2]  # few squares
+    # The loss the run trained with (its checkpoint's recipe) weighs each class by
+    # images / (classes x its images): the rare class most.
+    for run_dir, expected in ((run, None), (weighted, len(train_labels) / (3 * counts))):
+        path = run_dir / "checkpoints" / "last.ckpt"
+        recipe = ClassifierModule.load_from_checkpoint(path, weights_only=True).recipe
+        assert recipe.class_weights == (None if expected is None else pytest.approx(expected))
+    # Same seed, same data: only the weighted loss made training differ.
+    assert train_losses(run) != train_losses(weighted)
+    assert not same_weights(run, weighted)
+
+
+def test_early_stopping_ends_the_run_once_the_monitored_metric_stops_improving(
+    imbalanced_shapes: Path, tmp_path: Path, fit_args: list[str]
+) -> None:
+    # A learning rate too small to move any weight, and BatchNorm statistics held: every
+    # epoch's val loss is the first one's, so no epoch after the first improves on it.
+    args = [*fit_args, "--epochs", "10", "--early-stopping", "2", "--monitor", "loss",
+            "--lr", "1e-30", "--keep-bn-eval", "--tta", "none", "--test-fraction", "0"]  # fmt: skip
+    assert main(["fit", "--data", str(imbalanced_shapes), "--out", str(tmp_path), *args]) == 0
+    losses = logged(tmp_path / "logs" / "version_0" / "metrics.csv", "val/loss")
+    assert [epoch for epoch, _, _ in losses] == [0, 1, 2]  # the first, then 2 without progress
+    assert len({loss for _, _, loss in losses}) == 1
+    # The checkpoint and the stopping watched the loss, lowest best: the first epoch's.
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == 0
+    watched = {name.split("{")[0]: name for name in best["callbacks"]}
+    for kind in ("ModelCheckpoint", "EarlyStopping"):
+        assert "'monitor': 'val/loss', 'mode': 'min'" in watched[kind], watched
+    checkpoint = best["callbacks"][watched["ModelCheckpoint"]]
+    assert float(checkpoint["best_model_score"]) == pytest.approx(losses[0][2], rel=1e-6)

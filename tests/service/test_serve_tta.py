@@ -82,11 +82,9 @@ def test_served_views_give_the_numbers_of_predict_with_them(
         assert_same_numbers(body, expected)
     # The views change the answer, and so does their own temperature.
     assert largest_difference(expected_tta_results, expected_results) > 100 * TOLERANCE
-    single_temperature = json.loads((exported.artifact_dir / "manifest.json").read_text())[
-        "temperature"
-    ]
+    manifest = json.loads((exported.artifact_dir / "manifest.json").read_text())
     at_single_temperature = reference_results(
-        exported.artifact_dir, probe_images, views="d4", temperature=single_temperature
+        exported.artifact_dir, probe_images, views="d4", temperature=manifest["temperature"]
     )
     assert largest_difference(expected_tta_results, at_single_temperature) > 100 * TOLERANCE
 
