@@ -7,11 +7,13 @@ corpus.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import struct
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from convtune.data.images import decode_rgb
-from convtune.data.transforms import Preprocessing, build_eval_transform, eval_decode_size
+from convtune.data.preprocessing import Preprocessing, build_eval_transform, eval_decode_size
 
 TOLERANCE = 1e-5  # onnxruntime may sum in another order when requests share a batch
+BACKSTOP_S = 30.0  # a wait this long means the code under test hangs: fail instead
 
 
 def post(url: str, route: str, **kwargs: Any) -> httpx.Response:
@@ -201,3 +204,28 @@ def largest_difference(results: list[dict], others: list[dict]) -> float:
         for result, other in zip(results, others, strict=True)
         for name in result["probabilities"]
     )
+
+
+class Clock:
+    """A stand-in for the ``time`` module of ``service.batching``: the queue's clock, which
+    the test moves by setting ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def queued(batcher: Any) -> int:
+    """Requests a ``service.batching.GreedyBatcher`` holds prepared, waiting for a call."""
+    return len(batcher._queue)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the event loop and the worker threads run until ``condition()`` holds; the
+    deadline is only a backstop, never what a test waits for."""
+    deadline = time.monotonic() + BACKSTOP_S
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        await asyncio.sleep(0.001)

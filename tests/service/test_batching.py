@@ -11,17 +11,15 @@ import asyncio
 import contextlib
 import itertools
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from helpers import BACKSTOP_S, Clock, queued, until
 
 from convtune.service import batching
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
-
-BACKSTOP_S = 30.0  # a wait this long means the batcher hangs: fail instead
 
 
 class Flights:
@@ -76,29 +74,6 @@ class Model:
         with self.flights.flying(self.name):
             assert self._released.wait(BACKSTOP_S), f"{self.name} was never released"
             return pixels * 2
-
-
-class Clock:
-    """The batcher's clock (``time.monotonic``), moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the event loop and the worker threads run until ``condition()`` holds."""
-    deadline = time.monotonic() + BACKSTOP_S
-    while not condition():
-        assert time.monotonic() < deadline, "the batcher never got there"
-        await asyncio.sleep(0.001)
-
-
-def queued(batcher: GreedyBatcher) -> int:
-    """Requests prepared and waiting for a model call."""
-    return len(batcher._queue)
 
 
 def ready(pixels: np.ndarray) -> Callable[[], np.ndarray]:

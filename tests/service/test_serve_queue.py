@@ -13,8 +13,7 @@ import functools
 import itertools
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,20 @@ import bentoml
 import httpx
 import numpy as np
 import pytest
-from helpers import assert_json_error, assert_same_numbers, image_file
+from helpers import (
+    BACKSTOP_S,
+    Clock,
+    assert_json_error,
+    assert_same_numbers,
+    image_file,
+    queued,
+    until,
+)
 
 from convtune.models.inference import OnnxClassifier
 from convtune.service import batching
 
 pytestmark = pytest.mark.slow
-BACKSTOP_S = 30.0  # a wait this long means the service hangs: fail instead
 
 
 class Held:
@@ -53,16 +59,6 @@ class Held:
         return infer(pixels)
 
 
-class Clock:
-    """The queue's clock (``time.monotonic`` in ``service.batching``), moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
 @dataclass
 class InProcess:
     service: Any  # the Convtune instance
@@ -70,7 +66,7 @@ class InProcess:
     clock: Clock
 
     def queued(self) -> int:
-        return len(self.service._batcher._queue)
+        return queued(self.service._batcher)
 
     def client(self) -> httpx.AsyncClient:
         from convtune.service.service import app
@@ -79,7 +75,7 @@ class InProcess:
 
 
 @pytest.fixture
-def in_process(exported, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcess]:
+def in_process(exported, monkeypatch: pytest.MonkeyPatch) -> InProcess:
     """``Convtune()`` on 2 cores with 2 lanes, every inference call held by the test."""
     import convtune.service.service as module
 
@@ -102,15 +98,7 @@ def in_process(exported, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcess]
     service = module.Convtune()
     assert service.tag == exported.tag
     monkeypatch.setattr(bentoml, "get_current_service", lambda: service)
-    yield InProcess(service, held, clock)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the service run until ``condition()`` holds."""
-    deadline = time.monotonic() + BACKSTOP_S
-    while not condition():
-        assert time.monotonic() < deadline, "the service never got there"
-        await asyncio.sleep(0.001)
+    return InProcess(service, held, clock)
 
 
 def predict(client: httpx.AsyncClient, path: Path) -> asyncio.Task[httpx.Response]:
