@@ -65,7 +65,7 @@ def test_the_notch_lies_where_the_default_centre_crop_cuts(size: int) -> None:
 def test_a_photo_like_task_is_learnt_as_well_with_the_whole_image_in_view(
     tmp_path: Path,
 ) -> None:
-    from test_transfer import BUDGET  # tests/ is on sys.path, as for tests/service/helpers
+    from test_transfer import BUDGET  # tests/ is on sys.path (tests/conftest.py is there)
 
     data = make_shapes_dataset(tmp_path / "shapes", per_class=40, size=64, seed=5)
     args = ["fit", "--data", str(data), "--out", str(tmp_path / "run"), "--pretrained",
