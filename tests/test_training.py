@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -460,16 +461,21 @@ def imbalanced_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_runs(
     imbalanced_shapes: Path, tmp_path_factory: pytest.TempPathFactory, fit_args: list[str]
 ) -> dict[str, Path]:
-    """One-epoch runs on the imbalanced shapes: seed 0 twice, seed 1, and seed 0 with
-    ``--class-weights auto``."""
+    """One-epoch runs on the imbalanced shapes: seed 0 twice, seed 1 (on its own split and
+    on seed 0's), and seed 0 with ``--class-weights auto``."""
     root = tmp_path_factory.mktemp("small-runs")
     variants = {"seed 0": [], "seed 0 again": [], "seed 1": ["--seed", "1"],
+                "seed 1, seed 0's split": ["--seed", "1"],
                 "class weights": ["--class-weights", "auto"]}  # fmt: skip
+    runs = {name: root / f"run-{number}" for number, name in enumerate(variants)}
     for name, extra in variants.items():
+        if name == "seed 1, seed 0's split":  # a split.json in the run directory is used
+            runs[name].mkdir()
+            shutil.copyfile(runs["seed 0"] / "split.json", runs[name] / "split.json")
         args = [*fit_args, "--epochs", "1", "--tta", "none", "--test-fraction", "0", *extra]
-        out = root / name.replace(" ", "-")
-        assert main(["fit", "--data", str(imbalanced_shapes), "--out", str(out), *args]) == 0
-    return {name: root / name.replace(" ", "-") for name in variants}
+        out = str(runs[name])
+        assert main(["fit", "--data", str(imbalanced_shapes), "--out", out, *args]) == 0
+    return runs
 
 
 def same_weights(run: Path, other: Path) -> bool:
@@ -489,9 +495,14 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(small_runs) -
     assert (run / "split.json").read_text() == (again / "split.json").read_text()
     assert train_losses(run) == train_losses(again)
     assert same_weights(run, again)
-    # The seed chooses the split, the initial weights and the augmentation.
+    # The seed chooses the split, and with the split held the initial weights and the
+    # augmentation (the first loss already differs).
     assert (run / "split.json").read_text() != (other / "split.json").read_text()
     assert not same_weights(run, other)
+    same_split = small_runs["seed 1, seed 0's split"]
+    assert (run / "split.json").read_text() == (same_split / "split.json").read_text()
+    assert train_losses(run)[0] != train_losses(same_split)[0]
+    assert not same_weights(run, same_split)
 
 
 def test_class_weights_auto_weighs_classes_by_inverse_frequency(small_runs) -> None:
