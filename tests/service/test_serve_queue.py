@@ -83,7 +83,7 @@ def in_process(exported, monkeypatch: pytest.MonkeyPatch) -> InProcess:
     monkeypatch.setattr(batching, "time", clock)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setenv("CONVTUNE_INFERENCE_LANES", "2")
-    all_cores, make_lane = OnnxClassifier.probabilities, OnnxClassifier.lane
+    all_cores, make_lane = OnnxClassifier.probabilities, OnnxClassifier.probabilities_on_new_session
     lane_numbers = itertools.count()
 
     def probabilities(self: OnnxClassifier, pixels: np.ndarray) -> np.ndarray:
@@ -94,7 +94,7 @@ def in_process(exported, monkeypatch: pytest.MonkeyPatch) -> InProcess:
         return functools.partial(held.call, name, make_lane(self, threads=threads))
 
     monkeypatch.setattr(OnnxClassifier, "probabilities", probabilities)
-    monkeypatch.setattr(OnnxClassifier, "lane", lane)
+    monkeypatch.setattr(OnnxClassifier, "probabilities_on_new_session", lane)
     service = module.Convtune()
     assert service.tag == exported.tag
     monkeypatch.setattr(bentoml, "get_current_service", lambda: service)
