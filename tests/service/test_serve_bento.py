@@ -79,6 +79,7 @@ def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
     bento = home / "bentos" / name / version
     assert (bento / "env" / "docker" / "Dockerfile").is_file()
     for source in (
+        "convtune/__init__.py",  # what makes the folders below importable as convtune.*
         "service/service.py",
         "service/http.py",
         "service/openapi.py",

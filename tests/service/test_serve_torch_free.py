@@ -1,4 +1,5 @@
-"""The service's prediction path, in-process, where torch, lightning and timm cannot load.
+"""The service's prediction path, in-process, where torch, lightning, timm and
+albumentations cannot load.
 
 One fresh interpreter blocks those packages, imports ``service.service``, builds the
 service (model from the store) and classifies the probe images: once as one request, then
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import asyncio, json, sys, time
 
-BLOCKED = ("torch", "lightning", "pytorch_lightning", "timm", "torchvision")
+# albumentations too: it imports torch wherever torch is installed, and the bento has neither.
+BLOCKED = ("torch", "lightning", "pytorch_lightning", "timm", "torchvision", "albumentations")
 
 class Blocker:
     def find_spec(self, name, path=None, target=None):
