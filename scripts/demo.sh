@@ -17,7 +17,7 @@ tag=$(convtune export "$run_dir" --name "$model_name" | tail -n 1)
 echo "exported $tag"
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-CONVTUNE_MODEL="$tag" bentoml serve service.service:Convtune --host 127.0.0.1 --port "$port" \
+CONVTUNE_MODEL="$tag" bentoml serve convtune.service.service:Convtune --host 127.0.0.1 --port "$port" \
   > "$run_dir/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
