@@ -8,14 +8,16 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test lint clean
 
+# -qq on the project's own install: errors only. setuptools warns there that a folder named
+# like the package (convtune/, which is the package) may shadow it.
 venv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,weights]"
+	$(BIN)/pip install -qq -e ".[dev,weights]"
 
 demo: venv
-	$(BIN)/pip install --quiet -e ".[dev,weights,demo]"
+	$(BIN)/pip install -qq -e ".[dev,weights,demo]"
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
 lint:
