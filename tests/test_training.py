@@ -6,6 +6,8 @@ import csv
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -542,3 +544,21 @@ def test_early_stopping_ends_the_run_once_the_monitored_metric_stops_improving(
         assert "'monitor': 'val/loss', 'mode': 'min'" in watched[kind], watched
     checkpoint = best["callbacks"][watched["ModelCheckpoint"]]
     assert float(checkpoint["best_model_score"]) == pytest.approx(losses[0][2], rel=1e-6)
+
+
+def test_fit_speaks_for_itself_without_lightning_chatter(
+    shapes_dir: Path, tmp_path: Path, fit_args: list[str]
+) -> None:
+    # A process of its own: what a user's terminal shows, with Lightning's handlers as set
+    # up at import and Python's default warning filters.
+    args = [*fit_args, "--freeze-epochs", "1", "--freeze-stages", "1", "--tta", "none"]
+    result = subprocess.run(
+        [sys.executable, "-m", "convtune", "fit", "--data", str(shapes_dir),
+         "--out", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Encoder frozen for epochs 0-0" in result.stderr  # the run's own story stays
+    for chatter in ("litlogger", "GPU available", "`Trainer.fit` stopped", "LeafSpec",
+                    "in eval mode"):  # fmt: skip
+        assert chatter not in result.stdout + result.stderr, chatter

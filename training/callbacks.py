@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from functools import partial
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, WeightAveraging
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from convtune.models.factory import first_stages
+
+# The run's own story goes to convtune's log, once per run however many processes train it.
+_log_info = rank_zero_only(logging.getLogger("convtune").info)
 
 
 class EncoderFreeze(BaseFinetuning):
@@ -71,10 +75,10 @@ class EncoderFreeze(BaseFinetuning):
         hold_frozen(encoder.modules() if self.keep_bn_eval else [], train=True)
         hold_frozen(self._frozen_modules, train=False)
         if frozen and not was_frozen:
-            rank_zero_info(f"Encoder frozen for epochs 0-{self.freeze_epochs - 1}")
+            _log_info(f"Encoder frozen for epochs 0-{self.freeze_epochs - 1}")
         elif was_frozen and not frozen:
             kept = f" except its first {self.freeze_stages} stage(s)" if self.freeze_stages else ""
-            rank_zero_info(f"Encoder unfrozen at epoch {epoch}{kept}")
+            _log_info(f"Encoder unfrozen at epoch {epoch}{kept}")
 
 
 def hold_frozen(modules: Iterable[nn.Module], *, train: bool) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -56,8 +59,31 @@ _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
 # Enough for stable BatchNorm means and variances; more images only take longer.
 _RECALIBRATION_IMAGES = 256
 _SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "nll", "ece", "temperature")
+_LIGHTNING_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)",  # torch deprecating what Lightning's own code calls
+    r"Found \d+ module\(s\) in eval mode",  # frozen stages hold their BatchNorm in eval
+)
 
 
+@contextmanager
+def without_lightning_chatter() -> Iterator[None]:
+    """Lightning's INFO lines (which accelerators exist, a cloud-logging advertisement, why
+    ``fit`` stopped) and the warnings it raises about itself or about what the recipe does
+    on purpose (a frozen encoder's BatchNorm in eval mode) tell the user nothing about their
+    run; its other warnings still show."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in _LIGHTNING_NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        rank_zero.setLevel(level)
+
+
+@without_lightning_chatter()
 def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train as configured; return the best model's val (and test) metrics."""
     started = time.monotonic()
