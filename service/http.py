@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -155,6 +156,12 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
                 name = f"{file_field}[{index}] {(upload.filename or '')[:80]!r}"
                 files.append((name, await upload.read()))
             return Form(files, parse_top_k(form.getlist("top_k")))
+    except UnicodeError as error:  # the charset parameter names a codec that cannot decode
+        _, parameters = parse_options_header(request.headers.get("content-type", ""))
+        charset = parameters.get(b"charset", b"").decode("latin-1")
+        raise BadRequest(
+            f"the multipart body cannot be read: its charset {charset!r} decodes no text"
+        ) from error
     except (HTTPException, MultiPartException) as error:
         detail = str(getattr(error, "detail", None) or getattr(error, "message", error))
         if detail.startswith("Too many files"):

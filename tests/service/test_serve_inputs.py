@@ -80,6 +80,16 @@ BAD_REQUESTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "top_k-file": ("predict", {"files": {"image": GOOD, "top_k": ("k", b"3", "text/plain")}}, 400),
     "garbage-multipart": ("predict", raw(b"garbage", "multipart/form-data; boundary=xyz"), 400),
     "no-boundary": ("predict", raw(b"garbage", "multipart/form-data"), 400),
+    # Python has a codec named "undefined": every decode with it fails.
+    "charset-undefined": (
+        "predict",
+        raw(
+            b'--X\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            b"png\r\n--X--\r\n",
+            "multipart/form-data; boundary=X; charset=undefined",
+        ),
+        400,
+    ),
     "batch-one-bad": (
         "predict_batch",
         {"files": [("images", GOOD), ("images", ("x.png", b"not a png", "image/png"))]},
@@ -132,6 +142,7 @@ REASONS: dict[str, str] = {
     "top_k-file": NOT_A_TOP_K + "'a file')",
     "garbage-multipart": "the multipart body cannot be read",
     "no-boundary": "the multipart body cannot be read: Missing boundary",
+    "charset-undefined": "the multipart body cannot be read: its charset 'undefined' decodes",
     "batch-one-bad": "images[1] 'x.png': " + NOT_AN_IMAGE,
     "batch-empty-file": "images[0] 'e.png': the image is empty (0 bytes)",
     "batch-string": "'images' must be a file upload, not text",
