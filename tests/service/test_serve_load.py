@@ -1,9 +1,12 @@
-"""A bounded load test on loopback: 32 keep-alive clients for 30 s against the real server.
+"""A bounded load test on loopback: 32 keep-alive clients for 45 s against the real server.
 
 Nothing may fail under load: no 5xx, no refused or reset connection, and no memory growth
-(a leak per request would show as RSS climbing between second 5, after warm-up, and the
-end). The load comes from ``python -m convtune.benchmarks.loadgen``, run as a user would
-run it by hand (with other numbers); its table is printed (``pytest -s`` shows it).
+after warm-up. Under this load the server's RSS climbs for about its first 30 s (each
+inference lane's onnxruntime arena meets every batch size, the allocator gives threads
+their own arenas) and then holds; a leak per request keeps climbing, so the check is the
+growth over the last 15 s. The load comes from ``python -m convtune.benchmarks.loadgen``,
+run as a user would run it by hand (with other numbers); its table is printed (``pytest -s``
+shows it).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 CONCURRENCY = 32
-DURATION_S = 30
-MAX_RSS_GROWTH = 0.10
+DURATION_S = 45
+WARM_UP_S = 30
+MAX_RSS_GROWTH = 0.04
 
 
 def test_sustained_load_has_no_errors_and_no_memory_growth(
@@ -52,5 +56,6 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(
     assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
     last_sample_s = summary["rss_samples"][-1][0]
     assert last_sample_s >= DURATION_S - 1
-    growth = summary["rss_growth_after_5s"]
-    assert growth < MAX_RSS_GROWTH, f"server RSS grew {growth:.1%} after warm-up"
+    warm = next(rss for second, rss in summary["rss_samples"] if second >= WARM_UP_S)
+    growth = summary["rss_samples"][-1][1] / warm - 1
+    assert growth < MAX_RSS_GROWTH, f"server RSS grew {growth:.1%} after {WARM_UP_S} s"
