@@ -1,10 +1,9 @@
 """A bounded load test on loopback: 32 keep-alive clients for 45 s against the real server.
 
 Nothing may fail under load: no 5xx, no refused or reset connection, and no memory growth
-after warm-up. Under this load the server's RSS climbs for about its first 30 s (each
-inference lane's onnxruntime arena meets every batch size, the allocator gives threads
-their own arenas) and then holds; a leak per request keeps climbing, so the check is the
-growth over the last 15 s. The load comes from ``python -m convtune.benchmarks.loadgen``,
+after warm-up. Under this load the server's RSS climbs for about its first 30 s and then
+holds (docs/benchmarks.md, "Memory under load"); a leak per request keeps climbing, so the
+check is the growth over the last 15 s. The load comes from ``python -m convtune.benchmarks.loadgen``,
 run as a user would run it by hand (with other numbers); its table is printed (``pytest -s``
 shows it).
 """
