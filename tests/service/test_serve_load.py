@@ -3,9 +3,9 @@
 Nothing may fail under load: no 5xx, no refused or reset connection, and no memory growth
 after warm-up. Under this load the server's RSS climbs for about its first 30 s and then
 holds (docs/benchmarks.md, "Memory under load"); a leak per request keeps climbing, so the
-check is the growth over the last 15 s. The load comes from ``python -m convtune.benchmarks.loadgen``,
-run as a user would run it by hand (with other numbers); its table is printed (``pytest -s``
-shows it).
+check is the growth over the last 15 s. The load comes from
+``python -m convtune.benchmarks.loadgen``, run as a user would run it by hand (with other
+numbers); its table is printed (``pytest -s`` shows it).
 """
 
 from __future__ import annotations
