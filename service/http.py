@@ -131,7 +131,9 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
     Only files are accepted in ``file_field``: text there (a URL, base64) is refused, never
     fetched or decoded.
     """
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # Read as Starlette's form parser reads it, so both agree on the type and its charset.
+    media_type, parameters = parse_options_header(request.headers.get("content-type", ""))
+    content_type = media_type.decode("latin-1")
     if content_type != "multipart/form-data":
         raise BadRequest(
             f"send multipart/form-data with the image in the file field {file_field!r} "
@@ -157,7 +159,6 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
                 files.append((name, await upload.read()))
             return Form(files, parse_top_k(form.getlist("top_k")))
     except UnicodeError as error:  # the charset parameter names a codec that cannot decode
-        _, parameters = parse_options_header(request.headers.get("content-type", ""))
         charset = parameters.get(b"charset", b"").decode("latin-1")
         raise BadRequest(
             f"the multipart body cannot be read: its charset {charset!r} decodes no text"
