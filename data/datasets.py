@@ -1,4 +1,8 @@
-"""Datasets on disk: labelled images from a folder-per-class tree or a CSV/TSV label file."""
+"""Labelled images on disk: a folder-per-class tree or a CSV/TSV label file.
+
+``data.layouts`` recognises how a whole dataset is laid out (split on disk or not) and
+reads each of its parts with these.
+"""
 
 from __future__ import annotations
 
@@ -56,9 +60,14 @@ def load_labelled_images(
     return images
 
 
+def visible_subfolders(root: Path) -> list[Path]:
+    """``root``'s sub-folders, hidden ones (``.git``, ``.ipynb_checkpoints``) left out, sorted."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def read_class_folders(root: Path) -> LabelledImages:
     """One sub-folder per class; hidden files and folders and non-image files are skipped."""
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = visible_subfolders(root)
     if not class_dirs:
         raise DatasetError(
             f"{root} has no class folders; expected {root}/<class>/<image> (or pass a label file)"

@@ -8,6 +8,7 @@ list, in the model's output order: a run's one record of it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,41 +33,84 @@ class Split:
 
 
 def stratified_split(
-    labels: tuple[int, ...] | list[int],
+    labels: Sequence[int],
     classes: tuple[str, ...],
     *,
     val_fraction: float,
     test_fraction: float = 0.0,
     seed: int = 0,
+    groups: Iterable[Sequence[int]] = (),
 ) -> Split:
     """Shuffle each class with ``seed`` and cut it into test, val and train, in that order.
 
     Every class gets at least one validation (and test, if asked) image, so per-class
-    metrics exist; a class too small for that is an error that names it.
+    metrics exist; a class too small for that is an error that names it. The images of a
+    group (copies of one image) go to one part together, so no copy leaks into val or test
+    from train; sizes count groups, not images.
     """
-    if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0:
-        raise ValueError("val_fraction must be in (0, 1) and test_fraction in [0, 1)")
+    if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0:
+        raise ValueError("val_fraction and test_fraction must be in [0, 1)")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError("val_fraction + test_fraction must leave images for training")
     labels_array = np.asarray(labels)
+    representative = np.arange(len(labels_array))
+    for group in groups:
+        if group:
+            representative[list(group)] = min(group)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {name: [] for name in PARTS}
     for label, name in enumerate(classes):
         members = np.flatnonzero(labels_array == label)
-        rng.shuffle(members)
-        n_test = _part_size(len(members), test_fraction)
-        n_val = _part_size(len(members), val_fraction)
+        units = np.unique(representative[members])
+        rng.shuffle(units)
+        n_test = _part_size(len(units), test_fraction)
+        n_val = _part_size(len(units), val_fraction)
         needed = n_test + n_val + 1
-        if len(members) < needed:
+        if len(units) < needed:
             raise DatasetError(
-                f"class {name!r} has {len(members)} image(s); this split needs at least "
-                f"{needed} per class (one each for train{', val' if n_val else ''}"
-                f"{', test' if n_test else ''})"
+                f"class {name!r} has {len(units)} distinct image(s); this split needs at "
+                f"least {needed} per class (one each for train{', val' if n_val else ''}"
+                f"{', test' if n_test else ''}). Add images of it, lower --val-fraction"
+                f"{'/--test-fraction' if n_test else ''}, or leave the class out"
             )
-        parts["test"] += members[:n_test].tolist()
-        parts["val"] += members[n_test : n_test + n_val].tolist()
-        parts["train"] += members[n_test + n_val :].tolist()
+        cuts = {"test": units[:n_test], "val": units[n_test : n_test + n_val],
+                "train": units[n_test + n_val :]}  # fmt: skip
+        for part, chosen in cuts.items():
+            parts[part] += members[np.isin(representative[members], chosen)].tolist()
     return Split(**{name: tuple(sorted(indices)) for name, indices in parts.items()})
+
+
+def complete_split(
+    labels: Sequence[int],
+    classes: tuple[str, ...],
+    *,
+    given: Mapping[str, Sequence[int]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    groups: Iterable[Sequence[int]] = (),
+) -> Split:
+    """The parts ``given`` as they are; val and test, where not given, carved out of train
+    (all images when no part is given) by :func:`stratified_split`."""
+    train = list(given.get("train", range(len(labels))))
+    if "val" in given and "test" in given:
+        return Split(**{name: tuple(given[name]) for name in PARTS})
+    position = {index: i for i, index in enumerate(train)}
+    carved = stratified_split(
+        [labels[i] for i in train],
+        classes,
+        val_fraction=0.0 if "val" in given else val_fraction,
+        test_fraction=0.0 if "test" in given else test_fraction,
+        seed=seed,
+        groups=[[position[i] for i in group if i in position] for group in groups],
+    )
+    return Split(
+        **{
+            name: tuple(given[name]) if name in given and name != "train"
+            else tuple(train[i] for i in carved.indices(name))
+            for name in PARTS
+        }
+    )  # fmt: skip
 
 
 def _part_size(n: int, fraction: float) -> int:

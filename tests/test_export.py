@@ -15,6 +15,7 @@ from helpers import reference_results
 from safetensors.torch import load_file, save_file
 
 from convtune.data.datasets import load_labelled_images
+from convtune.data.synthetic import make_shapes_dataset
 from convtune.models.artifact import ArtifactError, locate_artifact, read_manifest, sha256_file
 from convtune.models.inference import OnnxClassifier, softmax
 from convtune.training import export
@@ -153,13 +154,29 @@ def test_predict_prints_calibrated_probabilities(artifact_dir, heldout_shapes_di
         ]
 
 
-def test_evaluate_on_heldout_images(heldout_shapes_dir, capsys) -> None:
+def test_evaluate_on_heldout_images(exported_model, heldout_shapes_dir, capsys) -> None:
     assert main(["evaluate", "convtune:latest", "--data", str(heldout_shapes_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 45
     assert report["accuracy"] > 0.6  # chance is 1/3
     assert sum(c["support"] for c in report["per_class"].values()) == 45
     assert np.array(report["confusion_matrix"]).sum() == 45
+
+
+def test_evaluate_scores_the_named_part_of_a_pre_split_tree(
+    artifact_dir, heldout_shapes_dir, tmp_path, capsys
+) -> None:
+    (tmp_path / "tree").mkdir()
+    shutil.copytree(heldout_shapes_dir, tmp_path / "tree" / "test")
+    make_shapes_dataset(tmp_path / "tree" / "train", per_class=2, seed=9)
+    tree = str(tmp_path / "tree")
+    assert main(["evaluate", str(artifact_dir), "--data", tree, "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 45
+    # Scoring all of it would mix the training images in.
+    assert main(["evaluate", str(artifact_dir), "--data", tree]) == 2
+    assert "is split (pre-split tree" in capsys.readouterr().err
+    assert main(["evaluate", str(artifact_dir), "--data", tree, "--split", "val"]) == 2
+    assert "has no val part (its parts: train, test)" in capsys.readouterr().err
 
 
 def test_evaluate_uses_the_runs_saved_split(
@@ -187,7 +204,6 @@ def test_softmax_is_stable_and_temperature_flattens() -> None:
 
 
 def test_evaluate_refuses_classes_the_model_does_not_know(artifact_dir, tmp_path) -> None:
-    from convtune.data.synthetic import make_shapes_dataset
     from convtune.training.evaluate import artifact_logits
 
     root = make_shapes_dataset(tmp_path / "d", per_class=2)

@@ -23,7 +23,7 @@ from timm.data import resolve_model_data_config
 from convtune.data.datamodule import ImageDataModule
 from convtune.data.datasets import load_labelled_images
 from convtune.data.preprocessing import Preprocessing
-from convtune.data.splits import stratified_split
+from convtune.data.splits import PARTS, stratified_split
 from convtune.data.synthetic import make_shapes_dataset
 from convtune.data.transforms import Augmentation
 from convtune.models.factory import create_model, encoder_stages
@@ -562,3 +562,21 @@ def test_fit_speaks_for_itself_without_lightning_chatter(
     for chatter in ("litlogger", "GPU available", "`Trainer.fit` stopped", "LeafSpec",
                     "in eval mode"):  # fmt: skip
         assert chatter not in result.stdout + result.stderr, chatter
+
+
+def test_fit_uses_a_pre_split_tree_as_given(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, fit_args: list[str]
+) -> None:
+    root = tmp_path_factory.mktemp("pre-split")
+    make_shapes_dataset(root / "train", per_class=12, size=40, seed=4)
+    make_shapes_dataset(root / "test", per_class=4, size=40, seed=5)
+    args = [*fit_args, "--epochs", "1", "--tta", "none", "--val-fraction", "0.25"]
+    assert main(["fit", "--data", str(root), "--out", str(tmp_path), *args]) == 0
+    split = json.loads((tmp_path / "split.json").read_text())
+    in_folder = {part: {Path(path).parts[-3] for path, _ in split[part]} for part in PARTS}
+    # The test folder is the test part (not --test-fraction of the data); val is carved
+    # from train, a quarter of each class.
+    assert in_folder == {"train": {"train"}, "val": {"train"}, "test": {"test"}}
+    assert len(split["test"]) == 12 and len(split["val"]) == 9 and len(split["train"]) == 27
+    assert all(Path(path).parent.name == label for path, label in split["test"])
+    assert (tmp_path / "report.html").is_file()

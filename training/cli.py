@@ -135,7 +135,8 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--split",
         choices=["train", "val", "test"],
-        help="with --run: evaluate only this part of the saved split",
+        help="evaluate only this part: of the --run's saved split, or of --data when it "
+        "comes split (train/val/test folders)",
     )
     evaluate.add_argument(
         "--out", type=Path, help="write report.html and metrics.json here [the --run dir]"
@@ -228,8 +229,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from convtune.models.artifact import locate_artifact
     from convtune.training.evaluate import evaluate_and_report
 
-    if args.split and args.run is None:
-        raise ValueError("--split needs --run RUN_DIR (the run whose split to use)")
     label_file = {name: getattr(args, name) for name in _LABEL_FILE_OPTIONS if name in args}
     result = evaluate_and_report(
         args.model, locate_artifact(args.model), data=args.data, label_file=label_file,

@@ -61,7 +61,8 @@ def parse_names(text: str) -> list[str]:
 @dataclass(frozen=True)
 class FitConfig:
     data: str = option(
-        help="folder-per-class tree (root/<class>/<image>) or a .csv/.tsv label file"
+        help="images: root/<class>/<image>, a pre-split root/<train|val|test>/<class>/<image>, "
+        "a .csv/.tsv label file or a Hugging Face metadata.csv (see README: Your data)"
     )
     model: str = option(
         help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50, test_vit"
@@ -117,8 +118,20 @@ class FitConfig:
     affine_shift: float = option(0.0, help="random shift of at most ± this fraction of each side")
     affine_rotate: float = option(0.0, help="random rotation of at most ± this many degrees")
     color_jitter: float = option(0.2, help="brightness/contrast/saturation jitter strength")
-    val_fraction: float = option(0.2, help="fraction of each class held out for validation")
-    test_fraction: float = option(0.0, help="fraction of each class held out for testing")
+    val_data: str | None = option(
+        None, help="validation images (class folders or label file), instead of a val part "
+        "of --data", unset="--data's val part, or --val-fraction of train",
+    )  # fmt: skip
+    test_data: str | None = option(
+        None, help="test images (class folders or label file), instead of a test part of --data",
+        unset="--data's test part, or --test-fraction of train",
+    )  # fmt: skip
+    val_fraction: float = option(
+        0.2, help="fraction of each class held out for validation, when the data has no val part"
+    )
+    test_fraction: float = option(
+        0.0, help="fraction of each class held out for testing, when the data has no test part"
+    )
     path_column: str = option("path", help="label file: column with image paths")
     label_column: str = option("label", help="label file: column with class names")
     label_separator: str = option(
@@ -139,6 +152,10 @@ class FitConfig:
     skip_bad_images: bool = option(
         False, help="drop unreadable images (and say how many) instead of failing"
     )
+    allow_duplicates: bool = option(
+        False, help="train even when a copy of an image is in two parts (train and val/test) "
+        "or in two classes",
+    )  # fmt: skip
     monitor: str = option(
         "accuracy", help="val metric choosing the best checkpoint",
         choices=("accuracy", "macro_f1", "loss"),
@@ -194,6 +211,8 @@ class FitConfig:
             "time_limit": self.time_limit is None or self.time_limit > 0,
             "affine": min(self.affine_scale, self.affine_shift, self.affine_rotate) >= 0,
             "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
+            "val_fraction": 0.0 < self.val_fraction < 1.0,
+            "test_fraction": 0.0 <= self.test_fraction < 1.0 - self.val_fraction,
         }
         for spec in fields(self):
             if allowed := spec.metadata["choices"]:

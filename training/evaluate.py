@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from rich.progress import track
 
-from convtune.data.datasets import DatasetError, LabelledImages, load_labelled_images
+from convtune.data.datasets import DatasetError, LabelFileFormat, LabelledImages
+from convtune.data.layouts import open_dataset
 from convtune.data.splits import load_split
 from convtune.models.artifact import SPLIT_FILE
 from convtune.models.inference import OnnxClassifier, view_probabilities
@@ -90,6 +91,26 @@ def artifact_logits(
     return np.concatenate(logits, axis=1), labels, classifier
 
 
+def images_to_evaluate(
+    data: str, label_format: LabelFileFormat, *, run_dir: Path | None, split: str | None
+) -> LabelledImages:
+    """The images of ``data``; only the ``split`` part, of ``run_dir``'s saved split or of
+    the parts ``data`` comes split into. A split dataset needs a part named: all of it would
+    mix training images into the score."""
+    dataset = open_dataset(data, label_format=label_format)
+    if split and run_dir:
+        saved = load_split(run_dir / SPLIT_FILE, dataset.images)
+        return dataset.images.subset(list(saved.indices(split)))
+    if split:
+        return dataset.part(split)
+    if dataset.parts:
+        raise DatasetError(
+            f"{data} is split ({dataset.layout}); choose the part to score with --split "
+            f"{'test' if 'test' in dataset.parts else 'val'}"
+        )
+    return dataset.images
+
+
 def evaluate_and_report(
     model: str,
     artifact_dir: Path,
@@ -102,7 +123,7 @@ def evaluate_and_report(
     tta: str = "none",
 ) -> dict[str, Any]:
     """``convtune evaluate``: the artifact's metrics on the images in ``data`` (only the
-    ``split`` part of ``run_dir``'s saved split, if given), written as a report to
+    ``split`` part, if given: see :func:`images_to_evaluate`), written as a report to
     ``out_dir`` when given.
 
     The label file is read with ``run_dir``'s saved settings (the defaults without a run),
@@ -110,10 +131,7 @@ def evaluate_and_report(
     """
     base = load_saved_config(run_dir) if run_dir else FitConfig(data=data, model=model, out="")
     config = replace(base, **label_file)
-    images = load_labelled_images(data, config.label_format())
-    if split:
-        saved = load_split(run_dir / SPLIT_FILE, images)
-        images = images.subset(list(saved.indices(split)))
+    images = images_to_evaluate(data, config.label_format(), run_dir=run_dir, split=split)
     logits, labels, classifier = artifact_logits(artifact_dir, images, tta=tta)
     metrics = evaluation_metrics(
         logits, labels, classifier.classes, temperature=classifier.temperature,

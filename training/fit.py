@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from convtune.data.datamodule import ImageDataModule
-from convtune.data.datasets import LabelledImages, drop_unreadable, load_labelled_images
-from convtune.data.splits import Split, load_split, save_split, stratified_split
+from convtune.data.datasets import LabelledImages, drop_unreadable
+from convtune.data.layouts import open_dataset
+from convtune.data.splits import Split, complete_split, load_split, save_split
 from convtune.data.transforms import Augmentation
 from convtune.models.artifact import (
     BEST_CHECKPOINT,
@@ -386,17 +387,27 @@ def build_datamodule(
 
 
 def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Split]:
-    """Load the dataset, drop or refuse unreadable files, and reuse or create the split."""
-    images = load_labelled_images(config.data, config.label_format())
-    images, bad = drop_unreadable(images, skip_bad_images=config.skip_bad_images)
+    """Load the dataset in its layout, drop or refuse unreadable files, and reuse the run's
+    split or complete the one the data comes with."""
+    dataset = open_dataset(
+        config.data,
+        val_data=config.val_data,
+        test_data=config.test_data,
+        label_format=config.label_format(),
+    )
+    log.info("data: %s", dataset.layout)
+    images, bad = drop_unreadable(dataset.images, skip_bad_images=config.skip_bad_images)
     if bad:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0][1])
+        dataset = dataset.without({path for path, _ in bad})
+    images = dataset.images
     split_file = run_dir / SPLIT_FILE
     if split_file.is_file():
         return images, load_split(split_file, images)
-    split = stratified_split(
+    split = complete_split(
         images.labels,
         images.classes,
+        given=dataset.parts,
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
         seed=config.seed,
