@@ -123,7 +123,7 @@ def test_split_is_stratified_disjoint_and_deterministic() -> None:
 
 
 def test_split_refuses_a_class_that_is_too_small() -> None:
-    with pytest.raises(DatasetError, match="class 'rare' has 2 image"):
+    with pytest.raises(DatasetError, match="class 'rare' has 2 distinct image.*lower --val-fraction/--test-fraction"):
         stratified_split([0] * 10 + [1] * 2, ("common", "rare"), val_fraction=0.2,
                          test_fraction=0.2, seed=0)  # fmt: skip
 
