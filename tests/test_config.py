@@ -27,7 +27,7 @@ VALUED_FLAGS = [
     "crop-mode", "batch-size", "freeze-epochs", "lr", "backbone-lr-scale", "optimizer",
     "momentum", "weight-decay", "warmup-epochs", "label-smoothing", "class-weights",
     "head-hidden", "head-dropout", "head-activation", "aug-scale-min", "hflip", "vflip",
-    "affine-scale", "affine-shift", "affine-rotate", "color-jitter", "val-fraction",
+    "affine-scale", "affine-shift", "affine-rotate", "color-jitter", "val-data", "test-data", "val-fraction",
     "test-fraction", "path-column", "label-column", "label-separator", "label-map",
     "binary-negative", "freeze-stages", "ema-decay", "tta", "time-limit", "monitor",
     "early-stopping", "num-workers", "precision", "accelerator", "seed",
@@ -35,6 +35,7 @@ VALUED_FLAGS = [
 SWITCHES = {  # flag: the FitConfig field it flips
     "--no-header": "label_header",
     "--skip-bad-images": "skip_bad_images",
+    "--allow-duplicates": "allow_duplicates",
     "--cache-images": "cache_images",
     "--keep-bn-eval": "keep_bn_eval",
     "--cache-features": "cache_features",
