@@ -102,7 +102,7 @@ def _open_one(path: Path, label_format: LabelFileFormat) -> Dataset:
     split_folders = _split_folders(path)
     if not split_folders:
         images = load_labelled_images(path, label_format)
-        return Dataset(images, f"class folders ({path}/<class>/<image>)")
+        return Dataset(images, f"class folders {path}/<class>/<image>")
     parts = {}
     for name, folder in split_folders.items():
         if (folder / HF_METADATA_FILE).is_file():
@@ -110,8 +110,8 @@ def _open_one(path: Path, label_format: LabelFileFormat) -> Dataset:
         else:
             _refuse_images_without_classes(folder, path)
             parts[name] = load_labelled_images(folder, label_format)
-    names = ", ".join(folder.name for folder in split_folders.values())
-    return _join_parts(parts, layout=f"pre-split tree ({path}: {names})")
+    names = ",".join(folder.name for folder in split_folders.values())
+    return _join_parts(parts, layout=f"pre-split tree {path}/{{{names}}}")
 
 
 def _label_file(path: Path, label_format: LabelFileFormat) -> Dataset:
@@ -159,9 +159,9 @@ def _split_folders(root: Path) -> dict[str, Path]:
 def _refuse_images_without_classes(folder: Path, root: Path) -> None:
     if not visible_subfolders(folder):
         raise DatasetError(
-            f"{folder} holds no class folders. A folder named like a split is read as one: "
-            f"expected {folder}/<class>/<image>. If {', '.join(SPLIT_FOLDER_NAMES)}-named "
-            f"folders are your classes, rename them (e.g. {root}/class_{folder.name})"
+            f"{folder} holds no class folders: a folder named train, val or test is read as "
+            f"that part of a pre-split dataset, {folder}/<class>/<image>. If such folders "
+            f"are your classes, rename them (e.g. {root}/class_{folder.name})"
         )
 
 

@@ -27,8 +27,8 @@ VALUED_FLAGS = [
     "crop-mode", "batch-size", "freeze-epochs", "lr", "backbone-lr-scale", "optimizer",
     "momentum", "weight-decay", "warmup-epochs", "label-smoothing", "class-weights",
     "head-hidden", "head-dropout", "head-activation", "aug-scale-min", "hflip", "vflip",
-    "affine-scale", "affine-shift", "affine-rotate", "color-jitter", "val-data", "test-data", "val-fraction",
-    "test-fraction", "path-column", "label-column", "label-separator", "label-map",
+    "affine-scale", "affine-shift", "affine-rotate", "color-jitter", "val-data", "test-data",
+    "val-fraction", "test-fraction", "path-column", "label-column", "label-separator", "label-map",
     "binary-negative", "freeze-stages", "ema-decay", "tta", "time-limit", "monitor",
     "early-stopping", "num-workers", "precision", "accelerator", "seed",
 ]  # fmt: skip

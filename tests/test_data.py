@@ -123,7 +123,8 @@ def test_split_is_stratified_disjoint_and_deterministic() -> None:
 
 
 def test_split_refuses_a_class_that_is_too_small() -> None:
-    with pytest.raises(DatasetError, match="class 'rare' has 2 distinct image.*lower --val-fraction/--test-fraction"):
+    fix = r"class 'rare' has 2 distinct image.*lower --val-fraction/--test-fraction"
+    with pytest.raises(DatasetError, match=fix):
         stratified_split([0] * 10 + [1] * 2, ("common", "rare"), val_fraction=0.2,
                          test_fraction=0.2, seed=0)  # fmt: skip
 

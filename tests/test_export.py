@@ -174,7 +174,7 @@ def test_evaluate_scores_the_named_part_of_a_pre_split_tree(
     assert json.loads(capsys.readouterr().out)["n"] == 45
     # Scoring all of it would mix the training images in.
     assert main(["evaluate", str(artifact_dir), "--data", tree]) == 2
-    assert "is split (pre-split tree" in capsys.readouterr().err
+    assert "comes split (pre-split tree" in capsys.readouterr().err
     assert main(["evaluate", str(artifact_dir), "--data", tree, "--split", "val"]) == 2
     assert "has no val part (its parts: train, test)" in capsys.readouterr().err
 

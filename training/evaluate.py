@@ -105,7 +105,7 @@ def images_to_evaluate(
         return dataset.part(split)
     if dataset.parts:
         raise DatasetError(
-            f"{data} is split ({dataset.layout}); choose the part to score with --split "
+            f"{data} comes split ({dataset.layout}); choose the part to score with --split "
             f"{'test' if 'test' in dataset.parts else 'val'}"
         )
     return dataset.images
