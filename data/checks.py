@@ -31,9 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from PIL import Image
+from rich.console import Console
 from rich.table import Table
 
 from convtune.data.datasets import LabelledImages
@@ -372,14 +373,21 @@ def stratification_problem(
     )
 
 
+def print_check(check: DataCheck, file: TextIO) -> None:
+    """The table, then one line each for the bad files, image sizes, modes and formats.
+
+    The lines are not wrapped, so that each path stays whole and on one line."""
+    console = Console(file=file, highlight=False)
+    console.print(render_table(check))
+    for line in summary_lines(check):
+        console.print(line, soft_wrap=True, markup=False)
+
+
 def render_table(check: DataCheck) -> Table:
-    """One table: images per class and part, then the rows of what was found, and a
-    caption with the bad files, sizes, modes and formats."""
+    """Images per class and part, then rows of unreadable files and copies of each kind."""
     parts = check.part_names
     split = parts != (WHOLE_DATASET,)
-    table = Table(
-        title="images per class" + (" and split" if split else ""), caption_justify="left"
-    )
+    table = Table(title="images per class" + (" and split" if split else ""))
     table.add_column("class")
     for part in parts if split else ():
         table.add_column(part, justify="right")
@@ -394,7 +402,6 @@ def render_table(check: DataCheck) -> Table:
     for kind in DUPLICATE_KINDS if split else (WITHIN_CLASS, ACROSS_CLASSES):
         members = [i for group in check.duplicates(kind) for i in group]
         table.add_row(f"copies {kind}", *_cells(check, Counter(check.part_of[i] for i in members)))
-    table.caption = "\n".join(_caption_lines(check))
     return table
 
 
@@ -405,7 +412,8 @@ def _cells(check: DataCheck, per_part: Mapping[str, int]) -> list[str]:
     return [*cells, total] if len(cells) > 1 else [total]
 
 
-def _caption_lines(check: DataCheck) -> list[str]:
+def summary_lines(check: DataCheck) -> list[str]:
+    """The bad files (the first few) with their reasons, then the sizes, modes, formats."""
     lines = [f"unreadable: {bad.path} {bad.reason}" for bad in check.bad_files[:_LISTED_BAD_FILES]]
     if len(check.bad_files) > _LISTED_BAD_FILES:
         more = len(check.bad_files) - _LISTED_BAD_FILES

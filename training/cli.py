@@ -1,4 +1,4 @@
-"""The ``convtune`` command line: fit, export, predict, evaluate, weights, bench.
+"""The ``convtune`` command line: fit, check-data, export, predict, evaluate, weights, bench.
 
 This module parses and dispatches; the work is done by the training modules each handler
 calls. The heavy imports (torch, lightning, onnxruntime) happen inside the handlers, so
@@ -26,6 +26,8 @@ _LABEL_FILE_OPTIONS = (
     "path_column", "label_column", "label_separator", "label_header", "label_map",
     "binary_negative",
 )  # fmt: skip
+# The fit settings that decide whether `fit` accepts a dataset, which `check-data` shares.
+_CHECK_DATA_OPTIONS = ("val_fraction", "test_fraction", "skip_bad_images")
 
 _MODEL_HELP = "NAME[:VERSION] in the BentoML store, or an artifact directory"
 _TTA_HELP = (
@@ -46,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
-        add_fit_command, add_export_command, add_predict_command, add_evaluate_command,
-        add_weights_command, add_bench_command,
+        add_fit_command, add_check_data_command, add_export_command, add_predict_command,
+        add_evaluate_command, add_weights_command, add_bench_command,
     ):  # fmt: skip
         add_command(commands)
     return parser
@@ -86,6 +88,31 @@ def add_fit_command(commands: argparse._SubParsersAction) -> None:
         help="print the resolved configuration as YAML (a --config file) and exit",
     )
     fit.set_defaults(handler=run_fit)
+
+
+def add_check_data_command(commands: argparse._SubParsersAction) -> None:
+    check = commands.add_parser(
+        "check-data",
+        help="check a dataset before training on it",
+        description="Images per class and split, unreadable or truncated files, exact "
+        "duplicates (within a class, across classes, across splits), classes too small to "
+        "split, image sizes and modes. Reads each file's bytes and header, decodes no "
+        "pixels. Exit status 0 when `convtune fit` would accept the data with these "
+        "settings, 1 when it would refuse it (the reasons on stderr).",
+    )
+    check.add_argument("data", metavar="PATH", help="folder tree or label file")
+    check.add_argument(
+        "--format", choices=["table", "json"], default="table",
+        help="table: one table for people; json: everything found, for programs [table]",
+    )  # fmt: skip
+    for option in command_line_options():
+        if option.name in _LABEL_FILE_OPTIONS + _CHECK_DATA_OPTIONS:
+            add_option(check, option)
+    check.add_argument(
+        "--allow-duplicates", action="store_true",
+        help="accept copies across splits and across classes, as fit --allow-duplicates",
+    )  # fmt: skip
+    check.set_defaults(handler=run_check_data)
 
 
 def add_export_command(commands: argparse._SubParsersAction) -> None:
@@ -206,6 +233,39 @@ def run_fit(args: argparse.Namespace) -> None:
 
     summary = fit(config, resume=args.resume)
     print(json.dumps({"run_dir": config.out, **summary}, indent=2))
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    from convtune.data.checks import check_dataset, print_check, stratification_problem
+    from convtune.data.datasets import load_labelled_images
+    from convtune.training.config import FitConfig
+
+    settings = {
+        name: getattr(args, name)
+        for name in _LABEL_FILE_OPTIONS + _CHECK_DATA_OPTIONS
+        if name in args
+    }
+    # The defaults and the validation of fit's own settings, so that both judge alike.
+    config = FitConfig(data=args.data, model="", out="", **settings)
+    images = load_labelled_images(args.data, config.label_format())
+    check = check_dataset(images, progress=True)
+    problems = check.problems(
+        skip_bad_images=config.skip_bad_images, allow_duplicates=args.allow_duplicates
+    )
+    too_small = stratification_problem(
+        check.class_counts(), val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+    )  # fmt: skip
+    problems += [too_small] if too_small else []
+    warnings = check.warnings()
+    if args.format == "json":
+        found = {**check.to_dict(), "problems": problems, "warnings": warnings}
+        print(json.dumps(found, indent=2))
+    else:
+        print_check(check, sys.stdout)
+    for line in [f"warning: {w}" for w in warnings] + [f"error: {p}" for p in problems]:
+        print(f"convtune check-data: {line}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def run_export(args: argparse.Namespace) -> None:
