@@ -39,7 +39,7 @@ from rich.table import Table
 
 from convtune.data.datasets import LabelledImages
 from convtune.data.images import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS
-from convtune.data.splits import _part_size
+from convtune.data.splits import _part_size, stratified_split
 
 WHOLE_DATASET = "all"  # the one part of a dataset that does not come split
 DIGEST_SIZE = 16  # bytes of BLAKE2b: a chance collision is out of reach at any dataset size
@@ -272,8 +272,9 @@ def check_dataset(
 
     ``parts``: the indices of each part (``train``, ``val``, ``test``) of a dataset that
     comes split; every image in exactly one. None: one part, :data:`WHOLE_DATASET`.
-    ``workers`` > 1 reads files on that many threads. ``progress``: a progress bar on
-    stderr, when it is a terminal.
+    ``workers`` > 1 reads files on that many threads: worth it where reads wait (network
+    file systems); on a local disk the work is Python holding the GIL, and one is fastest
+    (docs/benchmarks.md). ``progress``: a progress bar on stderr, when it is a terminal.
     """
     part_names, part_of = _parts_of(len(images), parts)
     facts = list(_inspect_all(images.paths, progress=progress, workers=workers))
@@ -346,8 +347,11 @@ def images_needed(class_size: int, *, val_fraction: float, test_fraction: float)
 def too_small_classes(
     class_counts: Mapping[str, int], *, val_fraction: float, test_fraction: float
 ) -> dict[str, int]:
-    """The classes too small for a stratified split, each with the least size that works."""
+    """The classes too small for a stratified split, each with the least size that works.
+
+    Fractions the split refuses are a ValueError, the split's own."""
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
+    stratified_split((), (), **fractions)  # no classes: checks the fractions alone
     small = {}
     for name, count in class_counts.items():
         if count < images_needed(count, **fractions):

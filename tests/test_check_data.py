@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convtune.benchmarks.cli import main as bench_main
 from convtune.data.checks import (
     ACROSS_CLASSES,
     ACROSS_PARTS,
@@ -18,6 +20,7 @@ from convtune.data.checks import (
     check_dataset,
     images_needed,
     inspect_file,
+    print_check,
     stratification_problem,
 )
 from convtune.data.datasets import DatasetError, load_labelled_images
@@ -135,6 +138,15 @@ def test_a_copy_across_splits_is_leakage(dataset: Path) -> None:
     assert f"{dataset}/square/0002.png (train) = {dataset}/square/again.png (val)" in leak
     assert check.problems(skip_bad_images=False, allow_duplicates=True) == []
     assert check.warnings() == []
+    table = io.StringIO()
+    print_check(check, table)
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]] for line in table.getvalue().splitlines()
+    ]
+    assert ["class", "train", "val", "total"] in [
+        [cell.strip() for cell in line.split("┃")[1:-1]] for line in table.getvalue().splitlines()
+    ]
+    assert ["square", "4", "1", "5"] in rows and ["copies across splits", "1", "1", "2"] in rows
 
 
 def test_parts_must_hold_each_image_once(dataset: Path) -> None:
@@ -216,10 +228,17 @@ def test_check_data_fails_when_fit_would_refuse(
     assert "'square' has 4 (needs 5)" in capsys.readouterr().err
 
 
-def test_check_data_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_data_usage_errors_exit_2(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["check-data", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err == (
         f"convtune check-data: error: {tmp_path / 'nowhere'} does not exist\n"
+    )
+    argv = ["check-data", str(dataset), "--val-fraction", "0.5", "--test-fraction", "0.5"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "convtune check-data: error: val_fraction + test_fraction must leave images for training\n"
     )
 
 
@@ -237,3 +256,22 @@ def test_check_data_loads_no_training_stack(dataset: Path) -> None:
     *answer, last = result.stdout.strip().splitlines()
     assert json.loads(last) == [0, []]
     assert json.loads("\n".join(answer))["images"] == 8
+
+
+def test_bench_check_data_compares_the_check_with_a_full_decode(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "report.json"
+    argv = ["check-data", "--images", str(dataset), "--rounds", "2", "--workers", "1,2"]
+    assert bench_main([*argv, "--json", str(report)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"8 images from {dataset}; file cache warm; CPU flags: ")
+    assert [line[:36].strip() for line in lines[2:5]] == [
+        "check_dataset, 1 worker(s)",
+        "check_dataset, 2 worker(s)",
+        "full decode (decode_rgb), baseline",
+    ]
+    found = json.loads(report.read_text())
+    assert len(found["rounds"]) == 2 and isinstance(found["machine"]["cpu_flags"], list)
+    median = found["median"]
+    assert median["check_vs_decode"] > 0 and median["decode"] > 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from convtune.training.config import (
     CommandLineOption,
+    FitConfig,
     command_line_options,
     config_yaml,
     option_names,
@@ -26,8 +27,12 @@ _LABEL_FILE_OPTIONS = (
     "path_column", "label_column", "label_separator", "label_header", "label_map",
     "binary_negative",
 )  # fmt: skip
-# The fit settings that decide whether `fit` accepts a dataset, which `check-data` shares.
-_CHECK_DATA_OPTIONS = ("val_fraction", "test_fraction", "skip_bad_images")
+# The fit settings that decide how `fit` reads a dataset and whether it accepts it, which
+# `check-data` shares: the label-file ones but the binary view, which only changes metrics.
+_CHECK_DATA_OPTIONS = (
+    *(name for name in _LABEL_FILE_OPTIONS if name != "binary_negative"),
+    "val_fraction", "test_fraction", "skip_bad_images",
+)  # fmt: skip
 
 _MODEL_HELP = "NAME[:VERSION] in the BentoML store, or an artifact directory"
 _TTA_HELP = (
@@ -106,7 +111,7 @@ def add_check_data_command(commands: argparse._SubParsersAction) -> None:
         help="table: one table for people; json: everything found, for programs [table]",
     )  # fmt: skip
     for option in command_line_options():
-        if option.name in _LABEL_FILE_OPTIONS + _CHECK_DATA_OPTIONS:
+        if option.name in _CHECK_DATA_OPTIONS:
             add_option(check, option)
     check.add_argument(
         "--allow-duplicates", action="store_true",
@@ -238,13 +243,8 @@ def run_fit(args: argparse.Namespace) -> None:
 def run_check_data(args: argparse.Namespace) -> int:
     from convtune.data.checks import check_dataset, print_check, stratification_problem
     from convtune.data.datasets import load_labelled_images
-    from convtune.training.config import FitConfig
 
-    settings = {
-        name: getattr(args, name)
-        for name in _LABEL_FILE_OPTIONS + _CHECK_DATA_OPTIONS
-        if name in args
-    }
+    settings = {name: getattr(args, name) for name in _CHECK_DATA_OPTIONS if name in args}
     # The defaults and the validation of fit's own settings, so that both judge alike.
     config = FitConfig(data=args.data, model="", out="", **settings)
     images = load_labelled_images(args.data, config.label_format())
