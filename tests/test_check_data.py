@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import huge_canvas_png
 
 from convtune.benchmarks.cli import main as bench_main
 from convtune.data.checks import (
@@ -54,6 +55,7 @@ def test_bad_files_are_found_with_their_reasons(tmp_path: Path) -> None:
     (tmp_path / "flipped.png").write_bytes(png[:idat] + bytes([png[idat] ^ 1]) + png[idat + 1 :])
     (tmp_path / "notes.png").write_text("not an image, despite the name\n")
     (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "huge.png").write_bytes(huge_canvas_png())  # 8000x8000 declared, 45 bytes
     # Data after the end of the image is not damage: cameras pad files, MPO appends frames.
     (tmp_path / "padded.jpg").write_bytes(jpeg + b"\0" * 64 + b"trailer")
     (tmp_path / "padded.png").write_bytes(png + b"\0" * 16)
@@ -70,6 +72,7 @@ def test_bad_files_are_found_with_their_reasons(tmp_path: Path) -> None:
     assert problem("flipped.png") == "is damaged: its PNG IDAT chunk fails its CRC check"
     assert problem("notes.png").startswith("is not an image in a supported format (JPEG, PNG")
     assert problem("empty.jpg") == "is empty (0 bytes)"
+    assert problem("huge.png") == "is 8000x8000, more than 40,000,000 pixels"
     facts = inspect_file(tmp_path / "whole.png")
     assert (facts.size, facts.mode, facts.format) == ((48, 48), "RGB", "PNG")
 
