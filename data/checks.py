@@ -161,6 +161,15 @@ class DataCheck:
             for name in self.images.classes
         }
 
+    def distinct_counts(self, part: str) -> dict[str, int]:
+        """Distinct readable images per class in ``part``: what a split of it counts."""
+        contents: dict[str, set[bytes]] = {name: set() for name in self.images.classes}
+        unreadable = {bad.index for bad in self.bad_files}
+        for index, digest in enumerate(self.digests):
+            if self.part_of[index] == part and index not in unreadable and digest is not None:
+                contents[self.images.classes[self.images.labels[index]]].add(digest)
+        return {name: len(digests) for name, digests in contents.items()}
+
     def duplicate_kinds(self, group: Sequence[int]) -> tuple[str, ...]:
         """:data:`WITHIN_CLASS`, or :data:`ACROSS_CLASSES` and/or :data:`ACROSS_PARTS`."""
         kinds = []
@@ -339,8 +348,8 @@ def _tracked(facts: Iterable[FileFacts], total: int, progress: bool) -> Iterable
 
 
 def images_needed(class_size: int, *, val_fraction: float, test_fraction: float) -> int:
-    """Images a class of ``class_size`` needs for a stratified split: one each for train,
-    val and test (when asked), as ``stratified_split`` cuts it."""
+    """Distinct images a class of ``class_size`` needs for a stratified split: one each for
+    train, val and test (when asked), as ``stratified_split`` cuts it."""
     return _part_size(class_size, val_fraction) + _part_size(class_size, test_fraction) + 1
 
 
@@ -363,17 +372,39 @@ def too_small_classes(
 def stratification_problem(
     class_counts: Mapping[str, int], *, val_fraction: float, test_fraction: float
 ) -> str | None:
-    """The error for classes too small to split, naming them and the fix; None if all fit."""
+    """The error for classes too small to split, naming them and the fix; None if all fit.
+
+    ``class_counts``: distinct images per class, as the split counts them (copies of one
+    image go to one part together)."""
     small = too_small_classes(class_counts, val_fraction=val_fraction, test_fraction=test_fraction)
     if not small:
         return None
     named = ", ".join(
         f"{name!r} has {class_counts[name]} (needs {least})" for name, least in small.items()
     )
+    asked = {
+        f"--{name}-fraction": fraction
+        for name, fraction in (("val", val_fraction), ("test", test_fraction))
+        if fraction
+    }
+    settings = " and ".join(f"{flag} {fraction:g}" for flag, fraction in asked.items())
     return (
-        f"class(es) too small to split with --val-fraction {val_fraction:g} and "
-        f"--test-fraction {test_fraction:g}: {named}. Add images to them, lower "
-        "--val-fraction/--test-fraction, or drop or merge the class"
+        f"class(es) with too few distinct images to split with {settings}: {named}. "
+        f"Add images to them, lower {'/'.join(asked)}, or drop or merge the class"
+    )
+
+
+def carving_problem(check: DataCheck, *, val_fraction: float, test_fraction: float) -> str | None:
+    """:func:`stratification_problem` for the parts ``complete_split`` carves out of train
+    (out of all images when the data is not split): those the data does not come with."""
+    given = set(check.part_names) - {WHOLE_DATASET}
+    source = "train" if "train" in given else WHOLE_DATASET
+    val_fraction = 0.0 if "val" in given else val_fraction
+    test_fraction = 0.0 if "test" in given else test_fraction
+    if not (val_fraction or test_fraction) or source not in check.part_names:
+        return None
+    return stratification_problem(
+        check.distinct_counts(source), val_fraction=val_fraction, test_fraction=test_fraction
     )
 
 

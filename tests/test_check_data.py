@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import huge_canvas_png
+from PIL import Image
 
 from convtune.benchmarks.cli import main as bench_main
 from convtune.data.checks import (
@@ -177,14 +178,13 @@ def test_a_too_small_class_is_named_with_the_fix() -> None:
     counts = {"common": 100, "rare": 2, "rarer": 1}
     problem = stratification_problem(counts, val_fraction=0.2, test_fraction=0.25)
     assert problem == (
-        "class(es) too small to split with --val-fraction 0.2 and --test-fraction 0.25: "
-        "'rare' has 2 (needs 3), 'rarer' has 1 (needs 3). Add images to them, lower "
-        "--val-fraction/--test-fraction, or drop or merge the class"
+        "class(es) with too few distinct images to split with --val-fraction 0.2 and "
+        "--test-fraction 0.25: 'rare' has 2 (needs 3), 'rarer' has 1 (needs 3). Add images to "
+        "them, lower --val-fraction/--test-fraction, or drop or merge the class"
     )
     assert stratification_problem(counts, val_fraction=0.2, test_fraction=0.0) == (
-        "class(es) too small to split with --val-fraction 0.2 and --test-fraction 0: "
-        "'rarer' has 1 (needs 2). Add images to them, lower --val-fraction/--test-fraction, "
-        "or drop or merge the class"
+        "class(es) with too few distinct images to split with --val-fraction 0.2: 'rarer' has "
+        "1 (needs 2). Add images to them, lower --val-fraction, or drop or merge the class"
     )
 
 
@@ -203,7 +203,7 @@ def test_check_data_prints_one_table(dataset: Path, capsys: pytest.CaptureFixtur
         "modes: RGB (8)",
         "formats: PNG (8)",
     ]
-    assert err == ""
+    assert err == f"data: class folders ({dataset}/<class>/<image>)\n"
 
 
 def test_check_data_fails_when_fit_would_refuse(
@@ -220,7 +220,8 @@ def test_check_data_fails_when_fit_would_refuse(
     ]
     assert [d["kinds"] for d in found["duplicates"]] == [[ACROSS_CLASSES]]
     assert found["sizes"]["most_common"] == [{"width": 32, "height": 32, "images": 7}]
-    lines = err.splitlines()
+    layout, *lines = err.splitlines()
+    assert layout == f"data: {found['layout']}"
     assert lines == [f"convtune check-data: error: {problem}" for problem in found["problems"]]
     assert found["problems"][0].startswith("1 image file(s) cannot be used: ")
     assert found["problems"][1].startswith("1 image(s) have exact copies in another class")
@@ -228,7 +229,8 @@ def test_check_data_fails_when_fit_would_refuse(
     argv = ["check-data", str(dataset), "--skip-bad-images", "--allow-duplicates"]
     assert main([*argv, "--test-fraction", "0.3"]) == 0
     assert main([*argv, "--val-fraction", "0.5", "--test-fraction", "0.4"]) == 1
-    assert "'square' has 4 (needs 5)" in capsys.readouterr().err
+    # Unreadable files and copies do not count: 4 distinct circles and 3 squares remain.
+    assert "'circle' has 4 (needs 5), 'square' has 3 (needs 5)" in capsys.readouterr().err
 
 
 def test_check_data_usage_errors_exit_2(
@@ -241,7 +243,7 @@ def test_check_data_usage_errors_exit_2(
     argv = ["check-data", str(dataset), "--val-fraction", "0.5", "--test-fraction", "0.5"]
     assert main(argv) == 2
     assert capsys.readouterr().err == (
-        "convtune check-data: error: val_fraction + test_fraction must leave images for training\n"
+        "convtune check-data: error: invalid setting(s): test_fraction=0.5\n"
     )
 
 
@@ -278,3 +280,34 @@ def test_bench_check_data_compares_the_check_with_a_full_decode(
     assert len(found["rounds"]) == 2 and isinstance(found["machine"]["cpu_flags"], list)
     median = found["median"]
     assert median["check_vs_decode"] > 0 and median["decode"] > 0
+
+
+def test_check_data_reads_a_pre_split_tree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def draw(name: str, rng: np.random.Generator) -> Image.Image:
+        return draw_shape(name, rng, 32)
+
+    train = write_class_folders(tmp_path / "train", CLASSES, draw, per_class=2, seed=0)
+    val = write_class_folders(tmp_path / "val", CLASSES, draw, per_class=2, seed=1)
+    (train / "square" / "0001.png").unlink()
+    shutil.copy(train / "circle" / "0000.png", val / "circle" / "leak.png")
+    assert main(["check-data", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines()]
+    assert ["circle", "2", "3", "5"] in rows and ["square", "1", "2", "3"] in rows
+    assert ["copies across splits", "1", "1", "2"] in rows
+    (error,) = [line for line in err.splitlines() if "error" in line]
+    assert error == (
+        "convtune check-data: error: 1 image(s) have exact copies in another split (leakage), "
+        f"e.g. {train}/circle/0000.png (train) = {val}/circle/leak.png (val). Remove the "
+        "copies, or pass --allow-duplicates"
+    )
+    # The val part is given; a test part carved out of train needs 2 distinct per class.
+    assert main(["check-data", str(tmp_path), "--allow-duplicates"]) == 0
+    assert main(["check-data", str(tmp_path), "--allow-duplicates", "--test-fraction", "0.5"]) == 1
+    assert capsys.readouterr().err.endswith(
+        "convtune check-data: error: class(es) with too few distinct images to split with "
+        "--test-fraction 0.5: 'square' has 1 (needs 2). Add images to them, lower "
+        "--test-fraction, or drop or merge the class\n"
+    )

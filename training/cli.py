@@ -31,7 +31,8 @@ _LABEL_FILE_OPTIONS = (
 # `check-data` shares: the label-file ones but the binary view, which only changes metrics.
 _CHECK_DATA_OPTIONS = (
     *(name for name in _LABEL_FILE_OPTIONS if name != "binary_negative"),
-    "val_fraction", "test_fraction", "skip_bad_images",
+    "val_data", "test_data", "val_fraction", "test_fraction", "skip_bad_images",
+    "allow_duplicates",
 )  # fmt: skip
 
 _MODEL_HELP = "NAME[:VERSION] in the BentoML store, or an artifact directory"
@@ -113,10 +114,6 @@ def add_check_data_command(commands: argparse._SubParsersAction) -> None:
     for option in command_line_options():
         if option.name in _CHECK_DATA_OPTIONS:
             add_option(check, option)
-    check.add_argument(
-        "--allow-duplicates", action="store_true",
-        help="accept copies across splits and across classes, as fit --allow-duplicates",
-    )  # fmt: skip
     check.set_defaults(handler=run_check_data)
 
 
@@ -241,26 +238,29 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_check_data(args: argparse.Namespace) -> int:
-    from convtune.data.checks import check_dataset, print_check, stratification_problem
-    from convtune.data.datasets import load_labelled_images
+    from convtune.data.checks import carving_problem, check_dataset, print_check
+    from convtune.data.layouts import open_dataset
 
     settings = {name: getattr(args, name) for name in _CHECK_DATA_OPTIONS if name in args}
     # The defaults and the validation of fit's own settings, so that both judge alike.
     config = FitConfig(data=args.data, model="", out="", **settings)
-    images = load_labelled_images(args.data, config.label_format())
-    check = check_dataset(images, progress=True)
-    problems = check.problems(
-        skip_bad_images=config.skip_bad_images, allow_duplicates=args.allow_duplicates
-    )
-    too_small = stratification_problem(
-        check.class_counts(), val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
+    dataset = open_dataset(
+        config.data, val_data=config.val_data, test_data=config.test_data,
+        label_format=config.label_format(),
     )  # fmt: skip
+    print(f"data: {dataset.layout}", file=sys.stderr)
+    check = check_dataset(dataset.images, dataset.parts or None, progress=True)
+    problems = check.problems(
+        skip_bad_images=config.skip_bad_images, allow_duplicates=config.allow_duplicates
+    )
+    too_small = carving_problem(
+        check, val_fraction=config.val_fraction, test_fraction=config.test_fraction
+    )
     problems += [too_small] if too_small else []
     warnings = check.warnings()
     if args.format == "json":
-        found = {**check.to_dict(), "problems": problems, "warnings": warnings}
-        print(json.dumps(found, indent=2))
+        found = {"layout": dataset.layout, **check.to_dict()}
+        print(json.dumps({**found, "problems": problems, "warnings": warnings}, indent=2))
     else:
         print_check(check, sys.stdout)
     for line in [f"warning: {w}" for w in warnings] + [f"error: {p}" for p in problems]:
