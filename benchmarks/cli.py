@@ -102,6 +102,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
 
 
+def add_check_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--images", type=Path,
+        help="folder of images, searched recursively [ELPV's, if elpv-dataset is installed, "
+        "else generated grayscale PNGs]",
+    )  # fmt: skip
+    parser.add_argument("--image-count", type=int, default=2624, help="generated images [2624]")
+    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--workers", default="1,2", help="thread counts of the check, comma-separated [1,2]"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="repetitions, medians taken [5]")
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convtune bench",
@@ -125,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
             "epochs.",
         )
     )
+    add_check_data_arguments(
+        benchmarks.add_parser(
+            "check-data",
+            help="the data check (hash + header) against a full decode of each image",
+            description="Benchmark check_dataset (convtune check-data) against decoding "
+            "every image, on the same files with a warm file cache.",
+        )
+    )
     return parser
 
 
@@ -135,7 +158,8 @@ def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> int:
-    """Run the benchmark ``argv`` names (``serve ...`` or ``train ...``); its exit status."""
+    """Run the benchmark ``argv`` names (``serve ...``, ``train ...``, ``check-data ...``);
+    its exit status."""
     args = build_parser().parse_args(argv)
     missing = missing_distributions(needed_distributions(args))
     if missing:
@@ -150,6 +174,10 @@ def main(argv: list[str]) -> int:
             from convtune.benchmarks import serve
 
             return serve.run(args)
+        if args.benchmark == "check-data":
+            from convtune.benchmarks import check_data
+
+            return check_data.run(args)
         from convtune.benchmarks import train
 
         return train.run(args)

@@ -21,6 +21,9 @@ REPORTED_PACKAGES = (
     "torch", "lightning", "timm", "onnxruntime", "bentoml", "fastapi", "numpy", "pillow",
 )  # fmt: skip
 
+# Vector-instruction sets that decide how fast numeric code runs, as /proc/cpuinfo names them.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile")
+
 
 def missing_distributions(distributions: Iterable[str]) -> list[str]:
     return [name for name in distributions if installed_version(name) is None]
@@ -31,9 +34,21 @@ def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_flags": cpu_flags(),
         "python": platform.python_version(),
         "versions": {name: version for name, version in versions.items() if version},
     }
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`SIMD_FLAGS` this CPU has (Linux; none known elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), ":")
+    present = set(line.split(":", 1)[1].split())
+    return [flag for flag in SIMD_FLAGS if flag in present]
 
 
 def median_of(rounds: list[dict[str, Any]], *keys: Any) -> float:

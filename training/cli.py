@@ -1,4 +1,4 @@
-"""The ``convtune`` command line: fit, export, predict, evaluate, weights, bench.
+"""The ``convtune`` command line: fit, check-data, export, predict, evaluate, weights, bench.
 
 This module parses and dispatches; the work is done by the training modules each handler
 calls. The heavy imports (torch, lightning, onnxruntime) happen inside the handlers, so
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from convtune.training.config import (
     CommandLineOption,
+    FitConfig,
     command_line_options,
     config_yaml,
     option_names,
@@ -25,6 +26,13 @@ from convtune.training.config import (
 _LABEL_FILE_OPTIONS = (
     "path_column", "label_column", "label_separator", "label_header", "label_map",
     "binary_negative",
+)  # fmt: skip
+# The fit settings that decide how `fit` reads a dataset and whether it accepts it, which
+# `check-data` shares: the label-file ones but the binary view, which only changes metrics.
+_CHECK_DATA_OPTIONS = (
+    *(name for name in _LABEL_FILE_OPTIONS if name != "binary_negative"),
+    "val_data", "test_data", "val_fraction", "test_fraction", "skip_bad_images",
+    "allow_duplicates",
 )  # fmt: skip
 
 _MODEL_HELP = "NAME[:VERSION] in the BentoML store, or an artifact directory"
@@ -46,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
-        add_fit_command, add_export_command, add_predict_command, add_evaluate_command,
-        add_weights_command, add_bench_command,
+        add_fit_command, add_check_data_command, add_export_command, add_predict_command,
+        add_evaluate_command, add_weights_command, add_bench_command,
     ):  # fmt: skip
         add_command(commands)
     return parser
@@ -86,6 +94,27 @@ def add_fit_command(commands: argparse._SubParsersAction) -> None:
         help="print the resolved configuration as YAML (a --config file) and exit",
     )
     fit.set_defaults(handler=run_fit)
+
+
+def add_check_data_command(commands: argparse._SubParsersAction) -> None:
+    check = commands.add_parser(
+        "check-data",
+        help="check a dataset before training on it",
+        description="Images per class and split, unreadable or truncated files, exact "
+        "duplicates (within a class, across classes, across splits), classes too small to "
+        "split, image sizes and modes. Reads each file's bytes and header, decodes no "
+        "pixels. Exit status 0 when `convtune fit` would accept the data with these "
+        "settings, 1 when it would refuse it (the reasons on stderr).",
+    )
+    check.add_argument("data", metavar="PATH", help="folder tree or label file")
+    check.add_argument(
+        "--format", choices=["table", "json"], default="table",
+        help="table: one table for people; json: everything found, for programs [table]",
+    )  # fmt: skip
+    for option in command_line_options():
+        if option.name in _CHECK_DATA_OPTIONS:
+            add_option(check, option)
+    check.set_defaults(handler=run_check_data)
 
 
 def add_export_command(commands: argparse._SubParsersAction) -> None:
@@ -206,6 +235,37 @@ def run_fit(args: argparse.Namespace) -> None:
 
     summary = fit(config, resume=args.resume)
     print(json.dumps({"run_dir": config.out, **summary}, indent=2))
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    from convtune.data.checks import carving_problem, check_dataset, print_check
+    from convtune.data.layouts import open_dataset
+
+    settings = {name: getattr(args, name) for name in _CHECK_DATA_OPTIONS if name in args}
+    # The defaults and the validation of fit's own settings, so that both judge alike.
+    config = FitConfig(data=args.data, model="", out="", **settings)
+    dataset = open_dataset(
+        config.data, val_data=config.val_data, test_data=config.test_data,
+        label_format=config.label_format(),
+    )  # fmt: skip
+    print(f"data: {dataset.layout}", file=sys.stderr)
+    check = check_dataset(dataset.images, dataset.parts or None, progress=True)
+    problems = check.problems(
+        skip_bad_images=config.skip_bad_images, allow_duplicates=config.allow_duplicates
+    )
+    too_small = carving_problem(
+        check, val_fraction=config.val_fraction, test_fraction=config.test_fraction
+    )
+    problems += [too_small] if too_small else []
+    warnings = check.warnings()
+    if args.format == "json":
+        found = {"layout": dataset.layout, **check.to_dict()}
+        print(json.dumps({**found, "problems": problems, "warnings": warnings}, indent=2))
+    else:
+        print_check(check, sys.stdout)
+    for line in [f"warning: {w}" for w in warnings] + [f"error: {p}" for p in problems]:
+        print(f"convtune check-data: {line}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def run_export(args: argparse.Namespace) -> None:
