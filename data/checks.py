@@ -39,7 +39,8 @@ from rich.table import Table
 
 from convtune.data.datasets import LabelledImages
 from convtune.data.images import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS
-from convtune.data.splits import _part_size, stratified_split
+from convtune.data.layouts import Dataset
+from convtune.data.splits import Split, complete_split
 
 WHOLE_DATASET = "all"  # the one part of a dataset that does not come split
 DIGEST_SIZE = 16  # bytes of BLAKE2b: a chance collision is out of reach at any dataset size
@@ -347,65 +348,32 @@ def _tracked(facts: Iterable[FileFacts], total: int, progress: bool) -> Iterable
     return track(facts, total=total, description="Checking images", transient=True)
 
 
-def images_needed(class_size: int, *, val_fraction: float, test_fraction: float) -> int:
-    """Distinct images a class of ``class_size`` needs for a stratified split: one each for
-    train, val and test (when asked), as ``stratified_split`` cuts it."""
-    return _part_size(class_size, val_fraction) + _part_size(class_size, test_fraction) + 1
-
-
-def too_small_classes(
-    class_counts: Mapping[str, int], *, val_fraction: float, test_fraction: float
-) -> dict[str, int]:
-    """The classes too small for a stratified split, each with the least size that works.
-
-    Fractions the split refuses are a ValueError, the split's own."""
-    fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
-    stratified_split((), (), **fractions)  # no classes: checks the fractions alone
-    small = {}
-    for name, count in class_counts.items():
-        if count < images_needed(count, **fractions):
-            least = next(n for n in range(count + 1, 2**31) if n >= images_needed(n, **fractions))
-            small[name] = least
-    return small
-
-
-def stratification_problem(
-    class_counts: Mapping[str, int], *, val_fraction: float, test_fraction: float
-) -> str | None:
-    """The error for classes too small to split, naming them and the fix; None if all fit.
-
-    ``class_counts``: distinct images per class, as the split counts them (copies of one
-    image go to one part together)."""
-    small = too_small_classes(class_counts, val_fraction=val_fraction, test_fraction=test_fraction)
-    if not small:
-        return None
-    named = ", ".join(
-        f"{name!r} has {class_counts[name]} (needs {least})" for name, least in small.items()
+def plan_split(
+    dataset: Dataset,
+    check: DataCheck,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[Dataset, Split]:
+    """``dataset`` without its unreadable files, and its split: the parts it comes with,
+    the others carved out of train with copies of an image kept in one part
+    (:func:`~convtune.data.splits.complete_split`)."""
+    usable = dataset.without({bad.path for bad in check.bad_files})
+    position = {path: i for i, path in enumerate(usable.images.paths)}
+    groups = [
+        [position[check.images.paths[i]] for i in group] for group in check.duplicate_groups
+    ]
+    split = complete_split(
+        usable.images.labels,
+        usable.images.classes,
+        given=usable.parts,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        groups=groups,
     )
-    asked = {
-        f"--{name}-fraction": fraction
-        for name, fraction in (("val", val_fraction), ("test", test_fraction))
-        if fraction
-    }
-    settings = " and ".join(f"{flag} {fraction:g}" for flag, fraction in asked.items())
-    return (
-        f"class(es) with too few distinct images to split with {settings}: {named}. "
-        f"Add images to them, lower {'/'.join(asked)}, or drop or merge the class"
-    )
-
-
-def carving_problem(check: DataCheck, *, val_fraction: float, test_fraction: float) -> str | None:
-    """:func:`stratification_problem` for the parts ``complete_split`` carves out of train
-    (out of all images when the data is not split): those the data does not come with."""
-    given = set(check.part_names) - {WHOLE_DATASET}
-    source = "train" if "train" in given else WHOLE_DATASET
-    val_fraction = 0.0 if "val" in given else val_fraction
-    test_fraction = 0.0 if "test" in given else test_fraction
-    if not (val_fraction or test_fraction) or source not in check.part_names:
-        return None
-    return stratification_problem(
-        check.distinct_counts(source), val_fraction=val_fraction, test_fraction=test_fraction
-    )
+    return usable, split
 
 
 def print_check(check: DataCheck, file: TextIO) -> None:

@@ -10,7 +10,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from convtune.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_rgb
+from convtune.data.images import IMAGE_SUFFIXES
 
 
 class DatasetError(ValueError):
@@ -34,10 +34,6 @@ class LabelledImages:
             labels=tuple(self.labels[i] for i in indices),
             classes=self.classes,
         )
-
-    def without(self, bad_paths: set[Path]) -> LabelledImages:
-        keep = [i for i, path in enumerate(self.paths) if path not in bad_paths]
-        return self.subset(keep)
 
 
 def load_labelled_images(
@@ -178,25 +174,3 @@ def _label_key(label: object) -> str:
         return repr(float(text))
     except ValueError:
         return text
-
-
-def drop_unreadable(
-    images: LabelledImages, *, skip_bad_images: bool
-) -> tuple[LabelledImages, list[tuple[Path, str]]]:
-    """Decode every image once; fail on the first bad file, or drop the bad ones.
-
-    Returns the usable images and the ``(path, reason)`` of each one dropped.
-    """
-    from rich.progress import track
-
-    bad: list[tuple[Path, str]] = []
-    for path in track(images.paths, description="Checking images", transient=True):
-        try:
-            decode_rgb(path, draft_size=(64, 64))
-        except ImageDecodeError as error:
-            if not skip_bad_images:
-                raise DatasetError(
-                    f"{error}. Fix or remove the file, or pass --skip-bad-images"
-                ) from error
-            bad.append((path, str(error)))
-    return images.without({path for path, _ in bad}), bad

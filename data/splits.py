@@ -44,9 +44,9 @@ def stratified_split(
     """Shuffle each class with ``seed`` and cut it into test, val and train, in that order.
 
     Every class gets at least one validation (and test, if asked) image, so per-class
-    metrics exist; a class too small for that is an error that names it. The images of a
-    group (copies of one image) go to one part together, so no copy leaks into val or test
-    from train; sizes count groups, not images.
+    metrics exist; classes too small for that are an error that names them and the fix.
+    The images of a group (copies of one image) go to one part together, so no copy leaks
+    into val or test from train; sizes count groups, not images.
     """
     if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0:
         raise ValueError("val_fraction and test_fraction must be in [0, 1)")
@@ -59,25 +59,38 @@ def stratified_split(
             representative[list(group)] = min(group)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {name: [] for name in PARTS}
+    too_small: dict[str, int] = {}
     for label, name in enumerate(classes):
         members = np.flatnonzero(labels_array == label)
         units = np.unique(representative[members])
         rng.shuffle(units)
         n_test = _part_size(len(units), test_fraction)
         n_val = _part_size(len(units), val_fraction)
-        needed = n_test + n_val + 1
-        if len(units) < needed:
-            raise DatasetError(
-                f"class {name!r} has {len(units)} distinct image(s); this split needs at "
-                f"least {needed} per class (one each for train{', val' if n_val else ''}"
-                f"{', test' if n_test else ''}). Add images of it, lower --val-fraction"
-                f"{'/--test-fraction' if n_test else ''}, or leave the class out"
-            )
+        if len(units) < _images_needed(len(units), val_fraction, test_fraction):
+            too_small[name] = len(units)
+            continue
         cuts = {"test": units[:n_test], "val": units[n_test : n_test + n_val],
                 "train": units[n_test + n_val :]}  # fmt: skip
         for part, chosen in cuts.items():
             parts[part] += members[np.isin(representative[members], chosen)].tolist()
+    if too_small:
+        raise DatasetError(_too_small_message(too_small, val_fraction, test_fraction))
     return Split(**{name: tuple(sorted(indices)) for name, indices in parts.items()})
+
+
+def _too_small_message(sizes: dict[str, int], val_fraction: float, test_fraction: float) -> str:
+    """The error for classes too small to split: each with the size it needs, and the fix."""
+    fractions = (val_fraction, test_fraction)
+    least = {name: next(n for n in range(size + 1, 2**31) if n >= _images_needed(n, *fractions))
+             for name, size in sizes.items()}  # fmt: skip
+    named = ", ".join(f"{name!r} has {sizes[name]} (needs {least[name]})" for name in sizes)
+    flags = {"--val-fraction": val_fraction, "--test-fraction": test_fraction}
+    asked = {flag: fraction for flag, fraction in flags.items() if fraction}
+    settings = " and ".join(f"{flag} {fraction:g}" for flag, fraction in asked.items())
+    return (
+        f"class(es) with too few distinct images to split with {settings}: {named}. "
+        f"Add images to them, lower {'/'.join(asked)}, or drop or merge the class"
+    )
 
 
 def complete_split(
@@ -113,7 +126,13 @@ def complete_split(
     )  # fmt: skip
 
 
+def _images_needed(size: int, val_fraction: float, test_fraction: float) -> int:
+    """Distinct images a class of ``size`` needs: its val and test parts, and one to train."""
+    return _part_size(size, val_fraction) + _part_size(size, test_fraction) + 1
+
+
 def _part_size(n: int, fraction: float) -> int:
+    """Images of a class of ``n`` that a part of ``fraction`` gets: at least one when asked."""
     return 0 if fraction == 0 else max(1, round(n * fraction))
 
 

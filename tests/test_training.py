@@ -565,18 +565,52 @@ def test_fit_speaks_for_itself_without_lightning_chatter(
 
 
 def test_fit_uses_a_pre_split_tree_as_given(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, fit_args: list[str]
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, fit_args: list[str], capsys
 ) -> None:
     root = tmp_path_factory.mktemp("pre-split")
     make_shapes_dataset(root / "train", per_class=12, size=40, seed=4)
     make_shapes_dataset(root / "test", per_class=4, size=40, seed=5)
-    args = [*fit_args, "--epochs", "1", "--tta", "none", "--val-fraction", "0.25"]
-    assert main(["fit", "--data", str(root), "--out", str(tmp_path), *args]) == 0
+    # A copy within a class (kept with its original in one part), and a broken file.
+    for copy in range(3):
+        shutil.copy(
+            root / "train" / "circle" / "0000.png", root / "train" / "circle" / f"c{copy}.png"
+        )
+    (root / "train" / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out, args = (
+        str(tmp_path),
+        [*fit_args, "--epochs", "1", "--tta", "none", "--val-fraction", "0.25"],
+    )
+    assert main(["fit", "--data", str(root), "--out", out, *args]) == 2
+    assert f"{root}/train/square/broken.png" in capsys.readouterr().err
+    assert main(["fit", "--data", str(root), "--out", out, *args, "--skip-bad-images"]) == 0
+    err = capsys.readouterr().err
+    assert "data: pre-split tree" in err and "images per class and split" in err
+    assert "3 image(s) are exact copies of another in the same class" in err
     split = json.loads((tmp_path / "split.json").read_text())
     in_folder = {part: {Path(path).parts[-3] for path, _ in split[part]} for part in PARTS}
     # The test folder is the test part (not --test-fraction of the data); val is carved
-    # from train, a quarter of each class.
+    # from train, a quarter of each class, counting the copies as one image.
     assert in_folder == {"train": {"train"}, "val": {"train"}, "test": {"test"}}
-    assert len(split["test"]) == 12 and len(split["val"]) == 9 and len(split["train"]) == 27
+    assert len(split["test"]) == 12 and len(split["val"]) == 9 and len(split["train"]) == 30
+    copies = {
+        str(root / "train" / "circle" / name) for name in ("0000.png", "c0.png", "c1.png", "c2.png")
+    }
+    holding = [part for part in PARTS if copies & {path for path, _ in split[part]}]
+    assert len(holding) == 1
     assert all(Path(path).parent.name == label for path, label in split["test"])
     assert (tmp_path / "report.html").is_file()
+
+
+def test_fit_refuses_copies_across_parts_unless_allowed(
+    tmp_path: Path, fit_args: list[str], capsys
+) -> None:
+    make_shapes_dataset(tmp_path / "data" / "train", per_class=4, size=40, seed=4)
+    make_shapes_dataset(tmp_path / "data" / "val", per_class=2, size=40, seed=5)
+    leak = tmp_path / "data" / "val" / "square" / "leak.png"
+    shutil.copy(tmp_path / "data" / "train" / "square" / "0001.png", leak)
+    argv = ["fit", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *fit_args]
+    assert main(argv) == 2
+    assert f"(train) = {leak} (val). Remove the copies, or pass --allow-duplicates" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "split.json").exists()

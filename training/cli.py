@@ -238,7 +238,8 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_check_data(args: argparse.Namespace) -> int:
-    from convtune.data.checks import carving_problem, check_dataset, print_check
+    from convtune.data.checks import check_dataset, plan_split, print_check
+    from convtune.data.datasets import DatasetError
     from convtune.data.layouts import open_dataset
 
     settings = {name: getattr(args, name) for name in _CHECK_DATA_OPTIONS if name in args}
@@ -253,10 +254,13 @@ def run_check_data(args: argparse.Namespace) -> int:
     problems = check.problems(
         skip_bad_images=config.skip_bad_images, allow_duplicates=config.allow_duplicates
     )
-    too_small = carving_problem(
-        check, val_fraction=config.val_fraction, test_fraction=config.test_fraction
-    )
-    problems += [too_small] if too_small else []
+    try:
+        plan_split(
+            dataset, check, val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction, seed=config.seed,
+        )  # fmt: skip
+    except DatasetError as error:  # classes too small for the split fit would make
+        problems.append(str(error))
     warnings = check.warnings()
     if args.format == "json":
         found = {"layout": dataset.layout, **check.to_dict()}

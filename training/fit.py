@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,10 +27,11 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from convtune.data.checks import check_dataset, plan_split, print_check
 from convtune.data.datamodule import ImageDataModule
-from convtune.data.datasets import LabelledImages, drop_unreadable
+from convtune.data.datasets import DatasetError, LabelledImages
 from convtune.data.layouts import open_dataset
-from convtune.data.splits import Split, complete_split, load_split, save_split
+from convtune.data.splits import PARTS, Split, load_split, save_split
 from convtune.data.transforms import Augmentation
 from convtune.models.artifact import (
     BEST_CHECKPOINT,
@@ -387,8 +389,9 @@ def build_datamodule(
 
 
 def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Split]:
-    """Load the dataset in its layout, drop or refuse unreadable files, and reuse the run's
-    split or complete the one the data comes with."""
+    """Load the dataset in its layout, check it (printing what was found; refusing bad
+    files, leaks and conflicting copies unless allowed), and reuse the run's split or
+    complete the one the data comes with."""
     dataset = open_dataset(
         config.data,
         val_data=config.val_data,
@@ -396,24 +399,28 @@ def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Spl
         label_format=config.label_format(),
     )
     log.info("data: %s", dataset.layout)
-    images, bad = drop_unreadable(dataset.images, skip_bad_images=config.skip_bad_images)
-    if bad:
-        log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0][1])
-        dataset = dataset.without({path for path, _ in bad})
-    images = dataset.images
+    check = check_dataset(dataset.images, dataset.parts or None, progress=True)
+    print_check(check, sys.stderr)
+    problems = check.problems(
+        skip_bad_images=config.skip_bad_images, allow_duplicates=config.allow_duplicates
+    )
+    if problems:
+        raise DatasetError("\n".join(problems))
+    for warning in check.warnings():
+        log.warning("warning: %s", warning)
+    if check.bad_files:
+        log.warning("skipping %d unreadable image(s)", len(check.bad_files))
     split_file = run_dir / SPLIT_FILE
     if split_file.is_file():
+        images = dataset.without({bad.path for bad in check.bad_files}).images
         return images, load_split(split_file, images)
-    split = complete_split(
-        images.labels,
-        images.classes,
-        given=dataset.parts,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
+    usable, split = plan_split(
+        dataset, check, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
         seed=config.seed,
-    )
-    save_split(split_file, images, split, seed=config.seed)
-    return images, split
+    )  # fmt: skip
+    log.info("split: %s", ", ".join(f"{name} {len(split.indices(name))}" for name in PARTS))
+    save_split(split_file, usable.images, split, seed=config.seed)
+    return usable.images, split
 
 
 def build_recipe(
