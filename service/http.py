@@ -27,6 +27,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message
 
 DEFAULT_TOP_K = 5
+# The multipart field each route reads its files from.
+FILE_FIELDS = {"/predict": "image", "/predict_batch": "images"}
 ENV_PREFIX = "CONVTUNE_"
 REQUEST_LOGGER = "convtune.requests"
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from convtune.service.http import DEFAULT_TOP_K, Limits
+from convtune.service.http import DEFAULT_TOP_K, FILE_FIELDS, Limits
 
 SCHEMAS = "#/components/schemas/"
+BATCH_ROUTE = "/predict_batch"
 _MODEL = {"type": "string", "description": "the served model, NAME:VERSION"}
 _ACCEPTED = (
     "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, in any mode; converted to RGB as in "
@@ -93,30 +94,41 @@ def _prediction_schema() -> dict[str, Any]:
 
 def _operation(route: str, limits: Limits) -> dict[str, Any]:
     """The OpenAPI path item of ``/predict`` or ``/predict_batch``."""
-    batch = route == "/predict_batch"
-    file_field = "images" if batch else "image"
-    count = f"up to {limits.max_batch_images} files" if batch else "one file"
+    batch = route == BATCH_ROUTE
+    form = form_schema(route, limits, file={"type": "string", "format": "binary"})
     return {
         "post": {
             "tags": ["Service APIs"],
             "operationId": "Convtune__" + route.strip("/"),
             "summary": "Classify several images" if batch else "Classify one image",
-            "description": (
-                f"Upload {count} in the multipart field `{file_field}`: {_ACCEPTED}. The "
-                f"whole body may be at most {limits.max_upload_bytes:,} bytes."
-            ),
-            "requestBody": _request_body(file_field, batch=batch, limits=limits),
+            "description": route_description(route, limits),
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
             "responses": _responses(batch=batch, limits=limits),
         }
     }
 
 
-def _request_body(file_field: str, *, batch: bool, limits: Limits) -> dict[str, Any]:
-    binary = {"type": "string", "format": "binary"}
+def route_description(route: str, limits: Limits) -> str:
+    """What ``route`` takes, for a person, in the limits the service enforces."""
+    batch = route == BATCH_ROUTE
+    count = f"up to {limits.max_batch_images} files" if batch else "one file"
+    return (
+        f"Upload {count} in the multipart field `{FILE_FIELDS[route]}`: {_ACCEPTED}. The "
+        f"whole body may be at most {limits.max_upload_bytes:,} bytes."
+    )
+
+
+def form_schema(route: str, limits: Limits, *, file: dict[str, Any]) -> dict[str, Any]:
+    """The multipart form ``route`` reads, as a JSON Schema object with ``file`` for a file.
+
+    Its readers type a file differently: OpenAPI as a binary string, BentoML's clients as
+    ``{"type": "file"}``.
+    """
+    file_field = FILE_FIELDS[route]
     files = (
-        {"type": "array", "items": binary, "minItems": 1, "maxItems": limits.max_batch_images}
-        if batch
-        else binary
+        {"type": "array", "items": file, "minItems": 1, "maxItems": limits.max_batch_images}
+        if route == BATCH_ROUTE
+        else file
     )
     top_k = {
         "type": "integer",
@@ -124,12 +136,11 @@ def _request_body(file_field: str, *, batch: bool, limits: Limits) -> dict[str, 
         "default": DEFAULT_TOP_K,
         "description": "how many classes to rank (capped at the number of classes)",
     }
-    schema = {
+    return {
         "type": "object",
         "required": [file_field],
         "properties": {file_field: files, "top_k": top_k},
     }
-    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
 
 
 def _responses(*, batch: bool, limits: Limits) -> dict[str, Any]:
@@ -168,9 +179,7 @@ def _bad_request(*, batch: bool, limits: Limits) -> str:
 def merged_spec(bentoml_spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """``bentoml_spec`` (a dict) with ``/predict`` and ``/predict_batch`` added."""
     spec = copy.deepcopy(bentoml_spec)
-    spec.setdefault("paths", {}).update(
-        {route: _operation(route, limits) for route in ("/predict", "/predict_batch")}
-    )
+    spec.setdefault("paths", {}).update({route: _operation(route, limits) for route in FILE_FIELDS})
     components = spec.setdefault("components", {})
     components.setdefault("schemas", {}).update(_schemas(limits.max_batch_images))
     return spec

@@ -5,9 +5,10 @@ both with an optional ``top_k`` [5], give the same numbers as ``convtune predict
 over the test-time views the artifact was exported to be served with (``--serve-tta``).
 They are routes of a small Starlette app mounted on the service, not ``@bentoml.api``
 methods: BentoML's input handling fetches a URL sent as text in a file field and answers
-some bad input with a 500. Limits, refusals (a 4xx with ``{"error": "..."}``) and the
-one-JSON-line-per-request log are ``service.http``'s; BentoML still provides the health
-probes, metrics and traffic limits (429, 504).
+some bad input with a 500. ``/docs.json`` and ``/schema.json`` (which BentoML's own
+clients read) are BentoML's documents with these routes added. Limits, refusals (a 4xx
+with ``{"error": "..."}``) and the one-JSON-line-per-request log are ``service.http``'s;
+BentoML still provides the health probes, metrics and traffic limits (429, 504).
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convtune.data.images import ImageDecodeError
 from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
+from convtune.service.client_schema import client_schema
 from convtune.service.http import (
+    FILE_FIELDS,
     BadRequest,
     Limits,
     Overloaded,
@@ -47,17 +51,19 @@ INLINE_DECODE_MAX_BYTES = 1 << 20
 
 async def predict(request: Request, log_entry: RequestLogEntry) -> dict[str, Any]:
     service = bentoml.get_current_service()
-    form = await read_form(request, "image", service.limits)
+    form = await read_form(request, FILE_FIELDS["/predict"], service.limits)
     log_entry.images = len(form.files)
     if len(form.files) != 1:
-        raise BadRequest("send exactly one file in 'image' (several: /predict_batch)")
+        raise BadRequest(
+            f"send exactly one file in {FILE_FIELDS['/predict']!r} (several: /predict_batch)"
+        )
     [result] = await service.classify(form.files, form.top_k)
     return {"model": service.tag, **result}
 
 
 async def predict_batch(request: Request, log_entry: RequestLogEntry) -> dict[str, Any]:
     service = bentoml.get_current_service()
-    form = await read_form(request, "images", service.limits)
+    form = await read_form(request, FILE_FIELDS["/predict_batch"], service.limits)
     log_entry.images = len(form.files)
     return {"model": service.tag, "results": await service.classify(form.files, form.top_k)}
 
@@ -72,18 +78,45 @@ def _spec(limits: Limits) -> dict[str, Any]:
     return merged_spec(Convtune.openapi_spec.asdict(), limits)
 
 
+async def bentoml_client_schema(_: Request) -> JSONResponse:
+    """BentoML's /schema.json with this app's routes added (see ``service.client_schema``)."""
+    return JSONResponse(_client_schema(bentoml.get_current_service().limits))
+
+
+@functools.cache
+def _client_schema(limits: Limits) -> dict[str, Any]:
+    return client_schema(Convtune.schema(), limits)
+
+
 app = Starlette(
     routes=[
         Route("/predict", json_endpoint(predict), methods=["POST"]),
         Route("/predict_batch", json_endpoint(predict_batch), methods=["POST"]),
         Route("/docs.json", openapi_spec, methods=["GET"]),
+        Route("/schema.json", bentoml_client_schema, methods=["GET"]),
     ]
 )
+
+
+class RoutedFirst:
+    """ASGI middleware: requests for ``paths`` go to ``handler``, ahead of BentoML's routes."""
+
+    def __init__(self, app: ASGIApp, *, paths: frozenset[str], handler: ASGIApp) -> None:
+        self.app = app
+        self.paths = paths
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            await self.handler(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 # BentoML puts mounted apps after its probe and metrics routes but before its /docs.json and
 # index page: /healthz, /readyz and /metrics stay BentoML's, this app answers /predict,
 # /predict_batch and /docs.json (a test checks both), and / is still BentoML's Swagger UI.
+# Its /schema.json comes before mounted apps: RoutedFirst (added below) sends it to this app.
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     # One worker: its onnxruntime sessions already use every core (one call over all of
@@ -141,3 +174,6 @@ class Convtune:
         except QueueTimeout as error:
             raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
+
+
+Convtune.add_asgi_middleware(RoutedFirst, paths=frozenset({"/schema.json"}), handler=app)
