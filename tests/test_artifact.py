@@ -139,38 +139,54 @@ def with_preprocessing(**changes: object) -> dict:
 
 
 NAN = float("nan")
+POSITIVE = "must be a finite number > 0, not"
+NAMES = "classes must be a non-empty list of non-empty names, not"
+SIZE = "preprocessing: input_size must be (height, width), positive whole numbers, not"
 
 
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"temperature": 0.0, "temperatures": {}}, "temperature must be a finite number > 0, not 0.0"),
-        ({"temperature": NAN, "temperatures": {}}, "temperature must be a finite number > 0, not nan"),
-        ({"temperature": -1.9, "temperatures": {}}, "temperature must be a finite number > 0, not -1.9"),
-        ({"temperatures": {"d4": float("inf")}}, "temperatures['d4'] must be a finite number > 0, not inf"),
-        ({"temperatures": {"none": 2.0}}, "temperature 1.892316270855691 and temperatures['none'] 2.0 must be the same"),
-        ({"classes": [], "num_classes": 0}, "classes must be a non-empty list of non-empty names, not []"),
-        ({"classes": ["circle", "", "square"]}, "classes must be a non-empty list of non-empty names, not ['circle', '', 'square']"),
-        ({"classes": ["circle", 7, "square"]}, "classes must be a non-empty list of non-empty names, not ['circle', 7, 'square']"),
-        ({"classes": "abc"}, "classes must be a non-empty list of non-empty names, not 'abc'"),
-        ({"classes": ["circle", "square", "circle"]}, "classes must be distinct; ['circle'] repeat"),
+        ({"temperature": 0.0, "temperatures": {}}, f"temperature {POSITIVE} 0.0"),
+        ({"temperature": NAN, "temperatures": {}}, f"temperature {POSITIVE} nan"),
+        ({"temperature": -1.9, "temperatures": {}}, f"temperature {POSITIVE} -1.9"),
+        ({"temperatures": {"d4": float("inf")}}, f"temperatures['d4'] {POSITIVE} inf"),
+        (
+            {"temperatures": {"none": 2.0}},
+            "temperature 1.892316270855691 and temperatures['none'] 2.0 must be the same",
+        ),
+        ({"classes": [], "num_classes": 0}, f"{NAMES} []"),
+        ({"classes": ["circle", "", "square"]}, f"{NAMES} ['circle', '', 'square']"),
+        ({"classes": ["circle", 7, "square"]}, f"{NAMES} ['circle', 7, 'square']"),
+        ({"classes": "abc"}, f"{NAMES} 'abc'"),
+        (
+            {"classes": ["circle", "square", "circle"]},
+            "classes must be distinct; ['circle'] repeat",
+        ),
         ({"architecture": ""}, "architecture must be a non-empty string, not ''"),
         ({"serving": {"tta": 4}}, "serving.tta must be a non-empty string, not 4"),
-        (with_preprocessing(input_size=[0, 40]), "preprocessing: input_size must be (height, width), positive whole numbers, not (0, 40)"),
-        (with_preprocessing(input_size=[40.5, 40]), "preprocessing: input_size must be (height, width), positive whole numbers, not (40.5, 40)"),
-        (with_preprocessing(input_size=[40]), "preprocessing: input_size must be (height, width), positive whole numbers, not (40,)"),
-        (with_preprocessing(mean=[0.5, NAN, 0.5]), "preprocessing: mean must be 3 finite numbers, not (0.5, nan, 0.5)"),
-        (with_preprocessing(std=[0.5, 0.0, 0.5]), "preprocessing: std must be 3 finite numbers > 0, not (0.5, 0.0, 0.5)"),
-        (with_preprocessing(std=[0.5, 0.5]), "preprocessing: std must be 3 finite numbers > 0, not (0.5, 0.5)"),
+        (with_preprocessing(input_size=[0, 40]), f"{SIZE} (0, 40)"),
+        (with_preprocessing(input_size=[40.5, 40]), f"{SIZE} (40.5, 40)"),
+        (with_preprocessing(input_size=[40]), f"{SIZE} (40,)"),
+        (
+            with_preprocessing(mean=[0.5, NAN, 0.5]),
+            "preprocessing: mean must be 3 finite numbers, not (0.5, nan, 0.5)",
+        ),
+        (
+            with_preprocessing(std=[0.5, 0.0, 0.5]),
+            "preprocessing: std must be 3 finite numbers > 0, not (0.5, 0.0, 0.5)",
+        ),
+        (
+            with_preprocessing(std=[0.5, 0.5]),
+            "preprocessing: std must be 3 finite numbers > 0, not (0.5, 0.5)",
+        ),
         (with_preprocessing(crop_pct=0.0), "preprocessing: crop_pct must be in (0, 1], got 0.0"),
         (with_preprocessing(crop_pct=1.5), "preprocessing: crop_pct must be in (0, 1], got 1.5"),
         (with_preprocessing(crop_mode="zoom"), "preprocessing: unknown crop_mode 'zoom'"),
         (with_preprocessing(interpolation="magic"), "preprocessing: unknown interpolation 'magic'"),
     ],
-)  # fmt: skip
-def test_a_manifest_value_no_model_can_be_served_with_is_refused(
-    change: dict, reason: str
-) -> None:
+)
+def test_a_manifest_value_no_model_can_be_served_with_is_refused(change: dict, reason: str) -> None:
     raw = {**json.loads(MANIFEST_V1.read_text()), **change}
     with pytest.raises(ArtifactError, match=re.escape(reason)):
         Manifest.from_json(raw)
@@ -187,11 +203,15 @@ def artifact_copy(artifact_dir: Path, destination: Path, **changes: object) -> P
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"serving": {"tta": "d8"}}, "serving.tta names view set 'd8'; one of ['d4', 'flip', 'none']"),
+        ({"serving": {"tta": "d8"}}, "serving.tta names view set 'd8'; one of ['d4', 'flip', "),
         ({"temperatures": {"d8": 1.0}}, "temperatures['d8'] names view set 'd8'"),
-        ({"classes": ["a", "b", "c", "d"], "num_classes": 4}, "model.onnx: the graph's 'logits' has shape ('batch', 3), its manifest's classes and preprocessing give ['N', 4]"),
+        (
+            {"classes": ["a", "b", "c", "d"], "num_classes": 4},
+            "model.onnx: the graph's 'logits' has shape ('batch', 3), its manifest's classes and "
+            "preprocessing give ['N', 4]",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_manifest_that_does_not_fit_its_graph_or_this_convtune_is_refused(
     artifact_dir: Path, tmp_path: Path, change: dict, reason: str
 ) -> None:
@@ -204,14 +224,16 @@ def test_an_input_size_the_graph_does_not_take_is_refused(artifact_dir: Path, tm
     raw = json.loads((artifact_dir / "manifest.json").read_text())
     preprocessing = {**raw["preprocessing"], "input_size": [48, 48]}
     copy = artifact_copy(artifact_dir, tmp_path / "artifact", preprocessing=preprocessing)
-    with pytest.raises(ArtifactError, match=re.escape("the graph's 'pixels' has shape ('batch', 3, 40, 40)")):
+    reason = "model.onnx: the graph's 'pixels' has shape ('batch', 3, 40, 40), its manifest's"
+    with pytest.raises(ArtifactError, match=re.escape(reason)):
         OnnxClassifier(copy)
 
 
 def test_a_file_no_hash_covers_is_refused(artifact_dir: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(artifact_dir, tmp_path / "artifact")
     (copy / "weights.bin").write_bytes(b"\0" * 64)
-    with pytest.raises(ArtifactError, match=re.escape("holds ['weights.bin'], which its manifest does not cover")):
+    reason = "holds ['weights.bin'], which its manifest does not cover"
+    with pytest.raises(ArtifactError, match=re.escape(reason)):
         read_manifest(copy)
 
 
