@@ -136,4 +136,5 @@ def test_a_model_with_temperature_zero_does_not_start(exported, tmp_path) -> Non
     record = model_dir / "model.yaml"
     record.write_text(record.read_text().replace(before, sha256_file(model_dir / "manifest.json")))
     result, _ = failed_start(exported, BENTOML_HOME=str(tmp_path / "bentoml"))
-    assert_refused(result, "temperature must be a finite number > 0, not 0.0")
+    manifest = model_dir / "manifest.json"
+    assert_refused(result, f"{manifest}: temperature must be a finite number > 0, not 0.0")
