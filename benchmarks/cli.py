@@ -102,6 +102,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
 
 
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
+    )
+    parser.add_argument(
+        "--images", type=Path, help="folder of images to classify [generated PNGs of shapes]"
+    )
+    parser.add_argument("--image-count", type=int, default=1000, help="generated PNGs [1000]")
+    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--batch-sizes", default="8,16,32,64",
+        help="the ceiling's batch sizes, comma-separated; the best counts [8,16,32,64]",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument(
+        "--cold-starts", type=int, default=7, help="one-image runs, median taken [7]"
+    )
+    parser.add_argument(
+        "--rss-counts", default="1000,10000",
+        help="image counts to measure peak memory at, comma-separated; empty: none "
+        "[1000,10000]",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convtune bench",
@@ -125,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
             "epochs.",
         )
     )
+    add_predict_arguments(
+        benchmarks.add_parser(
+            "predict",
+            help="convtune predict against the in-process ceiling; cold start; memory",
+            description="Benchmark convtune predict end to end against the in-process "
+            "decode + onnxruntime ceiling, its cold start on one image, and its peak memory "
+            "as the number of images grows.",
+        )
+    )
     return parser
 
 
@@ -135,7 +169,8 @@ def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> int:
-    """Run the benchmark ``argv`` names (``serve ...`` or ``train ...``); its exit status."""
+    """Run the benchmark ``argv`` names (``serve ...``, ``predict ...`` or ``train ...``);
+    its exit status."""
     args = build_parser().parse_args(argv)
     missing = missing_distributions(needed_distributions(args))
     if missing:
@@ -150,6 +185,10 @@ def main(argv: list[str]) -> int:
             from convtune.benchmarks import serve
 
             return serve.run(args)
+        if args.benchmark == "predict":
+            from convtune.benchmarks import predict
+
+            return predict.run(args)
         from convtune.benchmarks import train
 
         return train.run(args)
