@@ -38,7 +38,7 @@ _GLOB_CHARACTERS = frozenset("*?[")
 # next is decoded, a second absorbs uneven decode times.
 _BATCHES_AHEAD = 2
 _REPORTED_FAILURES = 10
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = 64
 DEFAULT_DECODE_THREADS = 2
 
 
