@@ -151,7 +151,7 @@ def test_a_bad_file_gets_an_error_row_and_the_others_are_answered(
     assert error_row["image"] == bad and "damaged or truncated" in error_row["error"]
     assert all(set(row["probabilities"]) == set(CLASSES) for row in results if row != error_row)
     assert all(row["true_label"] == Path(row["image"]).parent.name for row in results)
-    assert "11 image(s) classified, 1 failed; results in stdout" in err
+    assert "11 image(s) classified, 1 failed; results on stdout" in err
     assert f"failed: {bad} is damaged or truncated" in err
     correct = sum(row.get("label") == row["true_label"] for row in results)
     assert f"accuracy {correct / 11:.4f} ({correct}/11 labelled images)" in err

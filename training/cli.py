@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -244,14 +245,20 @@ def run_predict(args: argparse.Namespace) -> int:
     from convtune.models.artifact import locate_artifact
     from convtune.training.predict import predict_files
 
-    tally = predict_files(
-        locate_artifact(args.model), args.paths, model=args.model, output=args.output,
-        output_format=args.output_format, top_k=args.top_k, tta=args.tta,
-        batch_size=args.batch_size,
-    )  # fmt: skip
+    try:
+        tally = predict_files(
+            locate_artifact(args.model), args.paths, model=args.model, output=args.output,
+            output_format=args.output_format, top_k=args.top_k, tta=args.tta,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    except BrokenPipeError:
+        # The reader of stdout left (`| head`): stop as other command-line tools do, without
+        # a traceback, and keep Python's final flush from raising it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     data = args.paths[0] if len(args.paths) == 1 else "PATH"
     lines = tally.summary(
-        destination=str(args.output) if args.output else "stdout",
+        destination=f"in {args.output}" if args.output else "on stdout",
         evaluate_command=f"convtune evaluate {args.model} --data {data}",
     )
     for line in lines:

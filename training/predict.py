@@ -39,6 +39,8 @@ _GLOB_CHARACTERS = frozenset("*?[")
 _BATCHES_AHEAD = 2
 _REPORTED_FAILURES = 10
 DEFAULT_BATCH_SIZE = 64
+# Decoding threads run beside onnxruntime's own (one per core): two keep a small model fed
+# without starving a large one of cores (docs/benchmarks.md, "convtune predict at scale").
 DEFAULT_DECODE_THREADS = 2
 
 
@@ -245,10 +247,11 @@ class PredictionTally:
         self.correct += self.classes[int(np.argmax(prediction.probabilities))] == label
 
     def summary(self, *, destination: str, evaluate_command: str) -> list[str]:
-        """The lines for stderr: the count and where the answers went, the failed files,
-        and the accuracy where labels were given (and ``evaluate_command`` for more)."""
+        """The lines for stderr: the count and where the answers went (``destination``:
+        ``in FILE``, ``on stdout``), the failed files, and the accuracy where labels were
+        given (and ``evaluate_command`` for more)."""
         lines = [
-            f"{self.answered} image(s) classified, {self.failed} failed; results in {destination}"
+            f"{self.answered} image(s) classified, {self.failed} failed; results {destination}"
         ]
         lines += [
             f"  failed: {reason if path in reason else f'{path}: {reason}'}"
