@@ -26,13 +26,14 @@ import numpy as np
 
 from convtune.data.datasets import LabelFileFormat, read_label_file
 from convtune.data.images import IMAGE_SUFFIXES, ImageDecodeError
+from convtune.data.layouts import HF_PATH_COLUMN
 from convtune.models.inference import OnnxClassifier
 from convtune.training.prediction_output import open_writer, prediction_row
 
 LABEL_FILE_SUFFIXES = (".csv", ".tsv")
-# Hugging Face's imagefolder metadata.csv names its path column file_name.
-PATH_COLUMNS = ("path", "file_name")
-LABEL_COLUMN = "label"
+# A label file's own default columns, or Hugging Face's imagefolder metadata.csv's.
+PATH_COLUMNS = (LabelFileFormat.path_column, HF_PATH_COLUMN)
+LABEL_COLUMN = LabelFileFormat.label_column
 _GLOB_CHARACTERS = frozenset("*?[")
 # Batches decoded ahead of the one the model runs: one keeps the model busy while the
 # next is decoded, a second absorbs uneven decode times.
