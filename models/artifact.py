@@ -401,6 +401,11 @@ def locate_artifact(reference: str) -> Path:
         return path
     if path.exists():
         raise ArtifactError(f"{path} is not a convtune artifact (no {MANIFEST_FILE})")
+    if len(path.parts) > 1:  # a tag has no slash: this was meant as a directory
+        raise ArtifactError(
+            f"{path} does not exist; a run's artifact is written by `convtune export RUN_DIR "
+            f"--name NAME` (to RUN_DIR/{ARTIFACT_DIR})"
+        )
     try:
         return Path(stored_model(reference).path)
     except NotInStore as error:
