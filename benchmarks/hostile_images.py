@@ -63,17 +63,18 @@ def tiff_with_many_strips(strips: int = 200_000, width: int = 8, height: int = 8
     return b"II*\x00" + struct.pack("<I", 8) + ifd + arrays[273][1] + arrays[279][1] + b"\x80"
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_with_chunks(chunks: list[bytes], width: int = 8, height: int = 8) -> bytes:
     """A valid 8-bit gray PNG with ``chunks`` (whole chunks) between IHDR and IDAT."""
-    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
     pixels = zlib.compress(b"".join(b"\x00" + b"\x80" * width for _ in range(height)))
     return (
-        b"\x89PNG\r\n\x1a\n" + header + b"".join(chunks) + _png_chunk(b"IDAT", pixels)
-        + _png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + header + b"".join(chunks) + png_chunk(b"IDAT", pixels)
+        + png_chunk(b"IEND", b"")
     )  # fmt: skip
 
 
@@ -84,17 +85,17 @@ INFLATING_MIB = zlib.compress(bytes((1 << 20) - 1024), 9)
 def png_with_icc_bombs(count: int = 1000) -> bytes:
     """A PNG with ``count`` iCCP chunks, each about 1 kB that inflates to 1 MiB (the most
     Pillow inflates per chunk)."""
-    return png_with_chunks([_png_chunk(b"iCCP", b"icc\x00\x00" + INFLATING_MIB)] * count)
+    return png_with_chunks([png_chunk(b"iCCP", b"icc\x00\x00" + INFLATING_MIB)] * count)
 
 
 def png_with_text_bombs(count: int = 1000) -> bytes:
     """A PNG with ``count`` zTXt chunks, each about 1 kB that inflates to 1 MiB."""
-    return png_with_chunks([_png_chunk(b"zTXt", b"note\x00\x00" + INFLATING_MIB)] * count)
+    return png_with_chunks([png_chunk(b"zTXt", b"note\x00\x00" + INFLATING_MIB)] * count)
 
 
 def png_with_tiny_chunks(count: int = 80_000) -> bytes:
     """A PNG with ``count`` empty private ancillary chunks (12 bytes each)."""
-    return png_with_chunks([_png_chunk(b"prVt", b"")] * count)
+    return png_with_chunks([png_chunk(b"prVt", b"")] * count)
 
 
 def _small_jpeg(**options: object) -> bytes:

@@ -46,15 +46,17 @@ _TIFF_MAGIC = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", T
                b"MM\0+": (">", True)}  # fmt: skip
 
 
-def structure_problem(data: bytes) -> str | None:
+def structure_problem(data: bytes, *, max_pixels: int) -> str | None:
     """Which rule (module docstring) the image in ``data`` breaks, as the end of a sentence
     about the file; None when it breaks none or is not one of these formats (Pillow then
-    judges it)."""
+    judges it). ``max_pixels``: the pixel limit that the caller checks after Pillow has
+    read the header, which for TIFF already sets up every strip; so strips are allowed
+    for at most that many pixels, whatever the header declares."""
     try:
         if data.startswith(b"BM"):
             return _bmp_problem(data)
         if data[:4] in _TIFF_MAGIC:
-            return _tiff_problem(data, *_TIFF_MAGIC[data[:4]])
+            return _tiff_problem(data, *_TIFF_MAGIC[data[:4]], max_pixels=max_pixels)
         if data.startswith(PNG_SIGNATURE):
             return _png_problem(data)
         if data.startswith(b"\xff\xd8"):
@@ -76,7 +78,7 @@ def _bmp_problem(data: bytes) -> str | None:
     return None
 
 
-def _tiff_problem(data: bytes, order: str, big: bool) -> str | None:
+def _tiff_problem(data: bytes, order: str, big: bool, *, max_pixels: int) -> str | None:
     """Tag, strip and tile counts of the first directory (the only one decoded)."""
     count_format, entry_format, offset_format = ("Q", "HHQ", "Q") if big else ("H", "HHI", "I")
     directory = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
@@ -101,7 +103,7 @@ def _tiff_problem(data: bytes, order: str, big: bool) -> str | None:
     most = max(
         TIFF_FREE_STRIPS,
         min(rows * samples, TIFF_MOST_STRIPS_BY_ROW),
-        pixels // TIFF_PIXELS_PER_STRIP,
+        min(pixels, max_pixels) // TIFF_PIXELS_PER_STRIP,
     )
     for tag, count in counts.items():
         if count > most:

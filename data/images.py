@@ -51,7 +51,7 @@ def decode_rgb(
     """
     name = str(encoded) if isinstance(encoded, (str, Path)) else "upload"
     data = _read(encoded, name)
-    problem = structure_problem(data)
+    problem = structure_problem(data, max_pixels=max_pixels)
     if problem is not None:
         raise ImageDecodeError(f"{name} {problem}")
     try:

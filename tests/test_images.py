@@ -14,6 +14,7 @@ from PIL import Image
 from convtune.benchmarks.hostile_images import (
     HOSTILE_IMAGES,
     jpeg_with_many_markers,
+    png_chunk,
     png_with_chunks,
     progressive_jpeg_with_many_scans,
     tiff_with_many_strips,
@@ -155,15 +156,11 @@ def test_hostile_structures_are_refused_before_decoding(name: str) -> None:
     assert str(refused.value).startswith(HOSTILE_REASONS[name])
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def test_the_rules_allow_what_real_writers_produce() -> None:
     """Right at each limit the image still decodes; one more is refused."""
-    text = _png_chunk(b"zTXt", b"note\0\0" + zlib.compress(b"hello"))
-    itxt = _png_chunk(b"iTXt", b"Comment\0\x01\0\0\0" + zlib.compress(b"hello"))
-    icc = _png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"profile"))
+    text = png_chunk(b"zTXt", b"note\0\0" + zlib.compress(b"hello"))
+    itxt = png_chunk(b"iTXt", b"Comment\0\x01\0\0\0" + zlib.compress(b"hello"))
+    icc = png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"profile"))
     at_limit = png_with_chunks([icc, itxt, *[text] * 15])
     assert decode_rgb(at_limit).shape == (8, 8, 3)
     with pytest.raises(ImageDecodeError, match="more than 16 compressed text chunks"):
@@ -187,6 +184,11 @@ def test_tiffs_of_many_strips_from_real_writers_decode() -> None:
     assert np.array_equal(decode_rgb(one_row_per_strip), decode_rgb(encode(image, "PNG")))
     with pytest.raises(ImageDecodeError, match="lists 17 strips or tiles for 64 pixels"):
         decode_rgb(tiff_with_many_strips(17))
+    # Pillow sets up every strip before the pixel limit is checked: a header declaring a
+    # huge canvas does not buy more strips than the limit's pixels would.
+    over_the_limit = tiff_with_many_strips(2000, width=65_535, height=8)  # 2,047 by its size
+    with pytest.raises(ImageDecodeError, match="lists 2,000 strips or tiles for 524,280 pixels"):
+        decode_rgb(over_the_limit, max_pixels=4096)
 
 
 def test_camera_like_jpeg_with_exif_icc_and_thumbnail_decodes() -> None:
