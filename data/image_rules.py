@@ -177,8 +177,10 @@ def _jpeg_problem(data: bytes) -> str | None:
             at += struct.unpack_from(">H", data, at)[0]
     # Entropy-coded data never holds 0xFF followed by a marker code (it is stuffed as
     # FF 00), so every FF DA up to the first FF D9 starts a scan of this image.
-    end = data.find(b"\xff\xd9", marker_at)
-    scans = data.count(b"\xff\xda", marker_at, len(data) if end == -1 else end)
+    scans = data.count(b"\xff\xda", marker_at)
+    if scans > JPEG_MAX_SCANS:  # more in the file: count those before the image's end only
+        end = data.find(b"\xff\xd9", marker_at)
+        scans = data.count(b"\xff\xda", marker_at, len(data) if end == -1 else end)
     if scans > JPEG_MAX_SCANS:
         return (
             f"is a JPEG of {scans:,} scans, more than the {JPEG_MAX_SCANS} allowed (a "
