@@ -361,7 +361,9 @@ def plan_split(
     (:func:`~convtune.data.splits.complete_split`)."""
     usable = dataset.without({bad.path for bad in check.bad_files})
     position = {path: i for i, path in enumerate(usable.images.paths)}
-    groups = [[position[check.images.paths[i]] for i in group] for group in check.duplicate_groups]
+    groups = [
+        [position[check.images.paths[i]] for i in group] for group in check.duplicate_groups
+    ]
     split = complete_split(
         usable.images.labels,
         usable.images.classes,
