@@ -143,6 +143,11 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
 
 
+def add_decode_bombs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convtune bench",
@@ -183,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
             "as the number of images grows.",
         )
     )
+    add_decode_bombs_arguments(
+        benchmarks.add_parser(
+            "decode-bombs",
+            help="hostile images' decode cost with and without the structure rules",
+            description="Decode each hostile image (data/image_rules.py) in a fresh process, "
+            "with the rules and without, and the costliest images the rules allow.",
+        )
+    )
     return parser
 
 
@@ -193,8 +206,8 @@ def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> int:
-    """Run the benchmark ``argv`` names (``serve ...``, ``train ...``, ``check-data ...`` or
-    ``predict ...``); its exit status."""
+    """Run the benchmark ``argv`` names (``serve ...``, ``train ...``, ``check-data ...``,
+    ``predict ...`` or ``decode-bombs ...``); its exit status."""
     args = build_parser().parse_args(argv)
     missing = missing_distributions(needed_distributions(args))
     if missing:

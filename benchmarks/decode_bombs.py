@@ -1,6 +1,6 @@
 """Decode cost of hostile images, with and without the structural rules; the worst allowed.
 
-``python -m convtune.benchmarks.decode_bombs [--rounds 3] [--json PATH]``
+``convtune bench decode-bombs [--rounds 3] [--json PATH]``
 
 Each hostile file of :mod:`convtune.benchmarks.hostile_images` is decoded by
 :func:`~convtune.data.images.decode_rgb` as the service does, once with the rules of
@@ -129,16 +129,8 @@ def format_table(files: dict[str, Path], median: dict, rounds: list) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
-    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
-    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--no-rules", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(decode_once(args.one, rules=not args.no_rules)))
-        return 0
+def run(args: argparse.Namespace) -> int:
+    """``convtune bench decode-bombs``: the table, and ``--json`` if asked."""
     with tempfile.TemporaryDirectory(prefix="convtune-bench-bombs-") as workdir:
         files = {}
         for name, make in {**HOSTILE_IMAGES, **ALLOWED_WORST}.items():
@@ -152,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(files, median, rounds))
     if args.json:
         write_report(args.json, "decode-bombs", vars(args), median, rounds)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One decode in this process (``--one PATH [--no-rules]``), as each measurement runs."""
+    parser = argparse.ArgumentParser(description="one measured decode of the benchmark")
+    parser.add_argument("--one", type=Path, required=True)
+    parser.add_argument("--no-rules", action="store_true")
+    args = parser.parse_args(argv)
+    print(json.dumps(decode_once(args.one, rules=not args.no_rules)))
     return 0
 
 
