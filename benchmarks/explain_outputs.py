@@ -18,7 +18,7 @@ import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from convtune.benchmarks.common import median_of, write_report  # noqa: E402
+from convtune.benchmarks.common import median_of, write_report
 
 MODELS = (("test_resnet", 40), ("tf_efficientnet_lite0", 224))
 BATCHES = (1, 32)
