@@ -96,7 +96,8 @@ def main() -> int:
                     "ratio": explained / plain,
                 }
                 print(
-                    f"{key}: plain {plain * 1e3:.2f} ms, explained {explained * 1e3:.2f} ms, ratio {explained / plain:.3f}"
+                    f"{key}: plain {plain * 1e3:.2f} ms, explained {explained * 1e3:.2f} ms, "
+                    f"ratio {explained / plain:.3f}"
                 )
             median[f"{name}/onnx_bytes"] = {
                 kind: path.stat().st_size for kind, path in paths.items()
