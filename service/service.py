@@ -13,8 +13,10 @@ BentoML still provides the health probes, metrics and traffic limits (429, 504).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import threading
 from typing import Any
 
 import anyio
@@ -47,6 +49,10 @@ MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 5
 # Uploads up to this size decode in a few ms, little enough to do it while holding the idle
 # model (requests arriving meanwhile wait for it); bigger ones decode on their own thread.
 INLINE_DECODE_MAX_BYTES = 1 << 20
+
+
+class RequestAbandoned(Exception):
+    """Decoding stopped early: the request was cancelled and nobody waits for its images."""
 
 
 async def predict(request: Request, log_entry: RequestLogEntry) -> dict[str, Any]:
@@ -153,10 +159,15 @@ class Convtune:
         )
         setup_request_log()
 
-    def _pixels(self, uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        """The model's input for each upload, or a BadRequest naming the first bad one."""
+    def _pixels(self, uploads: list[tuple[str, bytes]], abandoned: threading.Event) -> np.ndarray:
+        """The model's input for each upload, or a BadRequest naming the first bad one.
+
+        Stops before the next image once ``abandoned`` is set: nobody waits for the rest.
+        """
         images = []
         for index, (name, data) in enumerate(uploads):
+            if abandoned.is_set():
+                raise RequestAbandoned(f"stopped before {name}: the request was cancelled")
             try:
                 rgb = self.classifier.decode(data, max_pixels=self.limits.max_pixels)
             except ImageDecodeError as error:
@@ -166,11 +177,15 @@ class Convtune:
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode, preprocess and run the model off the event loop, batched with others."""
+        abandoned = threading.Event()
         try:
             probabilities = await self._batcher(
-                functools.partial(self._pixels, uploads),
+                functools.partial(self._pixels, uploads, abandoned),
                 inline=sum(len(data) for _, data in uploads) <= INLINE_DECODE_MAX_BYTES,
             )
+        except asyncio.CancelledError:  # BentoML's timeout: its deadline has passed
+            abandoned.set()
+            raise
         except QueueTimeout as error:
             raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
