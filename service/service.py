@@ -32,6 +32,7 @@ from convtune.data.images import ImageDecodeError
 from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from convtune.service.client_schema import client_schema
+from convtune.service.connections import serve_http_with_limits, set_connection_limits
 from convtune.service.http import (
     FILE_FIELDS,
     BadRequest,
@@ -137,7 +138,8 @@ class Convtune:
     model = bentoml.models.BentoModel(os.environ.get("CONVTUNE_MODEL", "convtune:latest"))
 
     def __init__(self) -> None:
-        self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
+        self.limits = Limits.from_env()  # CONVTUNE_MAX_* and others: see service.http.Limits
+        set_connection_limits(self.limits)  # before uvicorn accepts the first connection
         # Averaged over the test-time views the artifact was exported to be served with.
         self.classifier = OnnxClassifier(self.model.path, tta=None)
         self.tag = str(self.model.tag)
@@ -192,3 +194,5 @@ class Convtune:
 
 
 Convtune.add_asgi_middleware(RoutedFirst, paths=frozenset({"/schema.json"}), handler=app)
+# BentoML starts uvicorn without limits on headers, URLs or slow clients: see connections.
+serve_http_with_limits()

@@ -184,7 +184,5 @@ def test_copies_of_an_image_stay_in_one_part() -> None:
 
 def test_a_class_of_copies_is_too_small_to_split() -> None:
     labels = [0] * 10 + [1] * 3
-    with pytest.raises(
-        DatasetError, match=r"too few distinct images .*'dog' has 1 \(needs 2\)"
-    ):
+    with pytest.raises(DatasetError, match=r"too few distinct images .*'dog' has 1 \(needs 2\)"):
         stratified_split(labels, CLASSES, val_fraction=0.2, groups=[(10, 11, 12)])
