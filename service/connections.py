@@ -164,6 +164,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        cycle.message_event.set()  # what is buffered is there to receive
         super()._start_asgi_task(cycle, self._buffered_app)
 
     def _schedule_body_check(self) -> None:
