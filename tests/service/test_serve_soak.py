@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 CLIENTS = 16
 ALONE_S = 10
 BESIDE_ATTACKERS_S = 20
-MAX_RSS_MIB = 1536  # the server's process tree: BentoML's arbiter and the one worker
+MAX_RSS_MIB = 1024  # the server's process tree: BentoML's arbiter and the one worker
 MIN_SUCCESS = 0.99
 MAX_P99_RATIO = 3.0
 MAX_READYZ_S = 2.0
@@ -137,7 +137,8 @@ class Attackers:
     @staticmethod
     def _hostile_multipart(client: httpx.Client) -> int:
         part = b'Content-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-        body = b"--b\r\n" + part + b"x\r\n--b" + b" " * (20 << 20) + b"\r\n" + part + b"--b--"
+        padding = b" " * ((20 << 20) - 1000)  # under the byte limit: the parser would see it
+        body = b"--b\r\n" + part + b"x\r\n--b" + padding + b"\r\n" + part + b"--b--"
         content_type = {"content-type": "multipart/form-data; boundary=b"}
         return client.post("/predict", content=body, headers=content_type).status_code
 
@@ -165,7 +166,8 @@ def test_ordinary_clients_do_not_notice_attackers(served, exported, probe_images
         beside = ordinary_load(
             served, exported, probe_images, BESIDE_ATTACKERS_S, tmp_path / "beside.json"
         )
-    print(f"\nalone: {alone}\nbeside attackers: {beside}\nattackers got: {attackers.refusals}")
+    for name, summary in {"alone": alone, "beside attackers": beside}.items():
+        print(f"\n{name}:", {k: v for k, v in summary.items() if k != "rss_samples"})
     answered = beside["statuses"].get("200", 0)
     assert answered >= MIN_SUCCESS * beside["requests"], beside
     assert beside["server_errors"] == 0, beside
