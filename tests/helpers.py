@@ -60,11 +60,13 @@ class RawAnswer:
         response = http.client.HTTPResponse(client)
         response.begin()
         body = response.read()
-        client.settimeout(5)
+        client.settimeout(2)  # a closing server closes at once; a kept-alive one waits
         try:
             closed = client.recv(1) == b""
         except ConnectionResetError:
             closed = True
+        except TimeoutError:
+            closed = False
         return cls(response.status, body, closed)
 
 

@@ -1,10 +1,10 @@
 """HTTP limits below the application, against a real server: raw sockets, real timeouts.
 
 The server runs with short timeouts (headers in 2 s; a body's first 2 s free, then at
-least 16 KiB/s) and BentoML's default 64 concurrency slots. Oversized heads are refused
-(431, 414), slow heads and slow bodies time out (408), a body is read whole before its
-request takes a slot, and a hostile multipart body costs the event loop no time that
-``/readyz`` would notice.
+least 16 KiB/s; an answer in 3 s) and BentoML's default 64 concurrency slots. Oversized
+heads are refused (431, 414), slow heads and slow bodies time out (408), a body is read
+whole before its request takes a slot, a hostile multipart body costs the event loop no
+time that ``/readyz`` would notice, and a request that times out stops decoding.
 """
 
 from __future__ import annotations
@@ -16,22 +16,26 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 from helpers import (
     RawAnswer,
     address,
     assert_json_error,
+    encode,
     png_bytes,
     post,
     raw_request,
     trickle,
 )
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S = 2
 BODY_GRACE_S = 2
 MIN_BODY_RATE = 16 * 1024
+TIMEOUT_S = 3  # BentoML's traffic timeout: 504
 SLACK_S = 3.0  # the loop's timers are late under load; a refusal must still come by then
 GOOD = ("good.png", png_bytes(), "image/png")
 
@@ -43,6 +47,7 @@ def limited(start_server) -> Iterator:
         CONVTUNE_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
         CONVTUNE_SLOW_BODY_GRACE_S=str(BODY_GRACE_S),
         CONVTUNE_MIN_BODY_RATE=str(MIN_BODY_RATE),
+        BENTOML_CONFIG_OPTIONS=f"services.Convtune.traffic.timeout={TIMEOUT_S}",
     ) as server:
         yield server
 
@@ -132,7 +137,7 @@ def test_a_body_sent_after_100_continue_is_answered(limited) -> None:
         assert client.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         client.sendall(body)
         answer = RawAnswer.read(client)
-    assert answer.status == 200 and answer.json()["label"]
+    assert answer.status == 200 and answer.json()["label"] and not answer.closed
 
 
 PADDING_BYTES = 20 * 1024 * 1024 - 1000
@@ -170,3 +175,22 @@ def test_a_hostile_multipart_body_costs_the_event_loop_little(limited) -> None:
     [(response, seconds)] = answers
     assert "spaces after a boundary" in assert_json_error(response, 400)["error"]
     assert seconds < 5 and max(probes) < 0.5, (seconds, probes)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by ``pid`` and its children (BentoML serves from a child)."""
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+
+
+def test_a_timed_out_request_stops_decoding_its_images(limited) -> None:
+    """16 images that take most of a second each to decode: the request times out (504)
+    after 3 s, and the server stops decoding once the image in hand is done, instead of
+    going on with the rest for nobody."""
+    big = encode(Image.new("RGB", (6000, 6000), (10, 200, 30)), "PNG")
+    response = post(limited.url, "predict_batch", files=[("images", ("big.png", big))] * 16)
+    assert response.status_code == 504
+    after_timeout = cpu_seconds(limited.process.pid)
+    time.sleep(4)
+    assert cpu_seconds(limited.process.pid) - after_timeout < 1.5  # decoding on: ~4 s
+    assert post(limited.url, "predict", files={"image": GOOD}).status_code == 200
