@@ -125,6 +125,20 @@ def huge_canvas_png(width: int = 8000, height: int = 8000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+def loadgen_args(
+    url: str, images: Sequence[Path], *, concurrency: int, duration_s: float, server_pid: int,
+    summary: Path,
+) -> list[str]:  # fmt: skip
+    """``python`` arguments of ``convtune.benchmarks.loadgen``: ``concurrency`` keep-alive
+    clients posting ``images`` in turn to /predict, the summary written to ``summary``."""
+    return [
+        "-m", "convtune.benchmarks.loadgen", "--url", url, "--route", "/predict",
+        *[arg for path in images for arg in ("--image", str(path))],
+        "--concurrency", str(concurrency), "--duration", str(duration_s),
+        "--server-pid", str(server_pid), "--json", str(summary),
+    ]  # fmt: skip
+
+
 def image_file(path: Path) -> tuple[str, bytes, str]:
     return (path.name, path.read_bytes(), "application/octet-stream")
 

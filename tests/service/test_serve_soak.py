@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import address, huge_canvas_png
+from helpers import address, huge_canvas_png, loadgen_args
 
 pytestmark = pytest.mark.slow
 
@@ -40,31 +40,15 @@ MAX_READYZ_S = 2.0
 
 def ordinary_load(served, exported, probe_images: list[Path], duration_s: float, out: Path) -> dict:
     """16 keep-alive clients posting the probe images to /predict for ``duration_s``."""
-    images = [arg for path in probe_images for arg in ("--image", str(path))]
+    args = loadgen_args(
+        served.url, probe_images, concurrency=CLIENTS, duration_s=duration_s,
+        server_pid=served.process.pid, summary=out,
+    )  # fmt: skip
+    # Exits non-zero on any failure: the summary says which, and how many.
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "convtune.benchmarks.loadgen",
-            "--url",
-            served.url,
-            "--route",
-            "/predict",
-            *images,
-            "--concurrency",
-            str(CLIENTS),
-            "--duration",
-            str(duration_s),
-            "--server-pid",
-            str(served.process.pid),
-            "--json",
-            str(out),
-        ],
-        env=exported.env,
-        capture_output=True,
-        timeout=duration_s + 60,
-        check=False,
-    )  # fmt: skip  (exits non-zero on any failure: the summary says which)
+        [sys.executable, *args], env=exported.env, capture_output=True,
+        timeout=duration_s + 60, check=False,
+    )  # fmt: skip
     return json.loads(out.read_text())
 
 
