@@ -8,6 +8,7 @@ convtune.benchmarks.cli`` is the same command in a checkout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,36 @@ def add_check_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
 
 
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
+    )
+    parser.add_argument(
+        "--images", type=Path, help="folder of images to classify [generated PNGs of shapes]"
+    )
+    parser.add_argument("--image-count", type=int, default=1000, help="generated PNGs [1000]")
+    parser.add_argument("--image-size", type=int, default=300, help="generated size [300]")
+    parser.add_argument(
+        "--batch-sizes", default="8,16,32,64",
+        help="the ceiling's batch sizes, comma-separated; the best counts [8,16,32,64]",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument(
+        "--cold-starts", type=int, default=7, help="one-image runs, median taken [7]"
+    )
+    parser.add_argument(
+        "--rss-counts", default="1000,10000",
+        help="image counts to measure peak memory at, comma-separated; empty: none "
+        "[1000,10000]",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
+def add_decode_bombs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
+    parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convtune bench",
@@ -148,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
             "every image, on the same files with a warm file cache.",
         )
     )
+    add_predict_arguments(
+        benchmarks.add_parser(
+            "predict",
+            help="convtune predict against the in-process ceiling; cold start; memory",
+            description="Benchmark convtune predict end to end against the in-process "
+            "decode + onnxruntime ceiling, its cold start on one image, and its peak memory "
+            "as the number of images grows.",
+        )
+    )
+    add_decode_bombs_arguments(
+        benchmarks.add_parser(
+            "decode-bombs",
+            help="hostile images' decode cost with and without the structure rules",
+            description="Decode each hostile image (data/image_rules.py) in a fresh process, "
+            "with the rules and without, and the costliest images the rules allow.",
+        )
+    )
     return parser
 
 
@@ -158,8 +206,8 @@ def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> int:
-    """Run the benchmark ``argv`` names (``serve ...``, ``train ...``, ``check-data ...``);
-    its exit status."""
+    """Run the benchmark ``argv`` names (``serve ...``, ``train ...``, ``check-data ...``,
+    ``predict ...`` or ``decode-bombs ...``); its exit status."""
     args = build_parser().parse_args(argv)
     missing = missing_distributions(needed_distributions(args))
     if missing:
@@ -170,17 +218,9 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        if args.benchmark == "serve":
-            from convtune.benchmarks import serve
-
-            return serve.run(args)
-        if args.benchmark == "check-data":
-            from convtune.benchmarks import check_data
-
-            return check_data.run(args)
-        from convtune.benchmarks import train
-
-        return train.run(args)
+        # Each benchmark's module is imported only when it runs: their imports are heavy.
+        module = importlib.import_module(f"convtune.benchmarks.{args.benchmark.replace('-', '_')}")
+        return module.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # As `convtune`'s other commands: our errors carry a message meant for the user.
         print(f"convtune bench {args.benchmark}: error: {error}", file=sys.stderr)

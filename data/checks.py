@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from convtune.data.datasets import LabelledImages
+from convtune.data.image_rules import structure_problem
 from convtune.data.images import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS
 from convtune.data.layouts import Dataset
 from convtune.data.splits import Split, complete_split
@@ -81,6 +82,10 @@ def inspect_file(path: Path) -> FileFacts:
     if not data:
         return FileFacts(None, problem="is empty (0 bytes)")
     digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    # Before Pillow parses the header: for some hostile structures that parse alone costs
+    # seconds, and decode_rgb would refuse the file for the same rule during training.
+    if problem := structure_problem(data, max_pixels=DEFAULT_MAX_PIXELS):
+        return FileFacts(digest, problem=problem)
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.UnidentifiedImageError:
@@ -361,9 +366,7 @@ def plan_split(
     (:func:`~convtune.data.splits.complete_split`)."""
     usable = dataset.without({bad.path for bad in check.bad_files})
     position = {path: i for i, path in enumerate(usable.images.paths)}
-    groups = [
-        [position[check.images.paths[i]] for i in group] for group in check.duplicate_groups
-    ]
+    groups = [[position[check.images.paths[i]] for i in group] for group in check.duplicate_groups]
     split = complete_split(
         usable.images.labels,
         usable.images.classes,

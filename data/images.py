@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from convtune.data.image_rules import structure_problem
+
 Image.init()  # register every plugin now, so ACCEPTED_FORMATS can all be named below
 # Formats a client or a dataset may use. Restricting Pillow's plugins keeps exotic
 # decoders (and their bugs) out of the attack surface.
@@ -39,17 +41,23 @@ def decode_rgb(
     """Decode an image file (its path) or an upload (its bytes) into an ``(H, W, 3)`` uint8
     RGB array.
 
+    Structures no camera or scanner writes, which would cost far more to decode than
+    their bytes (RLE BMP, absurd strip, chunk, marker or scan counts), are refused before
+    Pillow sees the file (:mod:`~convtune.data.image_rules` states the rules).
     ``max_pixels`` is checked against the header before any pixel is decoded, so a
     small file that declares a huge canvas is refused cheaply. ``draft_size`` lets the
     JPEG decoder downscale by a power of two while decoding when the caller will shrink
     the image anyway.
     """
     name = str(encoded) if isinstance(encoded, (str, Path)) else "upload"
-    stream = _read(encoded, name)
+    data = _read(encoded, name)
+    problem = structure_problem(data, max_pixels=max_pixels)
+    if problem is not None:
+        raise ImageDecodeError(f"{name} {problem}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream, formats=ACCEPTED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
             raise ImageDecodeError(
@@ -78,32 +86,31 @@ def decode_rgb(
         raise ImageDecodeError(f"{name} is damaged or truncated: {error}") from error
 
 
-def _read(encoded: bytes | str | Path, name: str) -> io.BytesIO:
+def _read(encoded: bytes | str | Path, name: str) -> bytes:
     """The encoded image in memory, or an ImageDecodeError if it is empty or unreadable."""
     if isinstance(encoded, bytes):
         if not encoded:
             raise ImageDecodeError("the image is empty (0 bytes)")
-        return io.BytesIO(encoded)
+        return encoded
     try:
-        return io.BytesIO(Path(encoded).read_bytes())
+        return Path(encoded).read_bytes()
     except OSError as error:
         raise ImageDecodeError(f"cannot read {name}: {error.strerror or error}") from error
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Convert a decoded Pillow image of any mode into an ``(H, W, 3)`` uint8 array."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit and 32-bit integer grayscale: map the 16-bit range onto 8 bits.
-        pixels = np.asarray(image, dtype=np.float64)
-        gray = np.clip(pixels / 257.0, 0, 255).round().astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if np.nanmax(pixels, initial=0.0) <= 1.0 else 1.0
-        gray = np.clip(np.nan_to_num(pixels * scale), 0, 255).round().astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+    """Convert a decoded Pillow image of any mode into an ``(H, W, 3)`` uint8 array.
+
+    16- and 32-bit integer gray maps 0..65535 onto 0..255. 32-bit float gray (mode ``F``,
+    float TIFFs) is read as 0..1, the convention of float images, whatever the values:
+    below 0 is black, above 1 white, NaN black. Transparency, an alpha channel or a colour
+    key (a PNG's or GIF's ``tRNS``: ``transparency`` in ``image.info``), is composited onto
+    white.
+    """
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _wide_gray_to_rgb(image)
+    if "transparency" in image.info and image.mode in ("1", "L", "P", "RGB"):
+        image = image.convert("RGBA")  # the colour key becomes alpha 0
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*_ALPHA_BACKGROUND, 255))
@@ -111,3 +118,15 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8)
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float gray → RGB, a colour key composited onto white."""
+    pixels = np.asarray(image, dtype=np.float64)
+    scaled = np.nan_to_num(pixels * 255.0, nan=0.0) if image.mode == "F" else pixels / 257.0
+    gray = np.clip(scaled, 0, 255).round().astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # 16-bit gray PNG with a tRNS colour key
+        rgb[pixels == key] = _ALPHA_BACKGROUND
+    return rgb

@@ -11,6 +11,7 @@ would load torch wherever torch is installed.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -39,6 +40,15 @@ class Preprocessing:
     crop_mode: str = "center"
 
     def __post_init__(self) -> None:
+        # A manifest's values come here unchecked: refuse what no encoder config gives.
+        if len(self.input_size) != 2 or not all(map(_positive_whole, self.input_size)):
+            raise ValueError(
+                f"input_size must be (height, width), positive whole numbers, not {self.input_size}"
+            )
+        for name, values, low in (("mean", self.mean, -math.inf), ("std", self.std, 0.0)):
+            if len(values) != 3 or not all(_finite_above(value, low) for value in values):
+                above = "" if low == -math.inf else f" > {low:g}"
+                raise ValueError(f"{name} must be 3 finite numbers{above}, not {values}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"unknown interpolation {self.interpolation!r}; one of {sorted(INTERPOLATIONS)}"
@@ -59,6 +69,14 @@ class Preprocessing:
         for name in ("input_size", "mean", "std"):
             kept[name] = tuple(kept[name])
         return cls(**kept)
+
+
+def _positive_whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _finite_above(value: Any, low: float) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value) and value > low
 
 
 def build_eval_transform(preprocessing: Preprocessing) -> EvalTransform:

@@ -38,13 +38,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convtune.data.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    import bentoml
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
@@ -65,6 +70,10 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 ARTIFACT_FILES = (ONNX_FILE, WEIGHTS_FILE)
+# BentoML's record of a stored model, beside its files; its metadata holds the manifest's
+# sha256 under MANIFEST_DIGEST (training.export.register_in_store).
+STORE_RECORD = "model.yaml"
+MANIFEST_DIGEST = "manifest_sha256"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 # The graph's interface as the manifest states it, for readers other than convtune.
@@ -74,6 +83,10 @@ _OUTPUT = {"name": OUTPUT_NAME, "kind": "logits"}
 
 class ArtifactError(ValueError):
     """The artifact is missing, malformed or does not match its recorded hashes."""
+
+
+class NotInStore(ArtifactError):
+    """The local BentoML store has no model of that name and version."""
 
 
 @dataclass(frozen=True)
@@ -216,15 +229,21 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise ArtifactError(f"schema_version {version!r}; this convtune reads {SCHEMA_VERSION}")
         try:
+            preprocessing = Preprocessing.from_dict(raw["preprocessing"])
+        except ValueError as error:  # Preprocessing names the field and the value
+            raise ArtifactError(f"preprocessing: {error}") from error
+        except (AttributeError, KeyError, TypeError) as error:
+            raise ArtifactError(f"incomplete or malformed: {error!r}") from error
+        try:
             temperature = float(raw["temperature"])
             temperatures = {"none": temperature, **raw.get("temperatures", {})}
             manifest = cls(
-                architecture=str(raw["architecture"]),
-                classes=tuple(str(name) for name in raw["classes"]),
+                architecture=_checked_text("architecture", raw["architecture"]),
+                classes=_checked_classes(raw["classes"]),
                 head=dict(raw["head"]),
-                preprocessing=Preprocessing.from_dict(raw["preprocessing"]),
+                preprocessing=preprocessing,
                 temperatures={str(views): float(t) for views, t in temperatures.items()},
-                serving_tta=str(raw.get("serving", {}).get("tta", "none")),
+                serving_tta=_checked_text("serving.tta", raw.get("serving", {}).get("tta", "none")),
                 val_metrics=dict(raw["metrics"]["val"]),
                 training_config=dict(raw["training_config"]),
                 versions=dict(raw["versions"]),
@@ -240,7 +259,45 @@ class Manifest:
             raise ArtifactError(
                 f"states {stated}; its classes and a convtune graph give {expected}"
             )
+        _check_temperatures(manifest.temperatures, stated=temperature)
         return manifest
+
+
+def _checked_text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ArtifactError(f"{name} must be a non-empty string, not {reprlib.repr(value)}")
+    return value
+
+
+def _checked_classes(names: Any) -> tuple[str, ...]:
+    """The manifest's class names, refused unless a non-empty list of distinct, non-empty
+    strings: every answer of the service is keyed by them."""
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(name, str) and name for name in names)
+    ):
+        raise ArtifactError(
+            f"classes must be a non-empty list of non-empty names, not {reprlib.repr(names)}"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ArtifactError(f"classes must be distinct; {reprlib.repr(repeated)} repeat")
+    return tuple(names)
+
+
+def _check_temperatures(temperatures: Mapping[str, float], *, stated: float) -> None:
+    """Probabilities are ``softmax(logits / T)``: a T of 0 or NaN makes every answer NaN,
+    and a negative one reverses the ranking."""
+    named = [(f"temperatures[{views!r}]", value) for views, value in temperatures.items()]
+    for name, value in [("temperature", stated), *named]:
+        if not (math.isfinite(value) and value > 0):
+            raise ArtifactError(f"{name} must be a finite number > 0, not {value!r}")
+    if temperatures["none"] != stated:
+        raise ArtifactError(
+            f"temperature {stated!r} and temperatures['none'] {temperatures['none']!r} "
+            "must be the same (the single view's)"
+        )
 
 
 def installed_version(distribution: str) -> str | None:
@@ -280,6 +337,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ArtifactError(f"{path} is not valid JSON: {error}") from error
     except ArtifactError as error:
         raise ArtifactError(f"{path}: {error}") from error
+    _check_nothing_unverified(directory)
     for name in ARTIFACT_FILES:
         file = directory / name
         if name not in manifest.files or not file.is_file():
@@ -294,6 +352,48 @@ def read_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
+def _check_nothing_unverified(directory: Path) -> None:
+    """Refuse files beside the artifact's that no hash covers: onnxruntime reads external
+    tensor data only from the graph's own directory, so with nothing unhashed there, every
+    byte the graph can load is verified."""
+    known = {MANIFEST_FILE, *ARTIFACT_FILES, STORE_RECORD}
+    unknown = sorted(entry.name for entry in directory.iterdir() if entry.name not in known)
+    if unknown:
+        raise ArtifactError(
+            f"artifact {directory} holds {reprlib.repr(unknown)}, which its manifest does not "
+            f"cover (an artifact is {MANIFEST_FILE} and {', '.join(ARTIFACT_FILES)}): remove them"
+        )
+
+
+def stored_model(reference: str) -> bentoml.Model:
+    """Model ``reference`` (``NAME[:VERSION]``) of the local BentoML store, its manifest
+    matching the digest recorded in the store at export (where there is one: models
+    exported before it have none).
+
+    Never looked for elsewhere: BentoML would pull a model it does not find from BentoCloud.
+    """
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml.exceptions import BentoMLException
+
+    store = BentoMLContainer.model_store.get()
+    try:
+        model = bentoml.models.get(reference, _model_store=store)
+    except (BentoMLException, ValueError) as error:  # NotFound is a BentoMLException
+        raise NotInStore(
+            f"no model {reference!r} in the BentoML store {store._path} ({error}); see "
+            "`bentoml models list`, or set BENTOML_HOME to the store that holds it"
+        ) from error
+    recorded = model.info.metadata.get(MANIFEST_DIGEST)
+    manifest = Path(model.path) / MANIFEST_FILE
+    if recorded is not None and (not manifest.is_file() or sha256_file(manifest) != recorded):
+        raise ArtifactError(
+            f"{manifest} does not match the sha256 the store recorded at export ({STORE_RECORD} "
+            f"{MANIFEST_DIGEST}): the artifact is damaged or its manifest was modified"
+        )
+    return model
+
+
 def locate_artifact(reference: str) -> Path:
     """``reference`` is an artifact directory or a ``NAME[:VERSION]`` in the BentoML store."""
     path = Path(reference)
@@ -301,13 +401,14 @@ def locate_artifact(reference: str) -> Path:
         return path
     if path.exists():
         raise ArtifactError(f"{path} is not a convtune artifact (no {MANIFEST_FILE})")
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        return Path(bentoml.models.get(reference).path)
-    except (NotFound, ValueError) as error:
+    if len(path.parts) > 1:  # a tag has no slash: this was meant as a directory
         raise ArtifactError(
-            f"{reference!r} is neither an artifact directory nor a model in the BentoML "
-            f"store ({error}); see `bentoml models list`"
+            f"{path} does not exist; a run's artifact is written by `convtune export RUN_DIR "
+            f"--name NAME` (to RUN_DIR/{ARTIFACT_DIR})"
+        )
+    try:
+        return Path(stored_model(reference).path)
+    except NotInStore as error:
+        raise NotInStore(
+            f"{reference!r} is neither an artifact directory nor a model in the store: {error}"
         ) from error

@@ -20,7 +20,15 @@ import numpy as np
 
 from convtune.data.images import DEFAULT_MAX_PIXELS, decode_rgb
 from convtune.data.preprocessing import build_eval_transform, eval_decode_size
-from convtune.models.artifact import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, read_manifest
+from convtune.models.artifact import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    ArtifactError,
+    Manifest,
+    read_manifest,
+)
 
 log = logging.getLogger("convtune")
 
@@ -95,6 +103,41 @@ def _view_logits(session: Any, pixels: np.ndarray, views: str) -> np.ndarray:
     return _logits(session, batch).reshape(len(copies), len(pixels), -1)
 
 
+def check_manifest_views(manifest: Manifest, path: Path) -> None:
+    """Refuse a manifest (at ``path``) naming a view set this convtune does not know."""
+    named = [(f"temperatures[{views!r}]", views) for views in manifest.temperatures]
+    for name, views in [("serving.tta", manifest.serving_tta), *named]:
+        if views not in VIEW_SETS:
+            raise ArtifactError(
+                f"{path}: {name} names view set {views!r}; one of {sorted(VIEW_SETS)}"
+            )
+
+
+def check_graph_interface(session: Any, manifest: Manifest, path: Path) -> None:
+    """Refuse a graph (at ``path``, loaded in ``session``) that does not take the manifest's
+    input or does not give one logit per class of it: every request would fail, or its
+    probabilities would carry the wrong names. Dimensions the graph leaves open pass."""
+    height, width = manifest.preprocessing.input_size
+    stated = {INPUT_NAME: (None, 3, height, width), OUTPUT_NAME: (None, manifest.num_classes)}
+    graph = {arg.name: tuple(arg.shape) for arg in (*session.get_inputs(), *session.get_outputs())}
+    for name, shape in stated.items():
+        found = graph.get(name)
+        if found is None or not _shape_fits(found, shape):
+            raise ArtifactError(
+                f"{path}: the graph's {name!r} has shape {found}, its manifest's classes and "
+                f"preprocessing give {['N', *shape[1:]]}"
+            )
+
+
+def _shape_fits(found: tuple, stated: tuple) -> bool:
+    """A graph's shape (a name where it leaves a size open) against a stated one (None
+    where any size will do)."""
+    return len(found) == len(stated) and all(
+        want is None or not isinstance(size, int) or size == want
+        for size, want in zip(found, stated, strict=True)
+    )
+
+
 class OnnxClassifier:
     """A verified artifact loaded into an onnxruntime session.
 
@@ -108,6 +151,7 @@ class OnnxClassifier:
     ) -> None:
         self.directory = Path(artifact_dir)
         self.manifest = read_manifest(self.directory)
+        check_manifest_views(self.manifest, self.directory / MANIFEST_FILE)
         self.classes = self.manifest.classes
         self.tta = self.manifest.serving_tta if tta is None else tta
         check_view_set(self.tta, input_size=self.manifest.preprocessing.input_size)
@@ -115,6 +159,7 @@ class OnnxClassifier:
         self.transform = build_eval_transform(self.manifest.preprocessing)
         self.decode_size = eval_decode_size(self.manifest.preprocessing)
         self.session = self._session(threads)
+        check_graph_interface(self.session, self.manifest, self.directory / ONNX_FILE)
 
     def _temperature(self) -> float:
         fitted = self.manifest.temperatures.get(self.tta)

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convtune.data.images import ImageDecodeError
+from convtune.models.artifact import stored_model
 from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from convtune.service.client_schema import client_schema
@@ -50,6 +52,33 @@ MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 5
 # Uploads up to this size decode in a few ms, little enough to do it while holding the idle
 # model (requests arriving meanwhile wait for it); bigger ones decode on their own thread.
 INLINE_DECODE_MAX_BYTES = 1 << 20
+MODEL_ENV = "CONVTUNE_MODEL"
+DEFAULT_MODEL = "convtune:latest"
+
+
+def check_start(environ: Mapping[str, str] = os.environ) -> bentoml.Model:
+    """The model to serve, once every ``CONVTUNE_*`` setting and the model have been read
+    and checked as a worker reads them: a ValueError naming the setting or file otherwise.
+
+    ``bentoml serve`` imports this module in its own process before it starts a worker,
+    which runs this: a bad setting or model ends the start with the message and a non-zero
+    status. Raised in a worker's ``__init__``, it would have BentoML restart the worker
+    every few seconds, for ever. The model comes from the local store only: BentoML would
+    look for a missing one on BentoCloud, an outbound request at start.
+    """
+    Limits.from_env(environ)
+    lane_layout(os.cpu_count() or 1, environ)
+    model = stored_model(environ.get(MODEL_ENV, DEFAULT_MODEL))
+    OnnxClassifier(model.path, threads=1, tta=None)  # verified, its values and graph checked
+    return model
+
+
+def checked_start_or_exit() -> bentoml.Model:
+    """:func:`check_start`, its error ending the process as one line on stderr."""
+    try:
+        return check_start()
+    except ValueError as error:
+        raise SystemExit(f"convtune service: error: {error}") from None
 
 
 class RequestAbandoned(Exception):
@@ -135,7 +164,7 @@ class RoutedFirst:
 class Convtune:
     """Image classifier: a convtune ONNX artifact run by onnxruntime."""
 
-    model = bentoml.models.BentoModel(os.environ.get("CONVTUNE_MODEL", "convtune:latest"))
+    model = bentoml.models.BentoModel(checked_start_or_exit().tag)
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()  # CONVTUNE_MAX_* and others: see service.http.Limits

@@ -15,6 +15,7 @@ from helpers import huge_canvas_png
 from PIL import Image
 
 from convtune.benchmarks.cli import main as bench_main
+from convtune.benchmarks.hostile_images import rle_bmp
 from convtune.data.checks import (
     ACROSS_CLASSES,
     ACROSS_PARTS,
@@ -58,6 +59,7 @@ def test_bad_files_are_found_with_their_reasons(tmp_path: Path) -> None:
     # Data after the end of the image is not damage: cameras pad files, MPO appends frames.
     (tmp_path / "padded.jpg").write_bytes(jpeg + b"\0" * 64 + b"trailer")
     (tmp_path / "padded.png").write_bytes(png + b"\0" * 16)
+    (tmp_path / "rle.bmp").write_bytes(rle_bmp())  # refused by decode_rgb's rules too
 
     def problem(name: str) -> str | None:
         return inspect_file(tmp_path / name).problem
@@ -72,6 +74,7 @@ def test_bad_files_are_found_with_their_reasons(tmp_path: Path) -> None:
     assert problem("notes.png").startswith("is not an image in a supported format (JPEG, PNG")
     assert problem("empty.jpg") == "is empty (0 bytes)"
     assert problem("huge.png") == "is 8000x8000, more than 40,000,000 pixels"
+    assert problem("rle.bmp").startswith("is a BMP with RLE8 compression, which is refused")
     facts = inspect_file(tmp_path / "whole.png")
     assert (facts.size, facts.mode, facts.format) == ((48, 48), "RGB", "PNG")
 

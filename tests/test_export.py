@@ -134,6 +134,10 @@ def test_model_store_and_directory_references(exported_model: str, artifact_dir:
     assert locate_artifact(str(artifact_dir)) == artifact_dir
     with pytest.raises(ArtifactError, match="neither an artifact directory nor a model"):
         locate_artifact("no-such-model:latest")
+    # A path, not a tag: the run was not exported yet.
+    missing = artifact_dir.parent / "not-exported" / "artifact"
+    with pytest.raises(ArtifactError, match="does not exist; a run's artifact is written by"):
+        locate_artifact(str(missing))
 
 
 def test_predict_prints_calibrated_probabilities(artifact_dir, heldout_shapes_dir, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -135,15 +136,39 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_predict_command(commands: argparse._SubParsersAction) -> None:
+    # Light imports (numpy, Pillow, OpenCV are loaded already); onnxruntime waits.
+    from convtune.training.predict import DEFAULT_BATCH_SIZE
+    from convtune.training.prediction_output import FORMATS
+
     predict = commands.add_parser(
         "predict",
-        help="classify image files (prints JSON)",
-        description="Classify images with an exported model.",
+        help="classify image files, folders, globs or label files (JSON, JSON lines, CSV)",
+        description="Classify images with an exported model, a batch at a time, writing "
+        "each answer as it comes. A file that cannot be read gets an error row and the "
+        "others go on; the exit status is 1 if any failed. With labels (a label file's "
+        "label column, or a folder of class folders) the accuracy is printed at the end.",
     )
     predict.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="an image; a folder (searched recursively, hidden files skipped); a quoted "
+        "glob ('photos/**/*.jpg'); or a .csv/.tsv label file with a path (or file_name) "
+        "column and, optionally, a label column",
+    )  # fmt: skip
     predict.add_argument("--top-k", type=int, default=5, help="classes to list per image [5]")
     predict.add_argument("--tta", default="none", metavar="VIEWS", help=_TTA_HELP)
+    predict.add_argument(
+        "--format", dest="output_format", choices=FORMATS, default="json",
+        help="json: {model, results: [...]}; jsonl: one result per line; csv: one row per "
+        "image, a p_<class> column per class [json]",
+    )  # fmt: skip
+    predict.add_argument(
+        "--output", "-o", type=Path, metavar="FILE", help="write the results here [stdout]"
+    )
+    predict.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        help=f"images per model call [{DEFAULT_BATCH_SIZE}]",
+    )  # fmt: skip
     predict.set_defaults(handler=run_predict)
 
 
@@ -192,7 +217,8 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     # command line, which lists them and parses each benchmark's options.
     bench = commands.add_parser(
         "bench",
-        help="benchmark serving or training (convtune bench --help; from a source checkout)",
+        help="benchmark serving, predict or training (convtune bench --help; from a "
+        "source checkout)",
         add_help=False,
     )
     bench.add_argument("arguments", nargs=argparse.REMAINDER)
@@ -280,13 +306,29 @@ def run_export(args: argparse.Namespace) -> None:
     print(register_in_store(artifact, args.name))
 
 
-def run_predict(args: argparse.Namespace) -> None:
+def run_predict(args: argparse.Namespace) -> int:
     from convtune.models.artifact import locate_artifact
-    from convtune.training.predict import predict_images
+    from convtune.training.predict import predict_files
 
-    artifact = locate_artifact(args.model)
-    results = predict_images(artifact, args.images, top_k=args.top_k, tta=args.tta)
-    print(json.dumps({"model": args.model, "results": results}, indent=2))
+    try:
+        tally = predict_files(
+            locate_artifact(args.model), args.paths, model=args.model, output=args.output,
+            output_format=args.output_format, top_k=args.top_k, tta=args.tta,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    except BrokenPipeError:
+        # The reader of stdout left (`| head`): stop as other command-line tools do, without
+        # a traceback, and keep Python's final flush from raising it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    data = args.paths[0] if len(args.paths) == 1 else "PATH"
+    lines = tally.summary(
+        destination=f"in {args.output}" if args.output else "on stdout",
+        evaluate_command=f"convtune evaluate {args.model} --data {data}",
+    )
+    for line in lines:
+        print(f"convtune predict: {line}", file=sys.stderr)
+    return 1 if tally.failed else 0
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

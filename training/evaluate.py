@@ -17,7 +17,6 @@ from convtune.models.inference import OnnxClassifier, view_probabilities
 from convtune.training.config import FitConfig, load_saved_config
 from convtune.training.history import read_history
 from convtune.training.metrics import binary_metrics, calibration_summary, classification_metrics
-from convtune.training.report import report_title, write_report
 
 _TTA_KEYS = ("accuracy", "macro_f1", "nll", "ece", "temperature")
 
@@ -139,6 +138,9 @@ def evaluate_and_report(
     )  # fmt: skip
     result = {"model": model, "split": split or "all", "views": tta, **metrics}
     if out_dir is not None:
+        # matplotlib takes longer to import than a small evaluation takes to run.
+        from convtune.training.report import report_title, write_report
+
         report = write_report(
             out_dir, result, logits=logits, labels=labels, paths=images.paths,
             classes=classifier.classes,

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from convtune.data.splits import saved_classes
 from convtune.models.artifact import (
     INPUT_NAME,
+    MANIFEST_DIGEST,
+    MANIFEST_FILE,
     MODEL_DESCRIPTION,
     MODEL_WEIGHTS,
     ONNX_FILE,
@@ -34,6 +36,7 @@ from convtune.models.artifact import (
     installed_version,
     read_manifest,
     read_model_description,
+    sha256_file,
     write_manifest,
 )
 from convtune.models.factory import ImageClassifier, rebuild_model
@@ -141,7 +144,7 @@ def check_serving_views(
 
 def with_serving_tta(artifact_dir: Path, destination: Path, *, tta: str) -> Path:
     """A copy of an artifact in ``destination`` whose service averages over the ``tta``
-    views (the manifest is not covered by the files' hashes)."""
+    views: a new manifest, the same files."""
     manifest = read_manifest(artifact_dir)
     check_serving_views(
         tta, temperatures=manifest.temperatures, input_size=manifest.preprocessing.input_size
@@ -188,7 +191,12 @@ def register_in_store(artifact_dir: Path, name: str, *, bentoml_home: Path | Non
     with bentoml.models.create(
         name,
         labels={"framework": "onnx", "architecture": manifest.architecture},
-        metadata={"classes": list(manifest.classes), "val": dict(manifest.val_metrics)},
+        metadata={
+            "classes": list(manifest.classes),
+            "val": dict(manifest.val_metrics),
+            # Verified when the model is read from the store (models.artifact.stored_model).
+            MANIFEST_DIGEST: sha256_file(artifact_dir / MANIFEST_FILE),
+        },
         **store,
     ) as stored:
         for file in artifact_dir.iterdir():

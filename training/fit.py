@@ -126,7 +126,13 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         else None
     )
     trainer, checkpoint = build_trainer(config, run_dir, seconds_left=seconds_left)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint if resume else None)
+    # Loaded with weights_only: a checkpoint is plain data (training.module), never pickle.
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=last_checkpoint if resume else None,
+        weights_only=True,
+    )
 
     model = load_best_checkpoint(module, checkpoint.best_model_path or last_checkpoint)
     val_logits, _ = collect_logits(model, datamodule.val_dataloader())

@@ -209,7 +209,7 @@ ODD_IMAGES: dict[str, bytes] = {
     "1-bit-bmp": encode(drawing().convert("1"), "BMP"),
     "gray-alpha-png": encode(drawing().convert("LA"), "PNG"),
     "int32-tiff": encode(drawing().convert("I"), "TIFF"),
-    "float-tiff": encode(drawing().convert("F"), "TIFF"),
+    "float-tiff": encode(drawing().convert("F").point(lambda value: value / 255), "TIFF"),
     "translucent-webp": encode(_translucent(), "WEBP", lossless=True),
     "progressive-jpeg": encode(drawing(), "JPEG", progressive=True),
 }

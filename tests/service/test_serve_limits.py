@@ -163,7 +163,7 @@ def test_a_bad_limit_value_is_refused(value: str) -> None:
 
 
 def test_a_bad_limit_stops_the_service_at_start(start_refused) -> None:
-    error = "ValueError: CONVTUNE_MAX_PIXELS must be a positive integer, not 'ten'"
+    error = "convtune service: error: CONVTUNE_MAX_PIXELS must be a positive integer, not 'ten'"
     start_refused("serve-bad-limit", error, CONVTUNE_MAX_PIXELS="ten")
 
 
