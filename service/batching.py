@@ -96,7 +96,7 @@ class GreedyBatcher:
         self._running = 0  # inference calls in flight
         self._preparing = 0  # prepare calls in flight outside inference calls
         self._queue: deque[_Job] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references
 
     async def __call__(
         self, prepare: Callable[[], np.ndarray], *, inline: bool = True
@@ -108,20 +108,55 @@ class GreedyBatcher:
         """
         if inline and self._idle() and not self._queue:
             self._running += 1
-            try:
-                return await anyio.to_thread.run_sync(lambda: self._infer(prepare()))
-            finally:
-                self._running -= 1
-                self._start_calls()
+            return await self._until_returned(
+                lambda: self._infer(prepare()), release=self._end_inline_call
+            )
         self._preparing += 1
-        try:
-            pixels = await anyio.to_thread.run_sync(prepare, limiter=self._prepare_limiter)
-        finally:
-            self._preparing -= 1
+        pixels = await self._until_returned(
+            prepare, release=self._end_prepare, limiter=self._prepare_limiter
+        )
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(pixels, future, time.monotonic()))
         self._start_calls()
         return await future
+
+    async def _until_returned(
+        self,
+        function: Callable[[], np.ndarray],
+        *,
+        release: Callable[[], None],
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> np.ndarray:
+        """``function()`` on a worker thread (a token of ``limiter`` held while it runs);
+        ``release()`` once it returns.
+
+        A cancelled caller (BentoML's timeout) stops waiting at once, but the thread runs on
+        to its end: its limiter token and the counters ``release`` decrements stay taken
+        until then, so work that nobody waits for still counts against the cores.
+        """
+
+        async def run() -> np.ndarray:
+            try:
+                return await anyio.to_thread.run_sync(function, limiter=limiter)
+            finally:
+                release()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return await asyncio.shield(task)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # its caller may be gone: retrieved, so asyncio logs nothing
+
+    def _end_inline_call(self) -> None:
+        self._running -= 1
+        self._start_calls()
+
+    def _end_prepare(self) -> None:
+        self._preparing -= 1
 
     def _idle(self) -> bool:
         """Whether ``infer`` may take the cores: nothing runs, and with lanes nothing is

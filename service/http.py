@@ -31,6 +31,8 @@ DEFAULT_TOP_K = 5
 FILE_FIELDS = {"/predict": "image", "/predict_batch": "images"}
 ENV_PREFIX = "CONVTUNE_"
 REQUEST_LOGGER = "convtune.requests"
+MAX_FORM_FIELDS = 4  # text fields in a form: top_k, and room for a client's extras to refuse
+MAX_BOUNDARY_PADDING = 64  # spaces or tabs after a multipart boundary (see BoundaryScan)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,12 @@ class Limits:
     max_batch_images: int = 64  # files in one request
     max_pixels: int = 40_000_000  # per image, checked from its header before decoding
     max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
+    # Enforced by the HTTP protocol, before the application (service.connections):
+    max_url_bytes: int = 8 * 1024  # the request line: 414 over it
+    max_header_bytes: int = 16 * 1024  # the request line and headers: 431 over it
+    header_timeout_s: int = 10  # from connecting (or a kept-alive request's first byte)
+    slow_body_grace_s: int = 10  # a body's first seconds, at any rate
+    min_body_rate: int = 16 * 1024  # bytes/s a body must average after its grace: 408
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
@@ -119,6 +127,62 @@ def with_body_limit(request: Request, max_bytes: int) -> Request:
     return Request(request.scope, receive)
 
 
+class BoundaryScan:
+    """Checks a multipart body's boundaries as it arrives, ahead of the parser.
+
+    python-multipart walks some shapes one byte at a time in Python, on the event loop:
+    spaces after a boundary (RFC 2046's "transport padding") and text that starts like a
+    boundary but is not one cost it about a second per few MiB, while every other client
+    waits. This scan finds each ``CRLF--boundary`` with ``bytes.find`` and refuses more of
+    them than a request may have parts, and padding longer than ``MAX_BOUNDARY_PADDING``
+    (no client sends any), so the parser only ever sees bodies it reads at C speed.
+    """
+
+    def __init__(self, boundary: bytes, *, max_parts: int) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._max_delimiters = max_parts + 1  # one before each part, one closing
+        self._window = len(self._delimiter) + MAX_BOUNDARY_PADDING + 1
+        self._tail = b"\r\n"  # the first boundary has no line break before it
+        self._tail_offset = -2  # where ``_tail`` starts in the body
+        self._last_seen = -3  # where the last delimiter counted starts
+        self._delimiters = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Scan the next ``chunk`` of the body; BadRequest for a shape the parser walks."""
+        data = self._tail + chunk
+        found = data.find(self._delimiter)
+        while found != -1:
+            if self._tail_offset + found > self._last_seen:  # the tail is scanned twice
+                self._last_seen = self._tail_offset + found
+                self._delimiters += 1
+                if self._delimiters > self._max_delimiters:
+                    raise BadRequest(
+                        f"the multipart body has more than {self._max_delimiters - 1} parts"
+                    )
+            after = found + len(self._delimiter)
+            padding = data[after : after + MAX_BOUNDARY_PADDING + 1]
+            if len(padding) - len(padding.lstrip(b" \t")) > MAX_BOUNDARY_PADDING:
+                raise BadRequest(
+                    "the multipart body has more than "
+                    f"{MAX_BOUNDARY_PADDING} spaces after a boundary; send none"
+                )
+            found = data.find(self._delimiter, found + 1)
+        self._tail = data[-self._window :]
+        self._tail_offset += len(data) - len(self._tail)
+
+
+def with_boundary_scan(request: Request, scan: BoundaryScan) -> Request:
+    """``request`` whose body goes through ``scan`` as the form parser reads it."""
+
+    async def receive() -> Message:
+        message = await request.receive()
+        if message["type"] == "http.request":
+            scan.feed(message.get("body", b""))
+        return message
+
+    return Request(request.scope, receive)
+
+
 @dataclass(frozen=True)
 class Form:
     """A parsed upload: each file as (a name for messages, its bytes), and ``top_k``."""
@@ -143,8 +207,11 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
         )
     request = with_body_limit(request, limits.max_upload_bytes)
     max_files = limits.max_batch_images
+    if boundary := parameters.get(b"boundary"):  # none: the parser says so
+        scan = BoundaryScan(boundary, max_parts=max_files + MAX_FORM_FIELDS)
+        request = with_boundary_scan(request, scan)
     try:
-        async with request.form(max_files=max_files, max_fields=4) as form:
+        async with request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS) as form:
             unexpected = sorted(set(form.keys()) - {file_field, "top_k"})
             if unexpected:
                 raise BadRequest(f"unexpected field(s) {unexpected}; send files in {file_field!r}")

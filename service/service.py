@@ -13,8 +13,10 @@ BentoML still provides the health probes, metrics and traffic limits (429, 504).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +34,7 @@ from convtune.models.artifact import stored_model
 from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from convtune.service.client_schema import client_schema
+from convtune.service.connections import serve_http_with_limits, set_connection_limits
 from convtune.service.http import (
     FILE_FIELDS,
     BadRequest,
@@ -76,6 +79,10 @@ def checked_start_or_exit() -> bentoml.Model:
         return check_start()
     except ValueError as error:
         raise SystemExit(f"convtune service: error: {error}") from None
+
+
+class RequestAbandoned(Exception):
+    """Decoding stopped early: the request was cancelled and nobody waits for its images."""
 
 
 async def predict(request: Request, log_entry: RequestLogEntry) -> dict[str, Any]:
@@ -160,7 +167,8 @@ class Convtune:
     model = bentoml.models.BentoModel(checked_start_or_exit().tag)
 
     def __init__(self) -> None:
-        self.limits = Limits.from_env()  # CONVTUNE_MAX_*: see service.http.Limits
+        self.limits = Limits.from_env()  # CONVTUNE_MAX_* and others: see service.http.Limits
+        set_connection_limits(self.limits)  # before uvicorn accepts the first connection
         # Averaged over the test-time views the artifact was exported to be served with.
         self.classifier = OnnxClassifier(self.model.path, tta=None)
         self.tag = str(self.model.tag)
@@ -182,10 +190,15 @@ class Convtune:
         )
         setup_request_log()
 
-    def _pixels(self, uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        """The model's input for each upload, or a BadRequest naming the first bad one."""
+    def _pixels(self, uploads: list[tuple[str, bytes]], abandoned: threading.Event) -> np.ndarray:
+        """The model's input for each upload, or a BadRequest naming the first bad one.
+
+        Stops before the next image once ``abandoned`` is set: nobody waits for the rest.
+        """
         images = []
         for index, (name, data) in enumerate(uploads):
+            if abandoned.is_set():
+                raise RequestAbandoned(f"stopped before {name}: the request was cancelled")
             try:
                 rgb = self.classifier.decode(data, max_pixels=self.limits.max_pixels)
             except ImageDecodeError as error:
@@ -195,14 +208,20 @@ class Convtune:
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode, preprocess and run the model off the event loop, batched with others."""
+        abandoned = threading.Event()
         try:
             probabilities = await self._batcher(
-                functools.partial(self._pixels, uploads),
+                functools.partial(self._pixels, uploads, abandoned),
                 inline=sum(len(data) for _, data in uploads) <= INLINE_DECODE_MAX_BYTES,
             )
+        except asyncio.CancelledError:  # BentoML's timeout: its deadline has passed
+            abandoned.set()
+            raise
         except QueueTimeout as error:
             raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
 
 
 Convtune.add_asgi_middleware(RoutedFirst, paths=frozenset({"/schema.json"}), handler=app)
+# BentoML starts uvicorn without limits on headers, URLs or slow clients: see connections.
+serve_http_with_limits()

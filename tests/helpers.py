@@ -8,13 +8,17 @@ corpus.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
+import select
+import socket
 import struct
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,56 @@ BACKSTOP_S = 30.0  # a wait this long means the code under test hangs: fail inst
 
 def post(url: str, route: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(f"{url}/{route}", timeout=60, **kwargs)
+
+
+def address(url: str) -> tuple[str, int]:
+    """(host, port) of a base URL such as ``http://127.0.0.1:8000``."""
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """An HTTP answer read off a raw socket, and whether the server closed it after."""
+
+    status: int
+    body: bytes
+    closed: bool
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @classmethod
+    def read(cls, client: socket.socket) -> RawAnswer:
+        response = http.client.HTTPResponse(client)
+        response.begin()
+        body = response.read()
+        client.settimeout(2)  # a closing server closes at once; a kept-alive one waits
+        try:
+            closed = client.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            closed = False
+        return cls(response.status, body, closed)
+
+
+def raw_request(url: str, data: bytes, *, timeout: float = 30) -> RawAnswer:
+    """Send ``data`` as it is on a new connection and read the answer."""
+    with socket.create_connection(address(url), timeout=timeout) as client:
+        client.sendall(data)
+        return RawAnswer.read(client)
+
+
+def trickle(
+    client: socket.socket, *, every_s: float, backstop_s: float, byte: bytes = b"x"
+) -> RawAnswer:
+    """Send ``byte`` every ``every_s`` until the server answers; then read its answer."""
+    deadline = time.monotonic() + backstop_s
+    while not select.select([client], [], [], every_s)[0]:
+        assert time.monotonic() < deadline, "the server never answered the slow client"
+        client.sendall(byte)
+    return RawAnswer.read(client)
 
 
 def encode(image: Image.Image, image_format: str, **options: Any) -> bytes:
@@ -69,6 +123,20 @@ def huge_canvas_png(width: int = 8000, height: int = 8000) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def loadgen_args(
+    url: str, images: Sequence[Path], *, concurrency: int, duration_s: float, server_pid: int,
+    summary: Path,
+) -> list[str]:  # fmt: skip
+    """``python`` arguments of ``convtune.benchmarks.loadgen``: ``concurrency`` keep-alive
+    clients posting ``images`` in turn to /predict, the summary written to ``summary``."""
+    return [
+        "-m", "convtune.benchmarks.loadgen", "--url", url, "--route", "/predict",
+        *[arg for path in images for arg in ("--image", str(path))],
+        "--concurrency", str(concurrency), "--duration", str(duration_s),
+        "--server-pid", str(server_pid), "--json", str(summary),
+    ]  # fmt: skip
 
 
 def image_file(path: Path) -> tuple[str, bytes, str]:

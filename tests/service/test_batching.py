@@ -14,6 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import anyio
 import numpy as np
 import pytest
 from helpers import BACKSTOP_S, Clock, queued, until
@@ -120,8 +121,10 @@ def test_batches_never_exceed_the_limit_and_keep_requests_whole() -> None:
         batcher = GreedyBatcher(model, max_batch_size=7, max_wait_s=10)
         first = asyncio.create_task(batcher(ready(first_request)))
         await until(lambda: model.started == 1)
-        others = [asyncio.create_task(batcher(ready(r))) for r in later]
-        await until(lambda: queued(batcher) == 4)
+        others = []
+        for count, pixels in enumerate(later, start=1):  # each prepared before the next comes
+            others.append(asyncio.create_task(batcher(ready(pixels))))
+            await until(lambda count=count: queued(batcher) == count)
         model.release()
         return [await first, *await asyncio.gather(*others)]
 
@@ -313,3 +316,63 @@ def test_lane_layout_defaults_to_a_lane_per_core_plus_one_and_reads_the_environm
     for bad in ("-1", "two", "1.5", ""):
         with pytest.raises(ValueError, match="CONVTUNE_INFERENCE_LANES must be a whole number"):
             lane_layout(2, {"CONVTUNE_INFERENCE_LANES": bad})
+
+
+def test_a_cancelled_request_keeps_its_decode_slot_until_its_thread_returns() -> None:
+    """BentoML's timeout cancels the request, not its thread: the decode runs on, so its
+    limiter token and the batcher's count of decodes stay taken until it returns."""
+    model = Model()
+    limiter = anyio.CapacityLimiter(1)
+    started, may_return = threading.Event(), threading.Event()
+    next_started = threading.Event()
+    [slow, quick] = inputs = requests(1, 1)
+
+    def prepare_slow() -> np.ndarray:
+        started.set()
+        assert may_return.wait(BACKSTOP_S)
+        return slow
+
+    def prepare_quick() -> np.ndarray:
+        next_started.set()
+        return quick
+
+    async def scenario() -> np.ndarray:
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10, prepare_limiter=limiter)
+        cancelled = asyncio.create_task(batcher(prepare_slow, inline=False))
+        await until(started.is_set)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled  # the caller stops waiting at once
+        waiting = asyncio.create_task(batcher(prepare_quick, inline=False))
+        await until(lambda: limiter.statistics().tasks_waiting == 1)
+        assert limiter.borrowed_tokens == 1 and not next_started.is_set()
+        assert batcher._preparing == 2  # the abandoned decode still counts
+        may_return.set()
+        result = await waiting
+        assert limiter.borrowed_tokens == 0 and batcher._preparing == 0
+        return result
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), inputs[1] * 2)
+    assert model.batch_sizes == [1]  # the abandoned request's pixels never reached the model
+
+
+def test_a_cancelled_inline_call_holds_the_model_until_its_thread_returns() -> None:
+    model = Model(held=True)
+    [first, second] = inputs = requests(1, 2)
+
+    async def scenario() -> np.ndarray:
+        batcher = GreedyBatcher(model, max_batch_size=64, max_wait_s=10)
+        cancelled = asyncio.create_task(batcher(ready(first)))
+        await until(lambda: model.started == 1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        later = asyncio.create_task(batcher(ready(second)))
+        await until(lambda: queued(batcher) == 1)  # queued behind the running call
+        assert model.started == 1
+        model.release()
+        return await later
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), inputs[1] * 2)
+    assert model.batch_sizes == [1, 2]
+    assert model.flights.beside("infer") == set()  # never two calls at once

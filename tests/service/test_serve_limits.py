@@ -1,9 +1,9 @@
 """Configured limits and overload, on a second server started with tight settings.
 
 ``CONVTUNE_MAX_*`` set the per-request limits; BentoML's own ``BENTOML_CONFIG_OPTIONS``
-sets its traffic limits. With two requests allowed in flight and a 4 s timeout, two
-clients that stall mid-upload fill the server: the next request must be refused at once
-(429), the stalled ones must time out (504), and then the server must answer again.
+sets its traffic limits. With two requests allowed in flight, a burst of requests gets
+some refused at once (429), while clients that stall mid-upload hold no slot at all: their
+bodies are read before their requests take one, and they time out (408).
 A bad limit or a tampered model stops the service at start.
 """
 
@@ -14,13 +14,14 @@ import json
 import shutil
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
-from helpers import assert_json_error, drawing, encode, png_bytes, post
+from helpers import RawAnswer, address, assert_json_error, drawing, encode, png_bytes, post
 
-from convtune.service.http import Limits
+from convtune.service.http import MAX_BOUNDARY_PADDING, BadRequest, BoundaryScan, Limits
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,7 @@ MAX_BYTES = 200_000
 MAX_PIXELS = 1_000_000
 MAX_CONCURRENCY = 2
 TIMEOUT_S = 4
+BODY_GRACE_S = 2  # a stalled upload is refused this long after its headers
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,7 @@ def tight(start_server) -> Iterator:
         CONVTUNE_MAX_BATCH_IMAGES=str(MAX_IMAGES),
         CONVTUNE_MAX_UPLOAD_BYTES=str(MAX_BYTES),
         CONVTUNE_MAX_PIXELS=str(MAX_PIXELS),
+        CONVTUNE_SLOW_BODY_GRACE_S=str(BODY_GRACE_S),
         BENTOML_CONFIG_OPTIONS=(
             f"{traffic}.max_concurrency={MAX_CONCURRENCY} {traffic}.timeout={TIMEOUT_S}"
         ),
@@ -88,15 +91,10 @@ def test_pixel_limits_come_from_the_environment(tight) -> None:
     assert post(tight.url, "predict", files={"image": GOOD}).status_code == 200
 
 
-def address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
 def test_a_chunked_body_is_refused_as_it_passes_the_limit_before_it_ends(tight) -> None:
     """A chunked upload that never ends: the 413 must arrive while it is still open, so the
     server counted it as it came instead of reading (and spooling) it to the end. A server
-    that waited for the end would answer 504 once its 4 s timeout passed."""
+    that waited for the end would answer 408 once the body stopped arriving."""
     part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
     body = part + bytes(MAX_BYTES + 1)
     with socket.create_connection(address(tight.url), timeout=TIMEOUT_S + 30) as client:
@@ -118,7 +116,7 @@ def test_a_chunked_body_is_refused_as_it_passes_the_limit_before_it_ends(tight) 
 
 def stalled_upload(url: str) -> socket.socket:
     """A client that sends the start of a /predict request and then nothing more."""
-    client = socket.create_connection(address(url), timeout=TIMEOUT_S + 10)
+    client = socket.create_connection(address(url), timeout=BODY_GRACE_S + 30)
     client.sendall(
         b"POST /predict HTTP/1.1\r\nHost: test\r\n"
         b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\n"
@@ -126,38 +124,35 @@ def stalled_upload(url: str) -> socket.socket:
     return client
 
 
-def unanswered(client: socket.socket) -> bool:
-    """Whether nothing has come back on ``client`` yet (the answer stays unread)."""
-    client.setblocking(False)
-    try:
-        return not client.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True
-    finally:
-        client.settimeout(TIMEOUT_S + 10)
-
-
-def test_overload_is_refused_at_once_and_stalled_requests_time_out(tight) -> None:
+def test_stalled_uploads_hold_no_slot_and_time_out(tight) -> None:
     stalled = [stalled_upload(tight.url) for _ in range(MAX_CONCURRENCY)]
     try:
-        # Both stalled requests hold a slot as soon as the server has read their headers;
-        # until they time out, the next request must be refused.
-        deadline = time.monotonic() + TIMEOUT_S - 1
-        while (response := post(tight.url, "predict", files={"image": GOOD})).status_code != 429:
-            assert time.monotonic() < deadline, response.text
-            time.sleep(0.05)
-        assert_json_error(response, 429)
-        # Refused at once, not queued behind them: they have had no answer yet.
-        assert all(map(unanswered, stalled))
-        assert httpx.get(f"{tight.url}/readyz", timeout=5).status_code == 200  # probes bypass
+        # As many stalled uploads as there are slots: the next request is still answered.
+        assert post(tight.url, "predict", files={"image": GOOD}).status_code == 200
         for client in stalled:
-            answer = http.client.HTTPResponse(client)  # read the raw socket's answer
-            answer.begin()
-            assert answer.status == 504
-            assert "error" in json.loads(answer.read())
+            answer = RawAnswer.read(client)
+            assert answer.status == 408 and "bytes/s" in answer.json()["error"]
     finally:
         for client in stalled:
             client.close()
+
+
+def test_a_burst_over_the_concurrency_limit_is_refused_at_once(tight) -> None:
+    """More requests at once than slots: some are refused with 429 instead of queued."""
+    files = [("images", ("big.png", encode(drawing(1000, 1000), "PNG"), "image/png"))]
+    statuses: Counter[int] = Counter()
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        while not statuses[429]:
+            assert time.monotonic() < deadline, f"no request was refused: {statuses}"
+            burst = [pool.submit(post, tight.url, "predict_batch", files=files * MAX_IMAGES)
+                     for _ in range(16)]  # fmt: skip
+            answers = [future.result() for future in burst]
+            statuses.update(response.status_code for response in answers)
+            for response in answers:
+                if response.status_code == 429:
+                    assert_json_error(response, 429)
+    assert set(statuses) <= {200, 429}, statuses
     assert post(tight.url, "predict", files={"image": GOOD}).status_code == 200
 
 
@@ -190,3 +185,37 @@ def test_a_tampered_model_is_refused_at_start(start_refused, exported, tmp_path)
 def test_limits_default_and_parse() -> None:
     assert Limits.from_env({}) == Limits(64, 40_000_000, 20 * 1024 * 1024)
     assert Limits.from_env({"CONVTUNE_MAX_BATCH_IMAGES": "8"}).max_batch_images == 8
+
+
+def scanned(body: bytes, chunk_size: int, max_parts: int = 4) -> str:
+    """What ``BoundaryScan`` says of ``body`` fed in chunks: "ok" or its refusal."""
+    scan = BoundaryScan(b"b", max_parts=max_parts)
+    try:
+        for start in range(0, len(body), chunk_size):
+            scan.feed(body[start : start + chunk_size])
+    except BadRequest as error:
+        return str(error)
+    return "ok"
+
+
+PART = b'Content-Disposition: form-data; name="image"; filename="a"\r\n\r\nxy\r\n'
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, 1 << 16])
+def test_boundary_scan_refuses_padding_and_extra_parts_however_the_body_is_cut(
+    chunk_size: int,
+) -> None:
+    ordinary = b"--b\r\n" + PART + b"--b\r\n" + PART + b"--b--\r\n"
+    assert scanned(ordinary, chunk_size) == "ok"
+    allowed_padding = b"--b" + b" \t" * (MAX_BOUNDARY_PADDING // 2) + b"\r\n" + PART + b"--b--"
+    assert scanned(allowed_padding, chunk_size) == "ok"
+    for padded in (
+        b"--b" + b" " * (MAX_BOUNDARY_PADDING + 1) + b"\r\n" + PART + b"--b--",  # first boundary
+        b"--b\r\n" + PART + b"--b" + b"\t" * 10_000 + b"\r\n" + PART + b"--b--",
+    ):
+        assert "spaces after a boundary" in scanned(padded, chunk_size)
+    assert scanned(b"--b\r\n" + PART * 4 + b"--b--", chunk_size) == "ok"  # one part
+    five_parts = b"--b\r\n" + b"--b\r\n".join([PART] * 5) + b"--b--"
+    assert scanned(five_parts, chunk_size) == "the multipart body has more than 4 parts"
+    look_alikes = b"--b\r\n" + PART + b"\r\n--bX" * 10 + b"\r\n--b--"
+    assert scanned(look_alikes, chunk_size) == "the multipart body has more than 4 parts"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import loadgen_args
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +27,15 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(
     served, exported, probe_images, tmp_path
 ) -> None:
     summary_file = tmp_path / "load.json"
-    images = [arg for path in probe_images for arg in ("--image", str(path))]
     table = exported.run(
-        "-m",
-        "convtune.benchmarks.loadgen",
-        "--url",
-        served.url,
-        "--route",
-        "/predict",
-        *images,
-        "--concurrency",
-        str(CONCURRENCY),
-        "--duration",
-        str(DURATION_S),
-        "--server-pid",
-        str(served.process.pid),
-        "--json",
-        str(summary_file),
+        *loadgen_args(
+            served.url,
+            probe_images,
+            concurrency=CONCURRENCY,
+            duration_s=DURATION_S,
+            server_pid=served.process.pid,
+            summary=summary_file,
+        ),
         timeout=DURATION_S + 60,
     )  # fmt: skip  (exits non-zero on any 5xx or connection error)
     print(f"\nload on /predict, {CONCURRENCY} clients for {DURATION_S}s:\n{table}")
