@@ -86,6 +86,20 @@ def decode_rgb(
         raise ImageDecodeError(f"{name} is damaged or truncated: {error}") from error
 
 
+def declared_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The pixels the image in ``data`` declares in its header, without decoding it; 0 for
+    bytes that :func:`decode_rgb` will refuse anyway (its structure rules, no image)."""
+    if not data or structure_problem(data, max_pixels=max_pixels) is not None:
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
+    except Exception:  # any header Pillow cannot read: decode_rgb says why
+        return 0
+    return width * height
+
+
 def _read(encoded: bytes | str | Path, name: str) -> bytes:
     """The encoded image in memory, or an ImageDecodeError if it is empty or unreadable."""
     if isinstance(encoded, bytes):

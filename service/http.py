@@ -42,6 +42,7 @@ class Limits:
     max_batch_images: int = 64  # files in one request
     max_pixels: int = 40_000_000  # per image, checked from its header before decoding
     max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
+    max_request_pixels: int = 160_000_000  # all the images of one request, from their headers
     # Enforced by the HTTP protocol, before the application (service.connections):
     max_url_bytes: int = 8 * 1024  # the request line: 414 over it
     max_header_bytes: int = 16 * 1024  # the request line and headers: 431 over it

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from convtune.data.images import ImageDecodeError
+from convtune.data.images import ImageDecodeError, declared_pixels
 from convtune.models.artifact import stored_model
 from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
@@ -40,6 +40,7 @@ from convtune.service.http import (
     BadRequest,
     Limits,
     Overloaded,
+    PayloadTooLarge,
     RequestLogEntry,
     json_endpoint,
     read_form,
@@ -52,6 +53,9 @@ MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 5
 # Uploads up to this size decode in a few ms, little enough to do it while holding the idle
 # model (requests arriving meanwhile wait for it); bigger ones decode on their own thread.
 INLINE_DECODE_MAX_BYTES = 1 << 20
+# ... and declare few pixels: a small file can declare 40 million, seconds of decoding
+# (docs/benchmarks.md, "Hostile images").
+INLINE_DECODE_MAX_PIXELS = 4_000_000
 MODEL_ENV = "CONVTUNE_MODEL"
 DEFAULT_MODEL = "convtune:latest"
 
@@ -208,11 +212,20 @@ class Convtune:
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
         """Decode, preprocess and run the model off the event loop, batched with others."""
+        pixels = sum(
+            declared_pixels(data, max_pixels=self.limits.max_pixels) for _, data in uploads
+        )
+        if pixels > self.limits.max_request_pixels:
+            raise PayloadTooLarge(
+                f"the images declare {pixels:,} pixels together, more than the limit of "
+                f"{self.limits.max_request_pixels:,} per request; send fewer or smaller images"
+            )
+        small = sum(len(data) for _, data in uploads) <= INLINE_DECODE_MAX_BYTES
         abandoned = threading.Event()
         try:
             probabilities = await self._batcher(
                 functools.partial(self._pixels, uploads, abandoned),
-                inline=sum(len(data) for _, data in uploads) <= INLINE_DECODE_MAX_BYTES,
+                inline=small and pixels <= INLINE_DECODE_MAX_PIXELS,
             )
         except asyncio.CancelledError:  # BentoML's timeout: its deadline has passed
             abandoned.set()

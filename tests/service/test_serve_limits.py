@@ -19,7 +19,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import RawAnswer, address, assert_json_error, drawing, encode, png_bytes, post
+from helpers import (
+    RawAnswer,
+    address,
+    assert_json_error,
+    drawing,
+    encode,
+    huge_canvas_png,
+    png_bytes,
+    post,
+)
 
 from convtune.service.http import MAX_BOUNDARY_PADDING, BadRequest, BoundaryScan, Limits
 
@@ -28,6 +37,7 @@ pytestmark = pytest.mark.slow
 MAX_IMAGES = 3
 MAX_BYTES = 200_000
 MAX_PIXELS = 1_000_000
+MAX_REQUEST_PIXELS = 2_500_000
 MAX_CONCURRENCY = 2
 TIMEOUT_S = 4
 BODY_GRACE_S = 2  # a stalled upload is refused this long after its headers
@@ -41,6 +51,7 @@ def tight(start_server) -> Iterator:
         CONVTUNE_MAX_BATCH_IMAGES=str(MAX_IMAGES),
         CONVTUNE_MAX_UPLOAD_BYTES=str(MAX_BYTES),
         CONVTUNE_MAX_PIXELS=str(MAX_PIXELS),
+        CONVTUNE_MAX_REQUEST_PIXELS=str(MAX_REQUEST_PIXELS),
         CONVTUNE_SLOW_BODY_GRACE_S=str(BODY_GRACE_S),
         BENTOML_CONFIG_OPTIONS=(
             f"{traffic}.max_concurrency={MAX_CONCURRENCY} {traffic}.timeout={TIMEOUT_S}"
@@ -89,6 +100,16 @@ def test_pixel_limits_come_from_the_environment(tight) -> None:
     thin = encode(drawing(100_000, 1), "PNG")
     assert post(tight.url, "predict", files={"image": ("thin.png", thin)}).status_code == 200
     assert post(tight.url, "predict", files={"image": GOOD}).status_code == 200
+
+
+def test_the_images_of_a_request_share_a_pixel_budget(tight) -> None:
+    # Each under the per-image limit; three of them declare more than a request may.
+    image = ("big.png", huge_canvas_png(1000, 900), "image/png")  # 900,000 pixels, 45 bytes
+    body = assert_json_error(post(tight.url, "predict_batch", files=[("images", image)] * 3), 413)
+    assert "2,700,000 pixels together, more than the limit of 2,500,000" in body["error"]
+    # Two fit the budget: they are decoded (and refused for their empty pixel data).
+    response = post(tight.url, "predict_batch", files=[("images", image)] * 2)
+    assert "damaged or truncated" in assert_json_error(response, 400)["error"]
 
 
 def test_a_chunked_body_is_refused_as_it_passes_the_limit_before_it_ends(tight) -> None:
