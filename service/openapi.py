@@ -14,12 +14,17 @@ from typing import Any
 from convtune.service.http import DEFAULT_TOP_K, FILE_FIELDS, Limits
 
 SCHEMAS = "#/components/schemas/"
+# The tag BentoML files its ``@bentoml.api`` routes under; ours go there too.
+APP_TAG = "Service APIs"
 BATCH_ROUTE = "/predict_batch"
 _MODEL = {"type": "string", "description": "the served model, NAME:VERSION"}
 _ACCEPTED = (
     "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, in any mode; converted to RGB as in "
     "training (transparency onto white, EXIF orientation applied)"
 )
+
+
+_SUMMARIES = {"/predict": "Classify one image", BATCH_ROUTE: "Classify several images"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -98,9 +103,9 @@ def _operation(route: str, limits: Limits) -> dict[str, Any]:
     form = form_schema(route, limits, file={"type": "string", "format": "binary"})
     return {
         "post": {
-            "tags": ["Service APIs"],
+            "tags": [APP_TAG],
             "operationId": "Convtune__" + route.strip("/"),
-            "summary": "Classify several images" if batch else "Classify one image",
+            "summary": _SUMMARIES[route],
             "description": route_description(route, limits),
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
             "responses": _responses(batch=batch, limits=limits),
@@ -176,9 +181,45 @@ def _bad_request(*, batch: bool, limits: Limits) -> str:
     return text
 
 
-def merged_spec(bentoml_spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """``bentoml_spec`` (a dict) with ``/predict`` and ``/predict_batch`` added."""
+def service_info(model_tag: str, limits: Limits) -> dict[str, Any]:
+    """The document's ``info``: what this service is, for the Swagger page at ``/``.
+
+    BentoML's own is a template (its name and badges, a version of "None"); the version
+    here is the served model's tag, which is what changes between deployments.
+    """
+    routes = "\n".join(
+        f"- `POST {route}`: {_SUMMARIES[route].lower()} (multipart file field "
+        f"`{FILE_FIELDS[route]}`)"
+        for route in FILE_FIELDS
+    )
+    description = f"""\
+Image classification with the convtune model `{model_tag}`, a fine-tuned convolutional \
+network exported to ONNX and run by onnxruntime.
+
+**Try it in a browser: [the web page at /ui](ui)** (choose, drop or paste an image).
+
+{routes}
+- `GET /ui`: the web page, which calls the routes above
+- `GET /healthz`, `GET /readyz`: liveness and readiness probes; `GET /metrics`: Prometheus
+- `GET /docs.json`: this document; `GET /schema.json`: what BentoML's Python clients read
+
+Images: {_ACCEPTED}; up to {limits.max_pixels:,} pixels each, {limits.max_batch_images} \
+files and {limits.max_upload_bytes:,} bytes a request. Refusals answer a 4xx with \
+`{{"error": "..."}}` saying what is wrong; every answer carries an `X-Request-ID` header \
+that names the request in the service's log."""
+    return {"title": "convtune image classifier", "version": model_tag, "description": description}
+
+
+def merged_spec(bentoml_spec: dict[str, Any], limits: Limits, *, model_tag: str) -> dict[str, Any]:
+    """``bentoml_spec`` (a dict) with this service's ``info`` and our routes added."""
     spec = copy.deepcopy(bentoml_spec)
+    spec["info"] = service_info(model_tag, limits)
+    spec["tags"] = [
+        {**tag, "description": "Classify images with the served model."}
+        if tag.get("name") == APP_TAG
+        else tag
+        for tag in spec.get("tags", [])
+    ]
     spec.setdefault("paths", {}).update({route: _operation(route, limits) for route in FILE_FIELDS})
     components = spec.setdefault("components", {})
     components.setdefault("schemas", {}).update(_schemas(limits.max_batch_images))

@@ -43,6 +43,7 @@ from convtune.service.http import (
     setup_request_log,
 )
 from convtune.service.openapi import merged_spec
+from convtune.service.pages import page_routes
 
 MAX_BATCH_SIZE = 64  # inputs per onnxruntime call: images × test-time views
 MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503
@@ -99,12 +100,13 @@ async def predict_batch(request: Request, log_entry: RequestLogEntry) -> dict[st
 
 async def openapi_spec(_: Request) -> JSONResponse:
     """BentoML's /docs.json with this app's routes added (see ``service.openapi``)."""
-    return JSONResponse(_spec(bentoml.get_current_service().limits))
+    service = bentoml.get_current_service()
+    return JSONResponse(_spec(service.limits, service.tag))
 
 
 @functools.cache
-def _spec(limits: Limits) -> dict[str, Any]:
-    return merged_spec(Convtune.openapi_spec.asdict(), limits)
+def _spec(limits: Limits, model_tag: str) -> dict[str, Any]:
+    return merged_spec(Convtune.openapi_spec.asdict(), limits, model_tag=model_tag)
 
 
 async def bentoml_client_schema(_: Request) -> JSONResponse:
@@ -123,6 +125,7 @@ app = Starlette(
         Route("/predict_batch", json_endpoint(predict_batch), methods=["POST"]),
         Route("/docs.json", openapi_spec, methods=["GET"]),
         Route("/schema.json", bentoml_client_schema, methods=["GET"]),
+        *page_routes(),
     ]
 )
 
@@ -144,7 +147,8 @@ class RoutedFirst:
 
 # BentoML puts mounted apps after its probe and metrics routes but before its /docs.json and
 # index page: /healthz, /readyz and /metrics stay BentoML's, this app answers /predict,
-# /predict_batch and /docs.json (a test checks both), and / is still BentoML's Swagger UI.
+# /predict_batch, /docs.json and the pages: / (Swagger UI, in place of BentoML's template
+# page) and /ui (a test checks both).
 # Its /schema.json comes before mounted apps: RoutedFirst (added below) sends it to this app.
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
