@@ -118,39 +118,80 @@ class EvalGeometry:
         self.fill = tuple(round(255 * m) for m in preprocessing.mean)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        if self.mode == "border":
-            return self._fit_and_pad(image)
-        h, w = image.shape[:2]
-        if self.mode == "center" and self.height == self.width:
-            crop_h = crop_w = max(1, round(min(h, w) * self.crop_pct))
-        elif self.mode == "center":
-            # Shorter side to scale, keeping aspect: the crop spans size/scale of each side.
-            scale = max(self.height / h, self.width / w) / self.crop_pct
-            crop_h = min(h, max(1, round(self.height / scale)))
-            crop_w = min(w, max(1, round(self.width / scale)))
-        else:
-            crop_h, crop_w = max(1, round(h * self.crop_pct)), max(1, round(w * self.crop_pct))
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        crop = image[top : top + crop_h, left : left + crop_w]
-        return resize(crop, (self.width, self.height), interpolation=self.interpolation)
-
-    def _fit_and_pad(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        scale = min(self.height / h, self.width / w) / self.crop_pct
-        crop_h, crop_w = min(h, round(self.height / scale)), min(w, round(self.width / scale))
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        out_h = min(self.height, max(1, round(crop_h * scale)))
-        out_w = min(self.width, max(1, round(crop_w * scale)))
+        place = self.placement(*image.shape[:2])
         fitted = resize(
-            image[top : top + crop_h, left : left + crop_w],
-            (out_w, out_h),
+            image[
+                place.top : place.top + place.crop_height,
+                place.left : place.left + place.crop_width,
+            ],
+            (place.fitted_width, place.fitted_height),
             interpolation=self.interpolation,
         )
-        pad_top, pad_left = (self.height - out_h) // 2, (self.width - out_w) // 2
+        if (place.fitted_height, place.fitted_width) == (self.height, self.width):
+            return fitted
         return cv2.copyMakeBorder(
-            fitted, pad_top, self.height - out_h - pad_top, pad_left,
-            self.width - out_w - pad_left, cv2.BORDER_CONSTANT, value=self.fill,
+            fitted, place.pad_top, self.height - place.fitted_height - place.pad_top,
+            place.pad_left, self.width - place.fitted_width - place.pad_left,
+            cv2.BORDER_CONSTANT, value=self.fill,
         )  # fmt: skip
+
+    def placement(self, height: int, width: int) -> Placement:
+        """Where an image of ``height`` x ``width`` goes: the region cut from it, and where
+        that region lands in the input once resized."""
+        if self.mode == "border":
+            scale = min(self.height / height, self.width / width) / self.crop_pct
+            crop_h, crop_w = (
+                min(height, round(self.height / scale)),
+                min(width, round(self.width / scale)),
+            )
+            out_h = min(self.height, max(1, round(crop_h * scale)))
+            out_w = min(self.width, max(1, round(crop_w * scale)))
+        else:
+            crop_h, crop_w = self._crop_size(height, width)
+            out_h, out_w = self.height, self.width
+        return Placement(
+            image_height=height, image_width=width,
+            top=(height - crop_h) // 2, left=(width - crop_w) // 2,
+            crop_height=crop_h, crop_width=crop_w,
+            pad_top=(self.height - out_h) // 2, pad_left=(self.width - out_w) // 2,
+            fitted_height=out_h, fitted_width=out_w,
+            input_height=self.height, input_width=self.width,
+        )  # fmt: skip
+
+    def _crop_size(self, h: int, w: int) -> tuple[int, int]:
+        """The centre region ``center`` and ``squash`` keep, before resizing to the input."""
+        if self.mode == "center" and self.height == self.width:
+            side = max(1, round(min(h, w) * self.crop_pct))
+            return side, side
+        if self.mode == "center":
+            # Shorter side to scale, keeping aspect: the crop spans size/scale of each side.
+            scale = max(self.height / h, self.width / w) / self.crop_pct
+            return min(h, max(1, round(self.height / scale))), min(
+                w, max(1, round(self.width / scale))
+            )
+        return max(1, round(h * self.crop_pct)), max(1, round(w * self.crop_pct))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """How the eval view placed one image: the region ``top``, ``left``, ``crop_height`` x
+    ``crop_width`` of the ``image_height`` x ``image_width`` image, resized to
+    ``fitted_height`` x ``fitted_width``, sits at ``pad_top``, ``pad_left`` in the
+    ``input_height`` x ``input_width`` input (padded around it with the mean colour in
+    ``border`` mode; filling it otherwise). What maps the model's view back onto the image."""
+
+    image_height: int
+    image_width: int
+    top: int
+    left: int
+    crop_height: int
+    crop_width: int
+    pad_top: int
+    pad_left: int
+    fitted_height: int
+    fitted_width: int
+    input_height: int
+    input_width: int
 
 
 class EvalTransform:

@@ -41,7 +41,7 @@ import json
 import math
 import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +76,10 @@ STORE_RECORD = "model.yaml"
 MANIFEST_DIGEST = "manifest_sha256"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
+# Further outputs of the graph, computed only when a caller asks for them (``explain``):
+# the class activation maps, and each encoder stage's feature maps as ``stage_1`` ...
+CLASS_MAPS_NAME = "class_maps"
+STAGE_NAME = "stage_{}"
 # The graph's interface as the manifest states it, for readers other than convtune.
 _INPUT = {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"}
 _OUTPUT = {"name": OUTPUT_NAME, "kind": "logits"}
@@ -169,6 +173,87 @@ def read_model_description(run_dir: Path) -> ModelDescription:
         raise ValueError(f"{path} is incomplete or malformed: {error!r}") from error
 
 
+@dataclass(frozen=True, kw_only=True)
+class FeatureVolume:
+    """A volume of feature maps the encoder computes at the model's input size: ``channels``
+    maps of ``height`` x ``width``, each cell ``stride`` input pixels apart, and the
+    parameters and multiply-adds of the layers that compute it from the volume before.
+    ``output`` names it among the graph's outputs (None: the graph does not give it)."""
+
+    output: str | None
+    channels: int
+    stride: int
+    height: int
+    width: int
+    parameters: int
+    macs: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> FeatureVolume:
+        output = raw.get("output")
+        return cls(
+            output=None if output is None else _checked_text("output", output),
+            **{name: _whole(name, raw[name]) for name in _VOLUME_SIZES},
+        )
+
+
+_VOLUME_SIZES = ("channels", "stride", "height", "width", "parameters", "macs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainOutputs:
+    """Manifest ``explain``: what the graph shows beside its logits.
+
+    ``stages``: the volume at the end of each stage timm's ``feature_info`` delimits, each
+    a graph output. ``features``: the last volume, which the head's ``pooling`` averages to
+    one feature vector; ``class_maps`` names the output that applies the head at each of
+    its positions (None where the head is not one linear layer on an average: no exact
+    CAM). ``head``: the parameters and multiply-adds after pooling.
+    """
+
+    class_maps: str | None
+    stages: tuple[FeatureVolume, ...]
+    features: FeatureVolume
+    pooling: str
+    head_parameters: int
+    head_macs: int
+
+    @property
+    def output_names(self) -> list[str]:
+        named = [self.class_maps, *(stage.output for stage in self.stages)]
+        return [name for name in named if name is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "class_maps": self.class_maps,
+            "stages": [stage.to_json() for stage in self.stages],
+            "features": self.features.to_json(),
+            "pooling": self.pooling,
+            "head": {"parameters": self.head_parameters, "macs": self.head_macs},
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ExplainOutputs:
+        class_maps = raw["class_maps"]
+        return cls(
+            class_maps=None if class_maps is None else _checked_text("class_maps", class_maps),
+            stages=tuple(FeatureVolume.from_json(stage) for stage in raw["stages"]),
+            features=FeatureVolume.from_json(raw["features"]),
+            pooling=_checked_text("pooling", raw["pooling"]),
+            head_parameters=_whole("head.parameters", raw["head"]["parameters"]),
+            head_macs=_whole("head.macs", raw["head"]["macs"]),
+        )
+
+
+def _whole(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ArtifactError(f"{name} must be a whole number >= 0, not {reprlib.repr(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Manifest:
     """``manifest.json``: :meth:`to_json` writes it, :meth:`from_json` reads it.
@@ -176,7 +261,8 @@ class Manifest:
     ``temperatures`` are by test-time view set (``models.inference.VIEW_SETS``), always with
     the single view's (``none``), which the file also holds as ``temperature``;
     ``serving_tta`` is the view set the service averages over; ``files`` the sha256 of each
-    of ``ARTIFACT_FILES``, filled in by :func:`write_manifest`.
+    of ``ARTIFACT_FILES``, filled in by :func:`write_manifest`; ``explain`` the graph's
+    outputs beside the logits (None: an artifact exported before it had them).
     """
 
     architecture: str
@@ -190,6 +276,7 @@ class Manifest:
     versions: Mapping[str, str | None]  # of the packages that made the artifact
     created: str  # ISO 8601, UTC
     files: Mapping[str, str] = field(default_factory=dict)
+    explain: ExplainOutputs | None = None
 
     @property
     def temperature(self) -> float:
@@ -201,6 +288,7 @@ class Manifest:
         return len(self.classes)
 
     def to_json(self) -> dict[str, Any]:
+        explain = {} if self.explain is None else {"explain": self.explain.to_json()}
         return {
             "schema_version": SCHEMA_VERSION,
             "architecture": self.architecture,
@@ -218,6 +306,7 @@ class Manifest:
             "versions": dict(self.versions),
             "created": self.created,
             "files": dict(self.files),
+            **explain,
         }
 
     @classmethod
@@ -249,6 +338,7 @@ class Manifest:
                 versions=dict(raw["versions"]),
                 created=str(raw["created"]),
                 files={str(name): str(digest) for name, digest in raw["files"].items()},
+                explain=None if "explain" not in raw else ExplainOutputs.from_json(raw["explain"]),
             )
             stated = {key: raw[key] for key in ("num_classes", "input", "output")}
         except (AttributeError, KeyError, TypeError, ValueError) as error:

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convtune.data.images import DEFAULT_MAX_PIXELS, decode_rgb
-from convtune.data.preprocessing import build_eval_transform, eval_decode_size
+from convtune.data.preprocessing import Placement, build_eval_transform, eval_decode_size
 from convtune.models.artifact import (
     INPUT_NAME,
     MANIFEST_FILE,
     ONNX_FILE,
     OUTPUT_NAME,
     ArtifactError,
+    ExplainOutputs,
     Manifest,
     read_manifest,
 )
@@ -103,6 +105,23 @@ def _view_logits(session: Any, pixels: np.ndarray, views: str) -> np.ndarray:
     return _logits(session, batch).reshape(len(copies), len(pixels), -1)
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """What the network saw in a batch of N images.
+
+    ``probabilities``: ``(N, C)``, calibrated and averaged over the views exactly as
+    :meth:`OnnxClassifier.probabilities` gives them. ``class_maps``: ``(N, C, h, w)``, the
+    head applied at each position of the last feature volume (CAM), None where the head is
+    not linear (manifest ``explain.class_maps``). ``stages``: each stage's ``(N, Ck, hk,
+    wk)`` feature maps by output name, in stage order. Maps and stages are of the
+    unaltered view (the first of ``VIEW_SETS``).
+    """
+
+    probabilities: np.ndarray
+    class_maps: np.ndarray | None
+    stages: dict[str, np.ndarray]
+
+
 def check_manifest_views(manifest: Manifest, path: Path) -> None:
     """Refuse a manifest (at ``path``) naming a view set this convtune does not know."""
     named = [(f"temperatures[{views!r}]", views) for views in manifest.temperatures]
@@ -119,6 +138,8 @@ def check_graph_interface(session: Any, manifest: Manifest, path: Path) -> None:
     probabilities would carry the wrong names. Dimensions the graph leaves open pass."""
     height, width = manifest.preprocessing.input_size
     stated = {INPUT_NAME: (None, 3, height, width), OUTPUT_NAME: (None, manifest.num_classes)}
+    if manifest.explain is not None:
+        stated |= _explain_shapes(manifest.explain, manifest.num_classes)
     graph = {arg.name: tuple(arg.shape) for arg in (*session.get_inputs(), *session.get_outputs())}
     for name, shape in stated.items():
         found = graph.get(name)
@@ -127,6 +148,19 @@ def check_graph_interface(session: Any, manifest: Manifest, path: Path) -> None:
                 f"{path}: the graph's {name!r} has shape {found}, its manifest's classes and "
                 f"preprocessing give {['N', *shape[1:]]}"
             )
+
+
+def _explain_shapes(explain: ExplainOutputs, num_classes: int) -> dict[str, tuple]:
+    """The shapes of the graph's further outputs, as the manifest states them."""
+    last = explain.features
+    maps = {} if explain.class_maps is None else {explain.class_maps: (num_classes,)}
+    return {
+        **{name: (None, *size, last.height, last.width) for name, size in maps.items()},
+        **{
+            stage.output: (None, stage.channels, stage.height, stage.width)
+            for stage in explain.stages
+        },
+    }
 
 
 def _shape_fits(found: tuple, stated: tuple) -> bool:
@@ -216,3 +250,36 @@ class OnnxClassifier:
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities for decoded RGB images, shape ``(len(images), num_classes)``."""
         return self.probabilities(np.stack([self.preprocess(image) for image in images]))
+
+    def placement(self, image: np.ndarray) -> Placement:
+        """Where the eval view takes ``image``'s pixels from and puts them in the input: the
+        ``geometry`` that maps a class map back onto ``image`` (``models.cam``)."""
+        return self.transform.geometry.placement(*image.shape[:2])
+
+    def explain(self, pixels: np.ndarray) -> Explanation:
+        """The probabilities, class maps and stage volumes of a ``(N, 3, h, w)`` batch.
+
+        Only this asks the graph for its further outputs: :meth:`probabilities` runs the
+        logits' part of the graph alone. Raises :class:`ArtifactError` for an artifact
+        exported without them.
+        """
+        explain = self.manifest.explain
+        if explain is None:
+            raise ArtifactError(
+                f"{self.directory} was exported without feature maps (by an earlier convtune, "
+                "or from an encoder that does not give its stages): re-export the run with "
+                "this version (`convtune export RUN_DIR --name NAME`)"
+            )
+        names = explain.output_names
+        logits, *outputs = self.session.run([OUTPUT_NAME, *names], {INPUT_NAME: pixels})
+        views = image_views(pixels, self.tta)[1:]  # the unaltered view's logits are here
+        if views:
+            logits = np.concatenate([logits, self.logits(np.concatenate(views))])
+        by_name = dict(zip(names, outputs, strict=True))
+        return Explanation(
+            probabilities=view_probabilities(
+                logits.reshape(1 + len(views), len(pixels), -1), self.temperature
+            ),
+            class_maps=by_name.pop(explain.class_maps, None),
+            stages=by_name,
+        )

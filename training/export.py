@@ -1,8 +1,9 @@
 """Export a finished run as an artifact and register it in the BentoML model store.
 
 The ONNX graph is only accepted if onnxruntime reproduces PyTorch's logits on a probe
-batch (max abs difference ≤ ``TOLERANCE``): an export that silently changes the model is
-worse than no export.
+batch (max abs difference ≤ ``TOLERANCE``), and its class maps and stage volumes too (within
+``TOLERANCE`` of their scale): an export that silently changes the model is worse than no
+export.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from convtune.models.artifact import (
     SPLIT_FILE,
     WEIGHTS_FILE,
     ArtifactError,
+    ExplainOutputs,
     Manifest,
     ModelDescription,
     installed_version,
@@ -42,6 +44,11 @@ from convtune.models.artifact import (
 from convtune.models.factory import ImageClassifier, rebuild_model
 from convtune.models.inference import OnnxClassifier, check_view_set
 from convtune.training.config import load_saved_config
+from convtune.training.explained_graph import (
+    ExplainedClassifier,
+    describe_volumes,
+    has_exact_class_maps,
+)
 
 log = logging.getLogger("convtune")
 TOLERANCE = 1e-4
@@ -70,21 +77,32 @@ def load_trained_model(run_dir: Path) -> tuple[ImageClassifier, ModelDescription
     return model.eval(), description
 
 
-def export_onnx(model: ImageClassifier, path: Path) -> None:
+def export_onnx(model: ImageClassifier, path: Path) -> ExplainOutputs | None:
+    """Write ``model``'s graph: logits, then the class maps where they are exact and each
+    stage's volume (what the returned manifest ``explain`` describes; None and logits only
+    for an encoder that cannot give its stages)."""
     height, width = model.preprocessing.input_size
     example = torch.randn(2, 3, height, width)
+    if hasattr(model.encoder, "forward_intermediates"):
+        with_class_maps = has_exact_class_maps(model, example)
+        explain = describe_volumes(model, with_class_maps=with_class_maps)
+        graph: torch.nn.Module = ExplainedClassifier(model, with_class_maps=with_class_maps).eval()
+    else:
+        log.warning("%s does not give its stages' feature maps: logits only", model.architecture)
+        explain, graph = None, model
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
-        model,
+        graph,
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[OUTPUT_NAME, *([] if explain is None else explain.output_names)],
         dynamic_shapes=({0: batch},),
         dynamo=True,
         external_data=False,
         verbose=False,
     )
+    return explain
 
 
 def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none") -> Path:
@@ -94,9 +112,9 @@ def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none")
     manifest = build_manifest(run_dir, description, serve_tta=serve_tta)
     with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:
         staging = Path(staging_name)
-        export_onnx(model, staging / ONNX_FILE)
+        explain = export_onnx(model, staging / ONNX_FILE)
         shutil.copyfile(run_dir / MODEL_WEIGHTS, staging / WEIGHTS_FILE)
-        write_manifest(staging, manifest)
+        write_manifest(staging, replace(manifest, explain=explain))
         check_onnx_matches(model, staging)
         if destination.exists():
             shutil.rmtree(destination)
@@ -155,19 +173,40 @@ def with_serving_tta(artifact_dir: Path, destination: Path, *, tta: str) -> Path
 
 
 def check_onnx_matches(model: ImageClassifier, artifact_dir: Path) -> float:
-    """Max |logit difference| between PyTorch and onnxruntime on a fixed probe batch."""
+    """Max |logit difference| between PyTorch and onnxruntime on a fixed probe batch; the
+    graph's further outputs (manifest ``explain``) are checked as well."""
     height, width = model.preprocessing.input_size
     probe = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(probe).numpy()
     try:
-        actual = OnnxClassifier(artifact_dir).logits(probe.numpy())
+        classifier = OnnxClassifier(artifact_dir)
     except ArtifactError as error:
         raise ExportError(f"the freshly written artifact does not verify: {error}") from error
+    with torch.no_grad():
+        expected = model(probe).numpy()
+    difference = _check_output(OUTPUT_NAME, classifier.logits(probe.numpy()), expected, scale=1.0)
+    explain = classifier.manifest.explain
+    if explain is not None:
+        names = explain.output_names
+        with torch.no_grad():
+            extra = ExplainedClassifier(model, with_class_maps=explain.class_maps is not None)
+            wanted = [output.numpy() for output in extra(probe)[1:]]
+        actual = classifier.session.run(names, {INPUT_NAME: probe.numpy()})
+        for name, got, want in zip(names, actual, wanted, strict=True):
+            _check_output(name, got, want, scale=max(1.0, float(np.abs(want).max())))
+    return difference
+
+
+def _check_output(name: str, actual: np.ndarray, expected: np.ndarray, *, scale: float) -> float:
+    """Refuse the export if onnxruntime's ``name`` differs from PyTorch's by more than
+    ``TOLERANCE`` times ``scale`` (1 for logits; the largest value for a feature volume,
+    whose float rounding grows with its values)."""
+    if actual.shape != expected.shape:
+        raise ExportError(f"ONNX gives {name} of shape {actual.shape}, PyTorch {expected.shape}")
     difference = float(np.max(np.abs(actual - expected)))
-    if difference > TOLERANCE:
+    if difference > TOLERANCE * scale:
+        what = "logits" if name == OUTPUT_NAME else f"{name} outputs"
         raise ExportError(
-            f"ONNX and PyTorch logits differ by {difference:.2e} (> {TOLERANCE:.0e}); "
+            f"ONNX and PyTorch {what} differ by {difference:.2e} (> {TOLERANCE * scale:.0e}); "
             "the export is not faithful, refusing to write it"
         )
     return difference
