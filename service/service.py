@@ -3,6 +3,9 @@
 ``POST /predict`` (multipart file ``image``) and ``POST /predict_batch`` (files ``images``),
 both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``, averaged
 over the test-time views the artifact was exported to be served with (``--serve-tta``).
+``POST /explain`` (one ``image``, an optional ``class``) adds what the network saw: the
+class activation map and each stage's feature maps (``service.explain``). ``/ui`` is a web
+page that calls these routes, ``/`` the API's Swagger page (``service.pages``).
 They are routes of a small Starlette app mounted on the service, not ``@bentoml.api``
 methods: BentoML's input handling fetches a URL sent as text in a file field and answers
 some bad input with a 500. ``/docs.json`` and ``/schema.json`` (which BentoML's own
