@@ -256,6 +256,16 @@ class OnnxClassifier:
         ``geometry`` that maps a class map back onto ``image`` (``models.cam``)."""
         return self.transform.geometry.placement(*image.shape[:2])
 
+    def explain_outputs(self) -> ExplainOutputs:
+        """The manifest's ``explain``; :class:`ArtifactError` for an artifact without it."""
+        if self.manifest.explain is None:
+            raise ArtifactError(
+                f"{self.directory} was exported without feature maps (by an earlier convtune, "
+                "or from an encoder that does not give its stages): re-export the run with "
+                "this version (`convtune export RUN_DIR --name NAME`)"
+            )
+        return self.manifest.explain
+
     def explain(self, pixels: np.ndarray) -> Explanation:
         """The probabilities, class maps and stage volumes of a ``(N, 3, h, w)`` batch.
 
@@ -263,13 +273,7 @@ class OnnxClassifier:
         logits' part of the graph alone. Raises :class:`ArtifactError` for an artifact
         exported without them.
         """
-        explain = self.manifest.explain
-        if explain is None:
-            raise ArtifactError(
-                f"{self.directory} was exported without feature maps (by an earlier convtune, "
-                "or from an encoder that does not give its stages): re-export the run with "
-                "this version (`convtune export RUN_DIR --name NAME`)"
-            )
+        explain = self.explain_outputs()
         names = explain.output_names
         logits, *outputs = self.session.run([OUTPUT_NAME, *names], {INPUT_NAME: pixels})
         views = image_views(pixels, self.tta)[1:]  # the unaltered view's logits are here

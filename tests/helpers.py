@@ -183,7 +183,10 @@ def reference_results(
     for mirrored in mirrors:
         for quarter_turns in turns:
             view = np.rot90(pixels[..., ::-1] if mirrored else pixels, quarter_turns, axes=(2, 3))
-            [logits] = session.run(None, {input_name: np.ascontiguousarray(view)})
+            # The manifest names the logits; the graph gives feature maps after them.
+            [logits] = session.run(
+                [manifest["output"]["name"]], {input_name: np.ascontiguousarray(view)}
+            )
             scaled = logits.astype(np.float64) / temperature
             exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
             each_view.append(exp / exp.sum(axis=1, keepdims=True))

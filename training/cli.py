@@ -1,4 +1,5 @@
-"""The ``convtune`` command line: fit, check-data, export, predict, evaluate, weights, bench.
+"""The ``convtune`` command line: fit, check-data, export, predict, evaluate, inspect,
+explain, weights, bench.
 
 This module parses and dispatches; the work is done by the training modules each handler
 calls. The heavy imports (torch, lightning, onnxruntime) happen inside the handlers, so
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
         add_fit_command, add_check_data_command, add_export_command, add_predict_command,
-        add_evaluate_command, add_weights_command, add_bench_command,
+        add_evaluate_command, add_inspect_command, add_explain_command, add_weights_command,
+        add_bench_command,
     ):  # fmt: skip
         add_command(commands)
     return parser
@@ -202,6 +204,46 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=run_evaluate)
 
 
+def add_inspect_command(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="the encoder's stages and head: feature-map volumes, strides, parameters",
+        description="One row per encoder stage: the volume of feature maps it gives "
+        "(channels x height x width) at the model's input size, its stride from the input, "
+        "its parameters and multiply-adds; then the pooling and the fully connected head. "
+        "With an IMAGE, each stage's most active feature maps are written as a PNG grid "
+        "and the prediction is printed (JSON). Needs the artifact only.",
+    )
+    inspect.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    inspect.add_argument("image", nargs="?", type=Path, metavar="IMAGE", help="an image file")
+    inspect.add_argument(
+        "--out", type=Path, default=Path("feature-maps"), metavar="DIR",
+        help="where the stage grids of IMAGE go, stage_1.png ... [feature-maps]",
+    )  # fmt: skip
+    inspect.set_defaults(handler=run_inspect)
+
+
+def add_explain_command(commands: argparse._SubParsersAction) -> None:
+    explain = commands.add_parser(
+        "explain",
+        help="draw where in an image the evidence for a class lies (class activation map)",
+        description="Write IMAGE with the class activation map of the predicted class (or "
+        "--class) over it, as a PNG of the image's size, and print the prediction (JSON). "
+        "CAM from the artifact alone for a linear head; Grad-CAM in torch for a head with "
+        "a hidden layer.",
+    )
+    explain.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    explain.add_argument("image", type=Path, metavar="IMAGE", help="an image file")
+    explain.add_argument(
+        "--class", dest="class_name", metavar="NAME", help="explain this class [the predicted]"
+    )
+    explain.add_argument("--out", type=Path, required=True, metavar="PNG", help="the overlay")
+    explain.add_argument(
+        "--opacity", type=float, default=0.5, help="of the map over the image, 0 to 1 [0.5]"
+    )
+    explain.set_defaults(handler=run_explain)
+
+
 def add_weights_command(commands: argparse._SubParsersAction) -> None:
     weights = commands.add_parser(
         "weights",
@@ -340,6 +382,29 @@ def run_evaluate(args: argparse.Namespace) -> None:
         args.model, locate_artifact(args.model), data=args.data, label_file=label_file,
         run_dir=args.run, split=args.split, out_dir=args.out or args.run, tta=args.tta,
     )  # fmt: skip
+    print(json.dumps(result, indent=2))
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from convtune.models.artifact import locate_artifact
+    from convtune.models.inference import OnnxClassifier
+    from convtune.training.inspect import format_table, stage_rows, write_stage_grids
+
+    classifier = OnnxClassifier(locate_artifact(args.model))
+    print(format_table(stage_rows(classifier.manifest, classifier.explain_outputs())))
+    if args.image is not None:
+        print(json.dumps(write_stage_grids(classifier, args.image, args.out), indent=2))
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    from convtune.models.artifact import locate_artifact
+    from convtune.models.inference import OnnxClassifier
+    from convtune.training.explain import explain_image
+
+    classifier = OnnxClassifier(locate_artifact(args.model))
+    result = explain_image(
+        classifier, args.image, args.out, class_name=args.class_name, opacity=args.opacity
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -139,6 +139,7 @@ def evaluate_and_report(
     result = {"model": model, "split": split or "all", "views": tta, **metrics}
     if out_dir is not None:
         # matplotlib takes longer to import than a small evaluation takes to run.
+        from convtune.training.explain import report_explainer
         from convtune.training.report import report_title, write_report
 
         report = write_report(
@@ -146,6 +147,7 @@ def evaluate_and_report(
             classes=classifier.classes,
             title=report_title(model=model, data_path=data, run_dir=run_dir, split=split),
             history=read_history(run_dir) if run_dir else (),
+            explainer=report_explainer(classifier),
         )  # fmt: skip
         result["report"] = str(report)
     return result

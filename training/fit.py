@@ -51,6 +51,7 @@ from convtune.training.calibration import collect_logits, collect_view_logits, f
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
 from convtune.training.config import FitConfig, save_config
 from convtune.training.evaluate import evaluation_metrics_with_views
+from convtune.training.explain import torch_explainer
 from convtune.training.history import read_history, write_probe_history
 from convtune.training.metrics import classification_metrics, negative_log_likelihood
 from convtune.training.module import ClassifierModule, Recipe
@@ -354,7 +355,7 @@ def calibrate_save_and_report(
             paths=datamodule.images_in("test").paths, classes=classes,
             title=report_title(model=config.model, data_path=config.data, run_dir=config.out,
                                split="test"),
-            history=read_history(run_dir),
+            history=read_history(run_dir), explainer=torch_explainer(model),
         )  # fmt: skip
         summary["test"] = {key: test[key] for key in headline if key in test}
         summary["report"] = str(report)

@@ -2,7 +2,8 @@
 
 The HTML embeds its figures as PNG data URIs, so the file can be mailed or archived alone:
 confusion matrix, per-class table, reliability diagrams before and after temperature
-scaling, a gallery of the most confidently wrong images and, for a training run, its
+scaling, a gallery of the most confidently wrong images (each with the activation map of
+the class it was mistaken for, where an explainer is given) and, for a training run, its
 training curves.
 """
 
@@ -25,11 +26,14 @@ from PIL import Image
 
 from convtune.data.images import ImageDecodeError, decode_rgb
 from convtune.models.artifact import METRICS_FILE, REPORT_FILE
+from convtune.models.cam import overlay
 from convtune.models.inference import view_probabilities
+from convtune.training.explain import Explainer
 from convtune.training.history import FROZEN
 from convtune.training.metrics import ECE_BINS, reliability_bins
 
 GALLERY_SIZE = 12
+THUMBNAIL = 160  # pixels, the longer side of a gallery image
 # Folder names that say nothing about the dataset, skipped when naming it after a label file.
 _GENERIC_FOLDERS = frozenset({"data", "dataset", "datasets", "images", "labels", "annotations"})
 
@@ -65,6 +69,7 @@ def write_report(
     classes: tuple[str, ...],
     title: str,
     history: Sequence[dict[str, Any]] = (),
+    explainer: Explainer | None = None,
 ) -> Path:
     """Write ``metrics.json`` and ``report.html`` into ``out_dir``; return the report path.
 
@@ -72,7 +77,8 @@ def write_report(
     ``(V, N, C)``. A ``tta`` entry of ``metrics`` gets a column of its own in the summary.
 
     ``history`` is the training run's per-epoch record (``training.history.read_history``);
-    without one the report has no training curves.
+    without one the report has no training curves. ``explainer`` draws the activation map
+    of the predicted class next to each most confidently wrong image.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     temperature = metrics["temperature"]
@@ -97,7 +103,7 @@ def write_report(
         _calibration_paragraph(metrics),
         _img(_reliability_figure(reliability)),
         "<h2>Most confidently wrong</h2>",
-        _gallery(after, labels, paths, classes),
+        _gallery(after, labels, paths, classes, explainer),
     ]
     if history:
         sections += ["<h2>Training curves</h2>", _img(_history_figure(history))]
@@ -231,7 +237,11 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def _gallery(
-    probabilities: np.ndarray, labels: np.ndarray, paths: Sequence[Path], classes: tuple[str, ...]
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    paths: Sequence[Path],
+    classes: tuple[str, ...],
+    explainer: Explainer | None,
 ) -> str:
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -245,16 +255,30 @@ def _gallery(
             f"<br>predicted: {html.escape(classes[predicted[i]])} "
             f"({probabilities[i, predicted[i]]:.2f})"
         )
-        cells.append(f"<figure>{_thumbnail(paths[i])}<figcaption>{caption}</figcaption></figure>")
-    return f"<div class='gallery'>{''.join(cells)}</div>"
+        images = _thumbnails(paths[i], explainer, int(predicted[i]))
+        cells.append(f"<figure>{images}<figcaption>{caption}</figcaption></figure>")
+    note = (
+        ""
+        if explainer is None
+        else "<p>Beside each image, the activation map of the class it was taken for: where "
+        "in the image the network found the evidence for it (red: most).</p>"
+    )
+    return f"{note}<div class='gallery'>{''.join(cells)}</div>"
 
 
-def _thumbnail(path: Path) -> str:
+def _thumbnails(path: Path, explainer: Explainer | None, class_index: int) -> str:
+    """The image, and with an ``explainer`` the map of ``class_index`` over it."""
     try:
-        image = Image.fromarray(decode_rgb(path))
+        rgb = decode_rgb(path)
     except ImageDecodeError:
         return "<p>(unreadable)</p>"
-    image.thumbnail((160, 160))
+    shown = [rgb] if explainer is None else [rgb, overlay(rgb, explainer(rgb, class_index))]
+    return "".join(_png_img(image) for image in shown)
+
+
+def _png_img(rgb: np.ndarray) -> str:
+    image = Image.fromarray(rgb)
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
@@ -270,7 +294,8 @@ def _page(title: str, body: str) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-        ".gallery{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:170px;font-size:12px}"
+        ".gallery{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:330px;font-size:12px}"
+        "figure img{margin-right:4px}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
