@@ -9,6 +9,8 @@ in base64, or the overlay alone as ``image/png`` for a client that asks for it (
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +65,17 @@ class ImageExplanation:
     stages: dict[str, np.ndarray]
 
 
-def checked_class(name: str | None, classes: tuple[str, ...]) -> str | None:
-    """The ``class`` field: None (the predicted class), or one of the model's classes."""
-    if name is not None and name not in classes:
-        raise BadRequest(f"{CLASS_FIELD} {name[:80]!r} is not one of the model's classes {classes}")
-    return name
+def checked_class(text: str | None, classes: tuple[str, ...]) -> str | None:
+    """The ``class`` field: None (the predicted class), or one of the model's classes, as
+    text or as a JSON string (how BentoML's clients send every argument that is not a file).
+    """
+    if text is None or text in classes:
+        return text
+    with contextlib.suppress(ValueError):
+        decoded = json.loads(text)
+        if isinstance(decoded, str) and decoded in classes:
+            return decoded
+    raise BadRequest(f"{CLASS_FIELD} {text[:80]!r} is not one of the model's classes {classes}")
 
 
 def wants_png(accept: str) -> bool:

@@ -102,7 +102,7 @@
     $("opacity").disabled = answer.heatmap == null;
     heat.hidden = answer.heatmap == null;
     if (answer.heatmap == null) {
-      note.textContent = answer.map_note;
+      note.textContent = answer.map_unavailable;
       note.hidden = false;
     } else {
       heat.src = png(answer.heatmap);

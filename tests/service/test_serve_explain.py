@@ -16,6 +16,18 @@ from helpers import assert_json_error, drawing, encode, image_file, post
 from PIL import Image
 
 from convtune.models.artifact import read_manifest, write_manifest
+from convtune.models.cam import FEATURE_COLOURS, coloured, most_active_channels, normalised
+from convtune.models.inference import OnnxClassifier
+from convtune.service.explain import (
+    THUMBNAIL_COLUMNS,
+    THUMBNAIL_SIDE,
+    NotExplainable,
+    explain_image,
+    explanation_json,
+    overlay_png,
+    thumbnail_sheet,
+    wants_png,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -162,3 +174,76 @@ def test_a_model_exported_without_feature_maps_gets_a_409_saying_to_re_export(
         assert post(served.url, "predict", files=files).status_code == 200
         body = assert_json_error(post(served.url, "explain", files=files), 409)
         assert tag in body["error"] and "re-export" in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("accept", "png"),
+    [
+        ("", False),
+        ("*/*", False),
+        ("image/png", True),
+        ("image/png, application/json", False),
+        ("application/json;q=0.5, image/png", True),
+        ("image/png;q=0.9, application/json;q=0.8", True),
+        ("image/*", False),
+        ("image/png;q=nonsense", False),
+    ],
+)
+def test_png_is_answered_only_when_preferred_to_json(accept, png) -> None:
+    assert wants_png(accept) is png
+
+
+def test_a_head_without_class_maps_answers_the_stages_and_why_there_is_no_map(
+    exported, tmp_path
+) -> None:
+    # As an artifact whose head is not linear states it: no class_maps output named.
+    artifact = tmp_path / "artifact"
+    shutil.copytree(exported.artifact_dir, artifact)
+    manifest = read_manifest(artifact)
+    explain = dataclasses.replace(manifest.explain, class_maps=None)
+    write_manifest(artifact, dataclasses.replace(manifest, explain=explain))
+    classifier = OnnxClassifier(artifact)
+    rgb = np.asarray(drawing())
+
+    explained = explain_image(classifier, rgb, class_name=None)
+    assert explained.heat is None
+    answer = explanation_json(classifier, rgb, explained, top_k=2)
+    assert answer["overlay"] is None and answer["heatmap"] is None
+    assert "not a single linear layer" in answer["map_unavailable"]
+    assert [stage["name"] for stage in answer["stages"]] == list(explained.stages)
+    with pytest.raises(NotExplainable, match="Grad-CAM") as refused:
+        overlay_png(rgb, explained)
+    assert refused.value.status == 409
+
+
+def test_a_stage_sheet_holds_every_channel_most_active_first(exported) -> None:
+    classifier = OnnxClassifier(exported.artifact_dir)
+    explained = explain_image(classifier, np.asarray(drawing()), class_name=None)
+    # A stage with more channels than a row, its maps small enough to keep their size.
+    maps = next(
+        volume
+        for volume in explained.stages.values()
+        if len(volume) > THUMBNAIL_COLUMNS and max(volume.shape[1:]) <= THUMBNAIL_SIDE
+    )
+    order = most_active_channels(maps, len(maps))
+    sheet, (height, width) = thumbnail_sheet(maps, order)
+    rows = -(-len(maps) // THUMBNAIL_COLUMNS)
+    assert (height, width) == maps.shape[1:]
+    assert sheet.shape == (rows * height, THUMBNAIL_COLUMNS * width, 3)
+    activity = np.abs(maps).mean(axis=(1, 2))
+    assert activity[order[0]] == activity.max()
+    for index in (0, 1, THUMBNAIL_COLUMNS):  # the first two tiles, and the second row's first
+        top, left = index // THUMBNAIL_COLUMNS * height, index % THUMBNAIL_COLUMNS * width
+        tile = sheet[top : top + height, left : left + width]
+        expected = coloured(normalised(maps[order[index]]), FEATURE_COLOURS)
+        assert np.array_equal(tile, expected), index
+
+
+def test_bentoml_clients_call_explain(server, probe_images) -> None:
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server) as client:
+        assert "class activation map" in client.explain.__doc__
+        answer = client.explain(image=probe_images[0], **{"class": "square"})
+    assert answer["class"] == "square"
+    assert decoded_png(answer["overlay"]).shape[:2] == Image.open(probe_images[0]).size[::-1]
