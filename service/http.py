@@ -28,7 +28,7 @@ from starlette.types import Message
 
 DEFAULT_TOP_K = 5
 # The multipart field each route reads its files from.
-FILE_FIELDS = {"/predict": "image", "/predict_batch": "images"}
+FILE_FIELDS = {"/predict": "image", "/predict_batch": "images", "/explain": "image"}
 ENV_PREFIX = "CONVTUNE_"
 REQUEST_LOGGER = "convtune.requests"
 MAX_FORM_FIELDS = 4  # text fields in a form: top_k, and room for a client's extras to refuse
@@ -186,14 +186,19 @@ def with_boundary_scan(request: Request, scan: BoundaryScan) -> Request:
 
 @dataclass(frozen=True)
 class Form:
-    """A parsed upload: each file as (a name for messages, its bytes), and ``top_k``."""
+    """A parsed upload: each file as (a name for messages, its bytes), ``top_k``, and the
+    text fields the route reads besides (those sent)."""
 
     files: list[tuple[str, bytes]]
     top_k: int
+    texts: Mapping[str, str] = field(default_factory=dict)
 
 
-async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
-    """The files of ``file_field`` and ``top_k`` from a multipart body, or a RequestError.
+async def read_form(
+    request: Request, file_field: str, limits: Limits, *, text_fields: tuple[str, ...] = ()
+) -> Form:
+    """The files of ``file_field``, ``top_k`` and any ``text_fields`` from a multipart body,
+    or a RequestError.
 
     Only files are accepted in ``file_field``: text there (a URL, base64) is refused, never
     fetched or decoded.
@@ -213,7 +218,7 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
         request = with_boundary_scan(request, scan)
     try:
         async with request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS) as form:
-            unexpected = sorted(set(form.keys()) - {file_field, "top_k"})
+            unexpected = sorted(set(form.keys()) - {file_field, "top_k", *text_fields})
             if unexpected:
                 raise BadRequest(f"unexpected field(s) {unexpected}; send files in {file_field!r}")
             uploads = form.getlist(file_field)
@@ -227,7 +232,12 @@ async def read_form(request: Request, file_field: str, limits: Limits) -> Form:
                     )
                 name = f"{file_field}[{index}] {(upload.filename or '')[:80]!r}"
                 files.append((name, await upload.read()))
-            return Form(files, parse_top_k(form.getlist("top_k")))
+            texts = {name: parse_text(name, form.getlist(name)) for name in text_fields}
+            return Form(
+                files,
+                parse_top_k(form.getlist("top_k")),
+                {name: text for name, text in texts.items() if text is not None},
+            )
     except UnicodeError as error:  # the charset parameter names a codec that cannot decode
         charset = parameters.get(b"charset", b"").decode("latin-1")
         raise BadRequest(
@@ -258,6 +268,17 @@ def parse_top_k(values: list[Any]) -> int:
     return top_k
 
 
+def parse_text(name: str, values: list[Any]) -> str | None:
+    """Text field ``name`` from the form: absent → None; sent once, as text; else BadRequest."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"send {name} once (got {len(values)} values)")
+    if not isinstance(values[0], str):
+        raise BadRequest(f"{name} must be text, not a file")
+    return values[0]
+
+
 def current_request_id() -> str:
     """BentoML's id of the request being served (as in its logs), else a fresh uuid4 hex."""
     try:
@@ -280,11 +301,12 @@ class RequestLogEntry:
     error: str | None = None
 
 
-Handler = Callable[[Request, RequestLogEntry], Awaitable[dict[str, Any]]]
+Handler = Callable[[Request, RequestLogEntry], Awaitable[dict[str, Any] | Response]]
 
 
 def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Run ``handler``: its dict → 200, RequestError → its status, each with ``X-Request-ID``.
+    """Run ``handler``: its dict → 200 (JSON; a Response as it is), RequestError → its
+    status, each with ``X-Request-ID``.
 
     Writes one JSON log line per request whatever happens, and answers an unexpected
     exception with a JSON 500 that carries the request id (the traceback goes to the log).
@@ -294,7 +316,8 @@ def json_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         log_entry = RequestLogEntry(route=request.url.path)
         started = time.perf_counter()
         try:
-            response: Response = JSONResponse(await handler(request, log_entry))
+            answer = await handler(request, log_entry)
+            response = answer if isinstance(answer, Response) else JSONResponse(answer)
         except RequestError as error:
             log_entry.error = str(error)
             response = error.response()

@@ -1,4 +1,5 @@
-"""OpenAPI 3.0 description of ``/predict`` and ``/predict_batch``, merged into BentoML's.
+"""OpenAPI 3.0 description of ``/predict``, ``/predict_batch`` and ``/explain``, merged
+into BentoML's, with this service's own ``info`` (the Swagger page's heading).
 
 BentoML's ``/docs.json`` describes its ``@bentoml.api`` methods and the mounted apps only if
 they are FastAPI; these routes belong to a plain Starlette app, so they are described here
@@ -11,15 +12,27 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from convtune.service.explain import CLASS_FIELD, HEATMAP_SIDE, OVERLAY_OPACITY, PNG_TYPE
 from convtune.service.http import DEFAULT_TOP_K, FILE_FIELDS, Limits
 
 SCHEMAS = "#/components/schemas/"
+# The tag BentoML files its ``@bentoml.api`` routes under; ours go there too.
+APP_TAG = "Service APIs"
 BATCH_ROUTE = "/predict_batch"
+EXPLAIN_ROUTE = "/explain"
 _MODEL = {"type": "string", "description": "the served model, NAME:VERSION"}
 _ACCEPTED = (
     "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, in any mode; converted to RGB as in "
     "training (transparency onto white, EXIF orientation applied)"
 )
+
+
+_SUMMARIES = {
+    "/predict": "Classify one image",
+    BATCH_ROUTE: "Classify several images",
+    EXPLAIN_ROUTE: "Classify one image and show what the network saw",
+}
+_BASE64_PNG = {"type": "string", "format": "byte", "description": "a PNG file, base64"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -52,6 +65,7 @@ def _schemas(max_batch_images: int) -> dict[str, Any]:
                 },
             },
         },
+        "ConvtuneExplanation": _explanation_schema(),
         "ConvtuneError": {
             "type": "object",
             "required": ["error"],
@@ -92,18 +106,71 @@ def _prediction_schema() -> dict[str, Any]:
     }
 
 
+def _explanation_schema() -> dict[str, Any]:
+    """``/explain``'s JSON answer, as ``service.explain.explanation_json`` builds it."""
+    size = {"type": "integer", "minimum": 1}
+    stage = {
+        "type": "object",
+        "description": "one stage's volume of feature maps",
+        "properties": {
+            "name": {"type": "string"},
+            "channels": size,
+            "height": size,
+            "width": size,
+            "stride": {**size, "description": "input pixels between neighbouring cells"},
+            "tiles": {
+                "type": "object",
+                "description": "every channel's map as a thumbnail (scaled to its own "
+                "range), most active first, `columns` a row, in one PNG",
+                "properties": {
+                    "png": _BASE64_PNG,
+                    "columns": size,
+                    "tile_width": size,
+                    "tile_height": size,
+                    "channels": {
+                        "type": "array",
+                        "items": {"type": "integer"},
+                        "description": "the channel of each thumbnail, in sheet order",
+                    },
+                },
+            },
+        },
+    }
+    nullable_png = {**_BASE64_PNG, "nullable": True}
+    explanation = {
+        "type": "object",
+        "required": [CLASS_FIELD, "overlay", "heatmap", "stages"],
+        "properties": {
+            CLASS_FIELD: {"type": "string", "description": "the class the map is for"},
+            "overlay": {
+                **nullable_png,
+                "description": f"the class activation map over the image ({OVERLAY_OPACITY:.0%} "
+                "opacity), the image's size; null without a map (see `map_unavailable`)",
+            },
+            "heatmap": {
+                **nullable_png,
+                "description": "the map alone in colour, the image's aspect ratio (at most "
+                f"{HEATMAP_SIDE} pixels a side): to lay over the image at an opacity of your "
+                "choice",
+            },
+            "map_unavailable": {"type": "string", "description": "why there is no map"},
+            "stages": {"type": "array", "items": stage},
+        },
+    }
+    return {"allOf": [_ref("ConvtuneSinglePrediction"), explanation]}
+
+
 def _operation(route: str, limits: Limits) -> dict[str, Any]:
-    """The OpenAPI path item of ``/predict`` or ``/predict_batch``."""
-    batch = route == BATCH_ROUTE
+    """The OpenAPI path item of one of our routes."""
     form = form_schema(route, limits, file={"type": "string", "format": "binary"})
     return {
         "post": {
-            "tags": ["Service APIs"],
+            "tags": [APP_TAG],
             "operationId": "Convtune__" + route.strip("/"),
-            "summary": "Classify several images" if batch else "Classify one image",
+            "summary": _SUMMARIES[route],
             "description": route_description(route, limits),
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
-            "responses": _responses(batch=batch, limits=limits),
+            "responses": _responses(route, limits),
         }
     }
 
@@ -112,10 +179,18 @@ def route_description(route: str, limits: Limits) -> str:
     """What ``route`` takes, for a person, in the limits the service enforces."""
     batch = route == BATCH_ROUTE
     count = f"up to {limits.max_batch_images} files" if batch else "one file"
-    return (
+    text = (
         f"Upload {count} in the multipart field `{FILE_FIELDS[route]}`: {_ACCEPTED}. The "
         f"whole body may be at most {limits.max_upload_bytes:,} bytes."
     )
+    if route == EXPLAIN_ROUTE:
+        text += (
+            " Answers `/predict`'s fields plus the class activation map of the predicted "
+            f"class (or the class named in `{CLASS_FIELD}`) over the image, and each encoder "
+            "stage's feature maps as thumbnails, PNGs in base64; with `Accept: image/png`, "
+            "the overlay PNG alone."
+        )
+    return text
 
 
 def form_schema(route: str, limits: Limits, *, file: dict[str, Any]) -> dict[str, Any]:
@@ -136,21 +211,28 @@ def form_schema(route: str, limits: Limits, *, file: dict[str, Any]) -> dict[str
         "default": DEFAULT_TOP_K,
         "description": "how many classes to rank (capped at the number of classes)",
     }
-    return {
-        "type": "object",
-        "required": [file_field],
-        "properties": {file_field: files, "top_k": top_k},
-    }
+    properties = {file_field: files, "top_k": top_k}
+    if route == EXPLAIN_ROUTE:
+        properties[CLASS_FIELD] = {
+            "type": "string",
+            "description": "the class to map (default: the predicted one)",
+        }
+    return {"type": "object", "required": [file_field], "properties": properties}
 
 
-def _responses(*, batch: bool, limits: Limits) -> dict[str, Any]:
+def _responses(route: str, limits: Limits) -> dict[str, Any]:
     error = _ref("ConvtuneError")
-    return {
+    answer = {
+        "/predict": "ConvtuneSinglePrediction",
+        BATCH_ROUTE: "ConvtuneBatchPrediction",
+        EXPLAIN_ROUTE: "ConvtuneExplanation",
+    }[route]
+    responses = {
         "200": _json(
-            _ref("ConvtuneBatchPrediction" if batch else "ConvtuneSinglePrediction"),
-            "the prediction(s); the `X-Request-ID` header names the request in the log",
+            _ref(answer),
+            "the answer; the `X-Request-ID` header names the request in the log",
         ),
-        "400": _json(error, _bad_request(batch=batch, limits=limits)),
+        "400": _json(error, _bad_request(route, limits)),
         "413": _json(error, "the request body is over the byte limit"),
         "429": _json(
             error, "too many requests in flight (BentoML's traffic.max_concurrency); retry"
@@ -158,9 +240,17 @@ def _responses(*, batch: bool, limits: Limits) -> dict[str, Any]:
         "503": _json(error, "the batching queue is overloaded; retry"),
         "504": _json(error, "not answered within BentoML's traffic.timeout"),
     }
+    if route == EXPLAIN_ROUTE:
+        responses["200"]["content"][PNG_TYPE] = {"schema": {"type": "string", "format": "binary"}}
+        responses["409"] = _json(
+            error,
+            "the served model was exported without feature maps (re-export it), or with "
+            "`Accept: image/png`, its head gives no class activation map",
+        )
+    return responses
 
 
-def _bad_request(*, batch: bool, limits: Limits) -> str:
+def _bad_request(route: str, limits: Limits) -> str:
     """What a 400 answers, in the limits the service enforces."""
     text = (
         "not multipart/form-data; a missing, misnamed or extra field; text instead of a file "
@@ -168,7 +258,9 @@ def _bad_request(*, batch: bool, limits: Limits) -> str:
         f"file; an image over {limits.max_pixels:,} pixels; a top_k that is not one positive "
         "integer"
     )
-    if batch:
+    if route == EXPLAIN_ROUTE:
+        text += f"; a `{CLASS_FIELD}` that is not one of the model's classes"
+    if route == BATCH_ROUTE:
         text += (
             f"; more than {limits.max_batch_images} files. One bad image fails the whole "
             "request; the message and `index` name it"
@@ -176,9 +268,45 @@ def _bad_request(*, batch: bool, limits: Limits) -> str:
     return text
 
 
-def merged_spec(bentoml_spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """``bentoml_spec`` (a dict) with ``/predict`` and ``/predict_batch`` added."""
+def service_info(model_tag: str, limits: Limits) -> dict[str, Any]:
+    """The document's ``info``: what this service is, for the Swagger page at ``/``.
+
+    BentoML's own is a template (its name and badges, a version of "None"); the version
+    here is the served model's tag, which is what changes between deployments.
+    """
+    routes = "\n".join(
+        f"- `POST {route}`: {_SUMMARIES[route].lower()} (multipart file field "
+        f"`{FILE_FIELDS[route]}`)"
+        for route in FILE_FIELDS
+    )
+    description = f"""\
+Image classification with the convtune model `{model_tag}`, a fine-tuned convolutional \
+network exported to ONNX and run by onnxruntime.
+
+**Try it in a browser: [the web page at /ui](ui)** (choose, drop or paste an image).
+
+{routes}
+- `GET /ui`: the web page, which calls `/predict` and `/explain`
+- `GET /healthz`, `GET /readyz`: liveness and readiness probes; `GET /metrics`: Prometheus
+- `GET /docs.json`: this document; `GET /schema.json`: what BentoML's Python clients read
+
+Images: {_ACCEPTED}; up to {limits.max_pixels:,} pixels each, {limits.max_batch_images} \
+files and {limits.max_upload_bytes:,} bytes a request. Refusals answer a 4xx with \
+`{{"error": "..."}}` saying what is wrong; every answer carries an `X-Request-ID` header \
+that names the request in the service's log."""
+    return {"title": "convtune image classifier", "version": model_tag, "description": description}
+
+
+def merged_spec(bentoml_spec: dict[str, Any], limits: Limits, *, model_tag: str) -> dict[str, Any]:
+    """``bentoml_spec`` (a dict) with this service's ``info`` and our routes added."""
     spec = copy.deepcopy(bentoml_spec)
+    spec["info"] = service_info(model_tag, limits)
+    spec["tags"] = [
+        {**tag, "description": "Classify images with the served model."}
+        if tag.get("name") == APP_TAG
+        else tag
+        for tag in spec.get("tags", [])
+    ]
     spec.setdefault("paths", {}).update({route: _operation(route, limits) for route in FILE_FIELDS})
     components = spec.setdefault("components", {})
     components.setdefault("schemas", {}).update(_schemas(limits.max_batch_images))

@@ -3,6 +3,9 @@
 ``POST /predict`` (multipart file ``image``) and ``POST /predict_batch`` (files ``images``),
 both with an optional ``top_k`` [5], give the same numbers as ``convtune predict``, averaged
 over the test-time views the artifact was exported to be served with (``--serve-tta``).
+``POST /explain`` (one ``image``, an optional ``class``) adds what the network saw: the
+class activation map and each stage's feature maps (``service.explain``). ``/ui`` is a web
+page that calls these routes, ``/`` the API's Swagger page (``service.pages``).
 They are routes of a small Starlette app mounted on the service, not ``@bentoml.api``
 methods: BentoML's input handling fetches a URL sent as text in a file field and answers
 some bad input with a 500. ``/docs.json`` and ``/schema.json`` (which BentoML's own
@@ -25,7 +28,7 @@ import bentoml
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -35,6 +38,15 @@ from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_predicti
 from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
 from convtune.service.client_schema import client_schema
 from convtune.service.connections import serve_http_with_limits, set_connection_limits
+from convtune.service.explain import (
+    CLASS_FIELD,
+    NotExplainable,
+    checked_class,
+    explain_image,
+    explanation_json,
+    overlay_png,
+    wants_png,
+)
 from convtune.service.http import (
     FILE_FIELDS,
     BadRequest,
@@ -47,6 +59,7 @@ from convtune.service.http import (
     setup_request_log,
 )
 from convtune.service.openapi import merged_spec
+from convtune.service.pages import page_routes
 
 MAX_BATCH_SIZE = 64  # inputs per onnxruntime call: images × test-time views
 MAX_QUEUE_WAIT_S = 10.0  # a request queued longer than this is dropped with a 503
@@ -108,14 +121,29 @@ async def predict_batch(request: Request, log_entry: RequestLogEntry) -> dict[st
     return {"model": service.tag, "results": await service.classify(form.files, form.top_k)}
 
 
+async def explain(request: Request, log_entry: RequestLogEntry) -> dict[str, Any] | Response:
+    service = bentoml.get_current_service()
+    service.check_explainable()
+    field = FILE_FIELDS["/explain"]
+    form = await read_form(request, field, service.limits, text_fields=(CLASS_FIELD,))
+    log_entry.images = len(form.files)
+    if len(form.files) != 1:
+        raise BadRequest(f"send exactly one file in {field!r}")
+    class_name = checked_class(form.texts.get(CLASS_FIELD), service.classifier.classes)
+    png = wants_png(request.headers.get("accept", ""))
+    answer = await service.explain(form.files[0], class_name=class_name, top_k=form.top_k, png=png)
+    return answer if png else {"model": service.tag, **answer}
+
+
 async def openapi_spec(_: Request) -> JSONResponse:
     """BentoML's /docs.json with this app's routes added (see ``service.openapi``)."""
-    return JSONResponse(_spec(bentoml.get_current_service().limits))
+    service = bentoml.get_current_service()
+    return JSONResponse(_spec(service.limits, service.tag))
 
 
 @functools.cache
-def _spec(limits: Limits) -> dict[str, Any]:
-    return merged_spec(Convtune.openapi_spec.asdict(), limits)
+def _spec(limits: Limits, model_tag: str) -> dict[str, Any]:
+    return merged_spec(Convtune.openapi_spec.asdict(), limits, model_tag=model_tag)
 
 
 async def bentoml_client_schema(_: Request) -> JSONResponse:
@@ -132,8 +160,10 @@ app = Starlette(
     routes=[
         Route("/predict", json_endpoint(predict), methods=["POST"]),
         Route("/predict_batch", json_endpoint(predict_batch), methods=["POST"]),
+        Route("/explain", json_endpoint(explain), methods=["POST"]),
         Route("/docs.json", openapi_spec, methods=["GET"]),
         Route("/schema.json", bentoml_client_schema, methods=["GET"]),
+        *page_routes(),
     ]
 )
 
@@ -155,7 +185,8 @@ class RoutedFirst:
 
 # BentoML puts mounted apps after its probe and metrics routes but before its /docs.json and
 # index page: /healthz, /readyz and /metrics stay BentoML's, this app answers /predict,
-# /predict_batch and /docs.json (a test checks both), and / is still BentoML's Swagger UI.
+# /predict_batch, /docs.json and the pages: / (Swagger UI, in place of BentoML's template
+# page) and /ui (a test checks both).
 # Its /schema.json comes before mounted apps: RoutedFirst (added below) sends it to this app.
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
@@ -192,7 +223,17 @@ class Convtune:
             # as many at once as there are cores, not one per thread of the pool (40).
             prepare_limiter=anyio.CapacityLimiter(cores),
         )
+        # /explain runs the whole graph and draws PNGs: one image at a time, beside the
+        # batcher, so a burst of them cannot take every core from /predict.
+        self._explain_limiter = anyio.CapacityLimiter(1)
         setup_request_log()
+
+    def _decoded(self, index: int, name: str, data: bytes) -> np.ndarray:
+        """An upload as RGB, or a BadRequest naming it."""
+        try:
+            return self.classifier.decode(data, max_pixels=self.limits.max_pixels)
+        except ImageDecodeError as error:
+            raise BadRequest(f"{name}: {error}", index=index) from error
 
     def _pixels(self, uploads: list[tuple[str, bytes]], abandoned: threading.Event) -> np.ndarray:
         """The model's input for each upload, or a BadRequest naming the first bad one.
@@ -203,11 +244,7 @@ class Convtune:
         for index, (name, data) in enumerate(uploads):
             if abandoned.is_set():
                 raise RequestAbandoned(f"stopped before {name}: the request was cancelled")
-            try:
-                rgb = self.classifier.decode(data, max_pixels=self.limits.max_pixels)
-            except ImageDecodeError as error:
-                raise BadRequest(f"{name}: {error}", index=index) from error
-            images.append(self.classifier.preprocess(rgb))
+            images.append(self.classifier.preprocess(self._decoded(index, name, data)))
         return images[0][np.newaxis] if len(images) == 1 else np.stack(images)  # no copy of one
 
     async def classify(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[dict]:
@@ -233,6 +270,29 @@ class Convtune:
         except QueueTimeout as error:
             raise Overloaded(f"the service is overloaded ({error}); retry later") from error
         return [format_prediction(row, self.classifier.classes, top_k) for row in probabilities]
+
+    def check_explainable(self) -> None:
+        """Refuse /explain (409) for a model exported without the outputs it shows."""
+        if self.classifier.manifest.explain is None:
+            raise NotExplainable(
+                f"the served model {self.tag} was exported without the feature maps /explain "
+                "shows: re-export its run with this convtune (`convtune export RUN_DIR "
+                "--name NAME`) and serve that model"
+            )
+
+    async def explain(
+        self, upload: tuple[str, bytes], *, class_name: str | None, top_k: int, png: bool
+    ) -> dict[str, Any] | Response:
+        """``/explain``'s answer for one upload (``service.explain``), off the event loop."""
+
+        def answer() -> dict[str, Any] | Response:
+            rgb = self._decoded(0, *upload)
+            explained = explain_image(self.classifier, rgb, class_name=class_name)
+            if png:
+                return overlay_png(rgb, explained)
+            return explanation_json(self.classifier, rgb, explained, top_k=top_k)
+
+        return await anyio.to_thread.run_sync(answer, limiter=self._explain_limiter)
 
 
 Convtune.add_asgi_middleware(RoutedFirst, paths=frozenset({"/schema.json"}), handler=app)

@@ -83,6 +83,8 @@ def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
         "service/service.py",
         "service/http.py",
         "service/openapi.py",
+        "service/ui/index.html",  # the pages' files (service.pages)
+        "service/ui/ui.js",
         "data/images.py",
         "models/inference.py",
     ):

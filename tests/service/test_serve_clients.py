@@ -45,7 +45,7 @@ def test_schema_describes_the_routes_to_bentoml_clients(server) -> None:
     assert (schema["name"], schema["type"]) == ("Convtune", "service")
     assert {"/predict", "/predict_batch"} <= set(schema["paths"])
     routes = {route["name"]: route for route in schema["routes"]}
-    assert set(routes) == {"predict", "predict_batch"}
+    assert set(routes) == {"predict", "predict_batch", "explain"}
     single, batch = routes["predict"]["input"], routes["predict_batch"]["input"]
     assert routes["predict"]["route"] == "/predict" and single["required"] == ["image"]
     assert single["properties"]["image"]["type"] == "file"
