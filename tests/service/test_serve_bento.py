@@ -163,7 +163,7 @@ IMAGE_PATHS = ("/home/bentoml/bento", "/home/bentoml/", "/app/.venv")  # moved b
 
 def image_environment(dockerfile: str, moved: Mapping[str, str]) -> dict[str, str]:
     """The variables a Dockerfile's ENV lines set, with its ARG defaults and earlier values
-    substituted, and each path that starts with a key of ``moved`` moved to its value."""
+    substituted, and each of the image's paths that ``moved`` names replaced by its value."""
     values = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
     environment = {}
     for kind, name, value in re.findall(r"^(ARG|ENV) (\w+)=(.*)$", dockerfile, re.MULTILINE):
@@ -204,7 +204,7 @@ def bento_environment(bento: Path, *, home: Path) -> tuple[dict[str, str], float
     return {"HOME": str(home), **image_environment(dockerfile, moved)}, seconds
 
 
-def distributions(python: Path, env: Mapping[str, str], cwd: Path) -> dict[str, bool]:
+def distributions(python: Path, env: Mapping[str, str], cwd: Path) -> dict[str, list[str]]:
     """The distributions installed for ``python``, and which of the never-served modules
     and convtune it can import, from ``cwd``."""
     code = (
@@ -234,7 +234,7 @@ def docker_missing() -> str | None:
         return "no `docker` command"
     info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
     if info.returncode != 0:
-        return f"`docker info` failed: {info.stderr.strip().splitlines()[-1:]}"
+        return f"`docker info` failed: {(info.stderr.strip() or 'no message').splitlines()[-1]}"
     return None
 
 
