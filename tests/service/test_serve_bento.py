@@ -1,24 +1,36 @@
-"""``bentoml build`` packs the service, its code and the model, without torch."""
+"""``bentoml build`` packs the service, its code and the model, without torch; the bento
+runs as its container image would, from its own requirements only."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import image_file, largest_difference, post
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from convtune.benchmarks.servers import free_port, running_server
 from convtune.models.artifact import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 TORCH_FAMILY = {"torch", "torchvision", "lightning", "pytorch-lightning", "timm"}
+# Never in the service's environment: albumentations loads torch where it is installed.
+NEVER_SERVED = {*TORCH_FAMILY, "albumentations"}
 
 
 def requirements(path: Path) -> list[Requirement]:
@@ -68,16 +80,36 @@ def test_the_dependency_walk_sees_a_package_pulled_in_indirectly() -> None:
     assert "torch" in closure and "torchmetrics" in closure
 
 
-def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
-    home = tmp_path / "bentoml"  # a fresh store that holds only the exported model
+@dataclass(frozen=True)
+class Bento:
+    """The repository built into a bento, in a store that holds only the exported model."""
+
+    tag: str
+    home: Path  # the store's BENTOML_HOME
+    path: Path  # the bento in that store: it refers to the model in the store
+    context: Path  # `bentoml export` of it, unpacked: the bento with its model under models/
+
+
+@pytest.fixture(scope="module")
+def bento(exported, tmp_path_factory) -> Bento:
+    root = tmp_path_factory.mktemp("bento")
+    home = root / "bentoml"
     shutil.copytree(exported.bentoml_home / "models", home / "models", symlinks=True)
     env = {"BENTOML_HOME": str(home)}
-
     out = exported.run("-m", "bentoml", "build", "--output", "tag", timeout=180, **env)
-    bento_tag = re.search(r"__tag__:(\S+)", out).group(1)
-    name, version = bento_tag.split(":")
-    bento = home / "bentos" / name / version
-    assert (bento / "env" / "docker" / "Dockerfile").is_file()
+    tag = re.search(r"__tag__:(\S+)", out).group(1)
+    # `bentoml export` packs the models as pushing and containerizing do (the image's
+    # build context is the bento with its models under models/).
+    archive = root / "convtune.bento"
+    exported.run("-m", "bentoml", "export", tag, str(archive), timeout=180, **env)
+    context = root / "context"
+    with tarfile.open(archive) as tar:
+        tar.extractall(context, filter="data")
+    return Bento(tag, home, home / "bentos" / tag.replace(":", "/"), context)
+
+
+def test_bentoml_build_packs_service_code_and_model(exported, bento) -> None:
+    assert (bento.path / "env" / "docker" / "Dockerfile").is_file()
     for source in (
         "convtune/__init__.py",  # what makes the folders below importable as convtune.*
         "service/service.py",
@@ -88,15 +120,15 @@ def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
         "data/images.py",
         "models/inference.py",
     ):
-        assert (bento / "src" / source).is_file(), source
-    assert not (bento / "src" / "training").exists()
-    assert not (bento / "src" / "tests").exists()
+        assert (bento.path / "src" / source).is_file(), source
+    assert not (bento.path / "src" / "training").exists()
+    assert not (bento.path / "src" / "tests").exists()
 
-    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    info = yaml.safe_load((bento.path / "bento.yaml").read_text())
     assert [m["tag"] for s in info["services"] for m in s["models"]] == [exported.tag]
     # The image installs what bentofile.yaml lists, and nothing that, however indirectly,
     # is torch or its family.
-    wanted = requirements(bento / "env" / "python" / "requirements.txt")
+    wanted = requirements(bento.path / "env" / "python" / "requirements.txt")
     listed = yaml.safe_load((REPO / "bentofile.yaml").read_text())["python"]["packages"]
     assert {canonicalize_name(Requirement(r).name) for r in listed} <= {
         canonicalize_name(r.name) for r in wanted
@@ -105,14 +137,157 @@ def test_bentoml_build_packs_service_code_and_model(exported, tmp_path) -> None:
     assert {"bentoml", "onnxruntime", "numpy", "pillow"} <= set(installed)
     assert not set(installed) & TORCH_FAMILY, sorted(installed)
 
-    # A built bento refers to the model in the store; `bentoml export` (what pushing and
-    # containerizing start from) packs it under models/. It must arrive intact.
-    archive = tmp_path / "convtune.bento"
-    exported.run("-m", "bentoml", "export", bento_tag, str(archive), timeout=180, **env)
+    # A built bento refers to the model in the store; the exported one carries it. It must
+    # arrive intact.
+    assert (bento.context / "env" / "docker" / "Dockerfile").is_file()
     model_name, model_version = exported.tag.split(":")
-    unpacked = tmp_path / "unpacked"
-    with tarfile.open(archive) as tar:
-        tar.extractall(unpacked, filter="data")
-    assert (unpacked / "env" / "docker" / "Dockerfile").is_file()
-    model_dir = unpacked / "models" / model_name / model_version
+    model_dir = bento.context / "models" / model_name / model_version
     assert read_manifest(model_dir).classes == exported.classes  # sha256 verified
+
+
+# What the bento's generated Dockerfile does, which the test below does without Docker: if
+# BentoML changes it, the test fails here first instead of testing something else.
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+IMAGE_STEPS = (
+    f"FROM python:{PYTHON}-slim",  # the Python version of this environment
+    f"uv venv --python {PYTHON} /app/.venv",  # a fresh virtual environment
+    'INSTALL_ROOT="./src"',  # the requirements install from the bento's src/
+    "pip install -r $BENTO_PATH/env/python/requirements.txt",  # and only those
+    "COPY --chown=bentoml:bentoml . ./",  # then the bento, its models included
+    "WORKDIR $BENTO_PATH",
+    'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]',
+)
+# The entrypoint activates /app/.venv, else .venv in the working directory, and runs this
+# when given only options.
+ENTRYPOINT_SERVES = 'set -- bentoml serve "$@" "$BENTO_PATH"'
+IMAGE_PATHS = ("/home/bentoml/bento", "/home/bentoml/", "/app/.venv")  # moved by the test
+
+
+def image_environment(dockerfile: str, moved: Mapping[str, str]) -> dict[str, str]:
+    """The variables a Dockerfile's ENV lines set, with its ARG defaults and earlier values
+    substituted, and each of the image's paths that ``moved`` names replaced by its value."""
+    values = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    environment = {}
+    for kind, name, value in re.findall(r"^(ARG|ENV) (\w+)=(.*)$", dockerfile, re.MULTILINE):
+        value = re.sub(r"\$\{?(\w+)\}?", lambda match: values.get(match[1], ""), value)
+        for image_path, path in moved.items():
+            value = value.replace(image_path, path)
+        values[name] = value
+        if kind == "ENV":
+            environment[name] = value
+    return environment
+
+
+def bento_environment(bento: Path, *, home: Path) -> tuple[dict[str, str], float]:
+    """A virtual environment at ``bento/.venv`` made as the bento's Dockerfile makes the
+    image's, and the variables the image sets, with the image's paths moved to ``bento``,
+    ``home`` and that environment; and the seconds its creation took."""
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    for step in IMAGE_STEPS:
+        assert step in dockerfile, f"the bento's Dockerfile no longer has {step!r}"
+    assert ENTRYPOINT_SERVES in (bento / "env" / "docker" / "entrypoint.sh").read_text()
+    venv = bento / ".venv"
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # pip's own settings (an index, a mirror) pass through; nothing of this checkout does.
+    pip_env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    requirements_txt = bento / "env" / "python" / "requirements.txt"
+    pip = subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "install", "--quiet", "-r", requirements_txt],
+        cwd=bento / "src",
+        env=pip_env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert pip.returncode == 0, f"pip install -r {requirements_txt} failed:\n{pip.stderr}"
+    seconds = time.monotonic() - started
+    moved = dict(zip(IMAGE_PATHS, (str(bento), f"{home}/", str(venv)), strict=True))
+    return {"HOME": str(home), **image_environment(dockerfile, moved)}, seconds
+
+
+def distributions(python: Path, env: Mapping[str, str], cwd: Path) -> dict[str, list[str]]:
+    """The distributions installed for ``python``, and which of the never-served modules
+    and convtune it can import, from ``cwd``."""
+    code = (
+        "import importlib.metadata as m, importlib.util as u, json, sys; "
+        "print(json.dumps({'installed': [d.metadata['Name'] for d in m.distributions()], "
+        "'importable': [n for n in sys.argv[1:] if u.find_spec(n)]}))"
+    )
+    modules = ["torch", "torchvision", "lightning", "pytorch_lightning", "timm"]
+    args = [python, "-c", code, *modules, "albumentations", "convtune"]
+    out = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def predictions(url: str, images: list[Path]) -> list[dict]:
+    """``/predict`` of each image with every class, one request at a time."""
+    results = []
+    for path in images:
+        response = post(url, "predict", files={"image": image_file(path)}, data={"top_k": "99"})
+        assert response.status_code == 200, response.text
+        results.append(response.json())
+    return results
+
+
+def docker_missing() -> str | None:
+    """Why no image can be built and run here, or None where a Docker engine answers."""
+    if shutil.which("docker") is None:
+        return "no `docker` command"
+    info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
+    if info.returncode != 0:
+        return f"`docker info` failed: {(info.stderr.strip() or 'no message').splitlines()[-1]}"
+    return None
+
+
+def assert_image_serves(bento: Bento, exported, probe_images, cli_results, log: Path) -> None:
+    """``bentoml containerize`` the bento, run the image, and get the CLI's answers."""
+    image = f"convtune-test:{bento.tag.split(':')[1]}"
+    env = {"BENTOML_HOME": str(bento.home)}
+    exported.run("-m", "bentoml", "containerize", bento.tag, "-t", image, timeout=1200, **env)
+    port = free_port()
+    command = ["docker", "run", "--rm", "-p", f"127.0.0.1:{port}:3000",
+               "-e", f"CONVTUNE_MODEL={exported.tag}", image]  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with running_server(command, ready_url=f"{url}/readyz", log_path=log, env=os.environ):
+            assert largest_difference(predictions(url, probe_images), cli_results) <= 1e-6
+    finally:
+        subprocess.run(["docker", "rmi", "-f", image], capture_output=True, timeout=120)
+
+
+@pytest.mark.timeout(1800)  # building an image takes minutes where Docker runs
+def test_the_bento_serves_as_its_image_would(
+    exported, bento, probe_images, cli_results, tmp_path, capsys
+) -> None:
+    home = tmp_path / "home"  # the image's BENTOML_HOME: no models but the bento's own
+    home.mkdir()
+    env, seconds = bento_environment(bento.context, home=home)
+    env["CONVTUNE_MODEL"] = exported.tag
+    python = bento.context / ".venv" / "bin" / "python"
+
+    found = distributions(python, env, cwd=tmp_path)
+    installed = {canonicalize_name(name) for name in found["installed"]}
+    assert {"bentoml", "onnxruntime", "opencv-python-headless", "pillow"} <= installed
+    assert not installed & NEVER_SERVED, sorted(installed)
+    assert found["importable"] == [], found  # nor convtune: the service runs from src/
+    site_packages = python.parents[1] / "lib" / f"python{PYTHON}" / "site-packages"
+    mib = sum(f.stat().st_size for f in site_packages.rglob("*") if f.is_file()) / 2**20
+    with capsys.disabled():  # for docs/benchmarks.md
+        print(f"\nthe bento's environment: {seconds:.0f} s to make, site-packages {mib:.0f} MiB")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    entrypoint = ["bash", "env/docker/entrypoint.sh", "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "serve.log"
+    with running_server(
+        entrypoint, ready_url=f"{url}/readyz", log_path=log, env=env, cwd=bento.context
+    ):
+        results = predictions(url, probe_images)
+    assert {result["model"] for result in results} == {exported.tag}
+    assert largest_difference(results, cli_results) <= 1e-6
+    assert "Service loaded from Bento directory" in log.read_text()
+
+    if reason := docker_missing():
+        pytest.skip(f"the bento served from its own environment; no image built: {reason}")
+    assert_image_serves(bento, exported, probe_images, cli_results, tmp_path / "image.log")
