@@ -88,7 +88,8 @@ def decode_rgb(
 
 def declared_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """The pixels the image in ``data`` declares in its header, without decoding it; 0 for
-    bytes that :func:`decode_rgb` will refuse anyway (its structure rules, no image)."""
+    bytes that :func:`decode_rgb` will refuse anyway (its structure rules, no image, more
+    than ``max_pixels``)."""
     if not data or structure_problem(data, max_pixels=max_pixels) is not None:
         return 0
     try:
@@ -97,7 +98,7 @@ def declared_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int
             width, height = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
     except Exception:  # any header Pillow cannot read: decode_rgb says why
         return 0
-    return width * height
+    return width * height if width * height <= max_pixels else 0
 
 
 def _read(encoded: bytes | str | Path, name: str) -> bytes:

@@ -47,6 +47,8 @@ def limited(start_server) -> Iterator:
         CONVTUNE_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
         CONVTUNE_SLOW_BODY_GRACE_S=str(BODY_GRACE_S),
         CONVTUNE_MIN_BODY_RATE=str(MIN_BODY_RATE),
+        # Room for a batch that decodes longer than the timeout (the 36 Mpx images below).
+        CONVTUNE_MAX_REQUEST_PIXELS=str(16 * 36_000_000),
         BENTOML_CONFIG_OPTIONS=f"services.Convtune.traffic.timeout={TIMEOUT_S}",
     ) as server:
         yield server

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # The finder goes in before anything else is imported, so any import of a blocked package,
 # direct or transitive, fails as if the package were not installed.
 SCRIPT = """
-import asyncio, json, sys, time
+import asyncio, json, sys, threading, time
 
 # albumentations too: it imports torch wherever torch is installed, and the bento has neither.
 BLOCKED = ("torch", "lightning", "pytorch_lightning", "timm", "torchvision", "albumentations")
@@ -60,7 +60,7 @@ instance.classifier.view_logits = recorded
 
 async def main():
     uploads = [(path, open(path, "rb").read()) for path in sys.argv[1:]]
-    pixels = instance._pixels(uploads)
+    pixels = instance._pixels(uploads, threading.Event())  # a request nobody cancels
     results = await instance.classify(uploads, 99)
     # Queued together: one request per image, then 3 requests of 5x the images each.
     del calls[:]
