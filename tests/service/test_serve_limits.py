@@ -160,7 +160,7 @@ def test_stalled_uploads_hold_no_slot_and_time_out(tight) -> None:
 
 def test_a_burst_over_the_concurrency_limit_is_refused_at_once(tight) -> None:
     """More requests at once than slots: some are refused with 429 instead of queued."""
-    files = [("images", ("big.png", encode(drawing(1000, 1000), "PNG"), "image/png"))]
+    files = [("images", ("big.png", encode(drawing(800, 800), "PNG"), "image/png"))]
     statuses: Counter[int] = Counter()
     deadline = time.monotonic() + 60
     with ThreadPoolExecutor(max_workers=16) as pool:
