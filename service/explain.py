@@ -65,6 +65,16 @@ class ImageExplanation:
     stages: dict[str, np.ndarray]
 
 
+def check_explainable(classifier: OnnxClassifier, model_tag: str) -> None:
+    """Refuse /explain (409) for a model exported without the outputs it shows."""
+    if classifier.manifest.explain is None:
+        raise NotExplainable(
+            f"the served model {model_tag} was exported without the feature maps /explain "
+            "shows: re-export its run with this convtune (`convtune export RUN_DIR "
+            "--name NAME`) and serve that model"
+        )
+
+
 def checked_class(text: str | None, classes: tuple[str, ...]) -> str | None:
     """The ``class`` field: None (the predicted class), or one of the model's classes, as
     text or as a JSON string (how BentoML's clients send every argument that is not a file).
@@ -106,6 +116,16 @@ def explain_image(
         heat = class_activation_map(class_map, geometry=classifier.placement(rgb))
     stages = {output: volume[0] for output, volume in explanation.stages.items()}
     return ImageExplanation(probabilities, name, heat, stages)
+
+
+def explanation(
+    classifier: OnnxClassifier, rgb: np.ndarray, *, class_name: str | None, top_k: int, png: bool
+) -> dict[str, Any] | Response:
+    """``/explain``'s answer for one decoded image: the overlay PNG, or else the JSON."""
+    explained = explain_image(classifier, rgb, class_name=class_name)
+    if png:
+        return overlay_png(rgb, explained)
+    return explanation_json(classifier, rgb, explained, top_k=top_k)
 
 
 def overlay_png(rgb: np.ndarray, explained: ImageExplanation) -> Response:

@@ -1,8 +1,8 @@
 """The HTTP side of the service: limits, reading the multipart form, errors, the request log.
 
-Kept out of ``service.py`` so that file reads as the service itself (model, batching,
-routes). Nothing here imports the model or onnxruntime; it is plain Starlette, plus
-BentoML's trace context for the request id.
+Shared by the routes (``service.routes``) and the service (``service.py``). Nothing here
+imports the model or onnxruntime; it is plain Starlette, plus BentoML's trace context for
+the request id.
 """
 
 from __future__ import annotations

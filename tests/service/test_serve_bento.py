@@ -113,6 +113,7 @@ def test_bentoml_build_packs_service_code_and_model(exported, bento) -> None:
     for source in (
         "convtune/__init__.py",  # what makes the folders below importable as convtune.*
         "service/service.py",
+        "service/routes.py",
         "service/http.py",
         "service/openapi.py",
         "service/ui/index.html",  # the pages' files (service.pages)

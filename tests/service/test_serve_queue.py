@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ class InProcess:
         return queued(self.service._batcher)
 
     def client(self) -> httpx.AsyncClient:
-        from convtune.service.service import app
+        from convtune.service.routes import app
 
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc")
 
@@ -81,7 +80,7 @@ def in_process(exported, monkeypatch: pytest.MonkeyPatch) -> InProcess:
 
     held, clock = Held(), Clock()
     monkeypatch.setattr(batching, "time", clock)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(module, "available_cores", lambda: 2)
     monkeypatch.setenv("CONVTUNE_INFERENCE_LANES", "2")
     all_cores, make_lane = OnnxClassifier.probabilities, OnnxClassifier.probabilities_on_new_session
     lane_numbers = itertools.count()

@@ -40,6 +40,7 @@ else:
 
 import numpy as np
 import convtune.service.service as module
+from convtune.service.uploads import model_input
 
 instance = module.Convtune()  # resolves convtune:latest from $BENTOML_HOME
 calls = []  # images per onnxruntime call
@@ -60,7 +61,10 @@ instance.classifier.view_logits = recorded
 
 async def main():
     uploads = [(path, open(path, "rb").read()) for path in sys.argv[1:]]
-    pixels = instance._pixels(uploads, threading.Event())  # a request nobody cancels
+    # The input of a request nobody cancels.
+    pixels = model_input(
+        instance.classifier, uploads, threading.Event(), max_pixels=instance.limits.max_pixels
+    )
     results = await instance.classify(uploads, 99)
     # Queued together: one request per image, then 3 requests of 5x the images each.
     del calls[:]
