@@ -78,7 +78,7 @@ def check_environment(env: dict[str, str], *, cpus: float) -> None:
     assert {e["name"]: e["value"] for e in bento_envs if e["name"] in REQUIRED_ENVS} == {
         name: env[name] for name in REQUIRED_ENVS
     }
-    # A container sees the node's cores: the lanes are set for the cores it gets.
+    # Set for the cores the pod gets: the fallback where a parent cgroup's quota is missed.
     assert LANES_ENV in env
     lanes, _ = lane_layout(int(cpus), {})
     assert lane_layout(int(cpus), env) == (lanes, 1), env.get(LANES_ENV)
