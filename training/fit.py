@@ -235,7 +235,8 @@ def build_trainer(
             keep_bn_eval=config.keep_bn_eval,
             freeze_stages=config.freeze_stages,
         ),
-        RichProgressBar(),
+        # On stderr: stdout carries the run's JSON summary, whatever it is piped to.
+        RichProgressBar(console_kwargs={"stderr": True}),
         SameSplitEverywhere(split_digest),
     ]
     if config.ema_decay > 0:
