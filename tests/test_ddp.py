@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit_refused
 
 from convtune.models.artifact import LOGS_DIR, SPLIT_FILE, read_model_description
-from convtune.training.cli import main
 from convtune.training.history import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,46 +72,36 @@ def test_two_processes_train_one_run_as_well_as_one_process(
     assert json.loads(resumed.stdout)["val"]["n"] == summary["val"]["n"]
 
 
-def refused(args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
-    """fit's error for ``args``, checking that it came before any work: no run directory,
-    and the data (which does not exist) never looked at."""
-    run_dir = tmp_path / "never"
-    fit = ["fit", "--data", str(tmp_path / "no-data"), "--model", "test_resnet"]
-    assert main([*fit, "--out", str(run_dir), *args]) == 2
-    assert not run_dir.exists()
-    return capsys.readouterr().err
-
-
 def test_an_unknown_accelerator_is_refused_with_the_names_there_are(capsys, tmp_path) -> None:
-    error = refused(["--accelerator", "tpuu"], capsys, tmp_path)
+    error = fit_refused(["--accelerator", "tpuu"], capsys, tmp_path)
     assert "cannot train with --accelerator tpuu" in error
     assert "Available names are: auto" in error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_a_gpu_on_a_machine_without_one_is_refused(capsys, tmp_path) -> None:
-    error = refused(["--accelerator", "gpu", "--devices", "4"], capsys, tmp_path)
+def test_a_gpu_on_a_machine_without_one_is_fit_refused(capsys, tmp_path) -> None:
+    error = fit_refused(["--accelerator", "gpu", "--devices", "4"], capsys, tmp_path)
     assert "cannot train with --accelerator gpu --devices 4" in error
 
 
-def test_more_cpu_processes_than_cores_are_refused(capsys, tmp_path) -> None:
+def test_more_cpu_processes_than_cores_are_fit_refused(capsys, tmp_path) -> None:
     cores = len(os.sched_getaffinity(0))
-    error = refused(["--accelerator", "cpu", "--devices", str(cores + 1)], capsys, tmp_path)
+    error = fit_refused(["--accelerator", "cpu", "--devices", str(cores + 1)], capsys, tmp_path)
     assert f"more than this machine's {cores} cores: use --devices {cores} or fewer" in error
 
 
-def test_a_strategy_that_is_not_installed_or_unknown_is_refused(capsys, tmp_path) -> None:
+def test_a_strategy_that_is_not_installed_or_unknown_is_fit_refused(capsys, tmp_path) -> None:
     if importlib.util.find_spec("deepspeed") is None:  # never a dependency of ours
-        error = refused(["--strategy", "deepspeed"], capsys, tmp_path)
+        error = fit_refused(["--strategy", "deepspeed"], capsys, tmp_path)
         assert "you must have DeepSpeed installed" in error
-    error = refused(["--strategy", "fsdp", "--accelerator", "cpu"], capsys, tmp_path)
+    error = fit_refused(["--strategy", "fsdp", "--accelerator", "cpu"], capsys, tmp_path)
     assert "requires a GPU accelerator" in error
-    error = refused(["--strategy", "ddpp"], capsys, tmp_path)
+    error = fit_refused(["--strategy", "ddpp"], capsys, tmp_path)
     assert "invalid strategy name: `strategy='ddpp'`" in error
 
 
 @two_cores
-def test_a_time_limit_with_several_processes_is_refused(capsys, tmp_path) -> None:
+def test_a_time_limit_with_several_processes_is_fit_refused(capsys, tmp_path) -> None:
     args = ["--accelerator", "cpu", "--devices", "2", "--time-limit", "60"]
-    error = refused(args, capsys, tmp_path)
+    error = fit_refused(args, capsys, tmp_path)
     assert "--time-limit plans epochs by timing one process" in error

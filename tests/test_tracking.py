@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import fit_refused
 
 from convtune.models.artifact import (
     LOGS_DIR,
@@ -107,21 +108,11 @@ def test_a_manifest_without_tracking_still_loads() -> None:
     assert Manifest.from_json(tracked.to_json()).tracking == {"logger": "mlflow", "run_id": "abc"}
 
 
-def refused(args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
-    """fit's error for ``args``, checking that it came before any work: no run directory,
-    and the data (which does not exist) never looked at."""
-    run_dir = tmp_path / "never"
-    fit = ["fit", "--data", str(tmp_path / "no-data"), "--model", "test_resnet"]
-    assert main([*fit, "--out", str(run_dir), *args]) == 2
-    assert not run_dir.exists()
-    return capsys.readouterr().err
-
-
 def test_a_tracker_whose_package_is_missing_is_refused_with_the_install_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, mlflow_store: str, monkeypatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "mlflow", None)  # importlib finds no mlflow
-    error = refused(["--logger", "mlflow"], capsys, tmp_path)
+    error = fit_refused(["--logger", "mlflow"], capsys, tmp_path)
     assert "--logger mlflow needs the mlflow package: pip install 'convtune[tracking]'" in error
 
 
@@ -129,16 +120,16 @@ def test_mlflow_without_a_tracking_uri_says_what_to_set(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert "$MLFLOW_TRACKING_URI, which is not set" in refused(
+    assert "$MLFLOW_TRACKING_URI, which is not set" in fit_refused(
         ["--logger", "mlflow"], capsys, tmp_path
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    assert "MLFLOW_ALLOW_FILE_STORE=true" in refused(["--logger", "mlflow"], capsys, tmp_path)
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in fit_refused(["--logger", "mlflow"], capsys, tmp_path)
 
 
 def test_an_unknown_logger_is_refused_with_the_choices(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    error = refused(["--logger", "wandb"], capsys, tmp_path)
+    error = fit_refused(["--logger", "wandb"], capsys, tmp_path)
     assert "logger='wandb' (one of csv, tensorboard, mlflow)" in error

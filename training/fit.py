@@ -212,8 +212,8 @@ def build_trainer(
     processes: Processes,
     *,
     seconds_left: float | None,
-    resume: bool = False,
-    split_digest: str = "",
+    resume: bool,
+    split_digest: str,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer for the epochs Lightning runs, and the callback that keeps the best
     checkpoint. ``seconds_left``: the time training may take (None: no limit);
