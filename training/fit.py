@@ -167,13 +167,28 @@ def train_and_finish(
     )
     if not processes.is_main:
         return None
-    model = load_best_checkpoint(module, checkpoint.best_model_path or last_checkpoint)
+    best = checkpoint.best_model_path or last_checkpoint
+    summary = finish(module, best, datamodule, config, run_dir, candidate=candidate)
+    finish_tracking(trainer.loggers, run_dir, summary)
+    return summary
+
+
+def finish(
+    module: ClassifierModule,
+    best_checkpoint: str | Path,
+    datamodule: ImageDataModule,
+    config: FitConfig,
+    run_dir: Path,
+    *,
+    candidate: tuple[dict[str, torch.Tensor], ProbeResult] | None,
+) -> dict[str, Any]:
+    """After training, in the main process: the best weights (the probe's ``candidate``
+    where they score better on val), calibrated, saved and reported."""
+    model = load_best_checkpoint(module, best_checkpoint)
     val_logits, _ = collect_logits(model, datamodule.val_dataloader())
     if candidate is not None:
         val_logits = keep_the_better(model, val_logits, candidate, datamodule, config.monitor)
-    summary = calibrate_save_and_report(model, datamodule, config, run_dir, val_logits=val_logits)
-    finish_tracking(trainer.loggers, run_dir, summary)
-    return summary
+    return calibrate_save_and_report(model, datamodule, config, run_dir, val_logits=val_logits)
 
 
 def probes_the_head(config: FitConfig) -> bool:
