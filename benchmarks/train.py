@@ -43,12 +43,12 @@ from convtune.data.synthetic import make_shapes_dataset
 from convtune.models.factory import ImageClassifier
 from convtune.training.callbacks import EncoderFreeze
 from convtune.training.config import FitConfig, resolve_config
+from convtune.training.devices import resolve_precision
 from convtune.training.fit import (
     build_datamodule,
     build_model,
     build_recipe,
     prepare_split,
-    resolve_precision,
 )
 from convtune.training.module import (
     ClassifierModule,

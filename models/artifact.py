@@ -19,6 +19,9 @@ A run directory, everything needed to resume, evaluate and export a run::
     metrics.json         METRICS_FILE, with a test part: the test metrics (training.report)
     report.html          REPORT_FILE, with a test part: the evaluation report
     artifact/            ARTIFACT_DIR: what ``convtune export`` writes
+    tensorboard/         TENSORBOARD_DIR, with --logger tensorboard: its event files
+    tracking.json        TRACKING_FILE, with --logger mlflow: the MLflow run's id, experiment
+                         and tracking URI (training.tracking); the manifest's ``tracking``
 
 An artifact, one directory that describes and verifies itself::
 
@@ -64,6 +67,8 @@ MODEL_DESCRIPTION = "model.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 ARTIFACT_DIR = "artifact"
+TENSORBOARD_DIR = "tensorboard"
+TRACKING_FILE = "tracking.json"
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -262,7 +267,9 @@ class Manifest:
     the single view's (``none``), which the file also holds as ``temperature``;
     ``serving_tta`` is the view set the service averages over; ``files`` the sha256 of each
     of ``ARTIFACT_FILES``, filled in by :func:`write_manifest`; ``explain`` the graph's
-    outputs beside the logits (None: an artifact exported before it had them).
+    outputs beside the logits (None: an artifact exported before it had them);
+    ``tracking`` the experiment tracker's record of the training run (``TRACKING_FILE``;
+    None: not tracked).
     """
 
     architecture: str
@@ -277,6 +284,7 @@ class Manifest:
     created: str  # ISO 8601, UTC
     files: Mapping[str, str] = field(default_factory=dict)
     explain: ExplainOutputs | None = None
+    tracking: Mapping[str, str] | None = None
 
     @property
     def temperature(self) -> float:
@@ -289,6 +297,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         explain = {} if self.explain is None else {"explain": self.explain.to_json()}
+        tracking = {} if self.tracking is None else {"tracking": dict(self.tracking)}
         return {
             "schema_version": SCHEMA_VERSION,
             "architecture": self.architecture,
@@ -307,6 +316,7 @@ class Manifest:
             "created": self.created,
             "files": dict(self.files),
             **explain,
+            **tracking,
         }
 
     @classmethod
@@ -339,6 +349,7 @@ class Manifest:
                 created=str(raw["created"]),
                 files={str(name): str(digest) for name, digest in raw["files"].items()},
                 explain=None if "explain" not in raw else ExplainOutputs.from_json(raw["explain"]),
+                tracking=None if "tracking" not in raw else _checked_record(raw["tracking"]),
             )
             stated = {key: raw[key] for key in ("num_classes", "input", "output")}
         except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -357,6 +368,30 @@ def _checked_text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ArtifactError(f"{name} must be a non-empty string, not {reprlib.repr(value)}")
     return value
+
+
+def _checked_record(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+        raise ArtifactError(f"tracking must map names to strings, not {reprlib.repr(raw)}")
+    return {str(name): value for name, value in raw.items()}
+
+
+def write_tracked_run(run_dir: Path, record: Mapping[str, str]) -> Path:
+    """``TRACKING_FILE``: which tracker run holds this run's params, metrics and report."""
+    path = run_dir / TRACKING_FILE
+    path.write_text(json.dumps(dict(record), indent=2) + "\n")
+    return path
+
+
+def read_tracked_run(run_dir: Path) -> dict[str, str] | None:
+    """``run_dir``'s ``TRACKING_FILE``, None where the run was not tracked."""
+    path = run_dir / TRACKING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return _checked_record(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ArtifactError) as error:
+        raise ArtifactError(f"{path}: {error}") from error
 
 
 def _checked_classes(names: Any) -> tuple[str, ...]:

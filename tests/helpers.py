@@ -300,3 +300,15 @@ async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition never came true"
         await asyncio.sleep(0.001)
+
+
+def fit_refused(args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
+    """``convtune fit``'s error for ``args``, checking that it came before any work: no run
+    directory, and the data (a path that does not exist) never looked at."""
+    from convtune.training.cli import main
+
+    run_dir = tmp_path / "never"
+    fit = ["fit", "--data", str(tmp_path / "no-data"), "--model", "test_resnet"]
+    assert main([*fit, "--out", str(run_dir), *args]) == 2
+    assert not run_dir.exists()
+    return capsys.readouterr().err

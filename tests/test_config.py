@@ -30,7 +30,8 @@ VALUED_FLAGS = [
     "affine-scale", "affine-shift", "affine-rotate", "color-jitter", "val-data", "test-data",
     "val-fraction", "test-fraction", "path-column", "label-column", "label-separator", "label-map",
     "binary-negative", "freeze-stages", "ema-decay", "tta", "time-limit", "monitor",
-    "early-stopping", "num-workers", "precision", "accelerator", "seed",
+    "early-stopping", "num-workers", "precision", "accelerator", "devices", "strategy",
+    "num-nodes", "logger", "seed",
 ]  # fmt: skip
 SWITCHES = {  # flag: the FitConfig field it flips
     "--no-header": "label_header",

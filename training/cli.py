@@ -302,7 +302,8 @@ def run_fit(args: argparse.Namespace) -> None:
     from convtune.training.fit import fit
 
     summary = fit(config, resume=args.resume)
-    print(json.dumps({"run_dir": config.out, **summary}, indent=2))
+    if summary is not None:  # None: one of several training processes, not the main one
+        print(json.dumps({"run_dir": config.out, **summary}, indent=2))
 
 
 def run_check_data(args: argparse.Namespace) -> int:

@@ -50,6 +50,16 @@ def parse_label_map(text: str) -> dict[str, str]:
     return {raw.strip(): name.strip() for raw, name in pairs}
 
 
+def parse_devices(text: str) -> int | str:
+    """``"4"`` → 4; ``"auto"`` and indices such as ``"0,2"`` as written (Lightning's forms)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if text == "auto" or all(part.strip().isdigit() for part in text.split(",")):
+        return text
+    raise ValueError(f"--devices wants a count, auto, or indices like 0,2; got {text!r}")
+
+
 def parse_names(text: str) -> list[str]:
     """``"a,b"`` → ``["a", "b"]``."""
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -193,7 +203,23 @@ class FitConfig:
     precision: str = option(
         "auto", help="auto (bf16 on capable GPUs) | 32-true | bf16-mixed | 16-mixed"
     )
-    accelerator: str = option("auto", help="auto | cpu | gpu")
+    accelerator: str = option("auto", help="auto | cpu | gpu (Lightning's accelerators)")
+    # One device unless asked: Lightning's own default (every GPU) would start a process
+    # per GPU, each repeating what fit does around training.
+    devices: int | str = option(
+        1, help="devices per node, each its own training process: a count, auto (all), or "
+        "GPU indices like 0,2; --batch-size is per device", parse=parse_devices,
+    )  # fmt: skip
+    strategy: str = option(
+        "auto", help="Lightning's strategy: auto (one device; ddp for several) | ddp | "
+        "ddp_spawn | fsdp | deepspeed ... (README: Several GPUs or machines)",
+    )  # fmt: skip
+    num_nodes: int = option(1, help="machines training together (torchrun, SLURM)")
+    logger: str = option(
+        "csv", help="where metrics go besides RUN_DIR/logs (CSV, always written); mlflow: "
+        "$MLFLOW_TRACKING_URI [./mlruns], tensorboard: RUN_DIR/tensorboard",
+        choices=("csv", "tensorboard", "mlflow"),
+    )  # fmt: skip
     seed: int = option(0, help="seed for the split, init and augmentation")
 
     def __post_init__(self) -> None:
@@ -213,6 +239,8 @@ class FitConfig:
             "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
             "val_fraction": 0.0 < self.val_fraction < 1.0,
             "test_fraction": 0.0 <= self.test_fraction < 1.0 - self.val_fraction,
+            "devices": not isinstance(self.devices, int) or self.devices >= 1 or self.devices == -1,
+            "num_nodes": self.num_nodes >= 1,
         }
         for spec in fields(self):
             if allowed := spec.metadata["choices"]:
@@ -220,9 +248,13 @@ class FitConfig:
                 checks[spec.name] = value in allowed or (value is None and spec.default is None)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(
-                "invalid setting(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
-            )
+            raise ValueError("invalid setting(s): " + ", ".join(self._described(n) for n in bad))
+
+    def _described(self, name: str) -> str:
+        """``name=value``, and the values allowed where the option has a list of them."""
+        allowed = next((f.metadata["choices"] for f in fields(self) if f.name == name), ())
+        shown = f"{name}={getattr(self, name)!r}"
+        return f"{shown} (one of {', '.join(allowed)})" if allowed else shown
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,6 +38,7 @@ from convtune.models.artifact import (
     installed_version,
     read_manifest,
     read_model_description,
+    read_tracked_run,
     sha256_file,
     write_manifest,
 )
@@ -144,6 +145,7 @@ def build_manifest(
         training_config=load_saved_config(run_dir).to_dict(),
         versions={name: installed_version(name) for name in _VERSIONED_PACKAGES},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        tracking=read_tracked_run(run_dir),
     )
 
 

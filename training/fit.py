@@ -23,7 +23,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
@@ -37,7 +36,6 @@ from convtune.models.artifact import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
-    LOGS_DIR,
     MODEL_WEIGHTS,
     SPLIT_FILE,
     ModelDescription,
@@ -50,6 +48,15 @@ from convtune.training.budget import plan_epochs, time_eval_batch, time_train_st
 from convtune.training.calibration import collect_logits, collect_view_logits, fit_temperatures
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
 from convtune.training.config import FitConfig, save_config
+from convtune.training.devices import (
+    Processes,
+    SameSplitEverywhere,
+    plan_processes,
+    share_cpu_cores,
+    speaking_if,
+    split_digest,
+    trainer_devices,
+)
 from convtune.training.evaluate import evaluation_metrics_with_views
 from convtune.training.explain import torch_explainer
 from convtune.training.history import read_history, write_probe_history
@@ -57,6 +64,12 @@ from convtune.training.metrics import classification_metrics, negative_log_likel
 from convtune.training.module import ClassifierModule, Recipe
 from convtune.training.probe import ProbeResult, linear_probe
 from convtune.training.report import report_title, write_report
+from convtune.training.tracking import (
+    build_loggers,
+    check_logger_ready,
+    finish_tracking,
+    start_tracking,
+)
 
 log = logging.getLogger("convtune")
 _MONITOR_MODE = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
@@ -88,18 +101,32 @@ def without_lightning_chatter() -> Iterator[None]:
 
 
 @without_lightning_chatter()
-def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train as configured; return the best model's val (and test) metrics."""
+def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any] | None:
+    """Train as configured; return the best model's val (and test) metrics. With several
+    training processes (training/devices.py) only the main one writes and returns them;
+    the others return None."""
     started = time.monotonic()
+    processes = plan_processes(config, freezes_parameters=freezes_in_trainer(config))
+    check_logger_ready(config.logger)
     run_dir = Path(config.out)
     last_checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume and not last_checkpoint.is_file():
         raise FileNotFoundError(f"cannot resume: {last_checkpoint} does not exist")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir)
+    if processes.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir)
+    share_cpu_cores(processes)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    with speaking_if(processes.is_main):
+        return train_and_finish(config, processes, run_dir, resume=resume, started=started)
 
-    images, split = prepare_split(config, run_dir)
+
+def train_and_finish(
+    config: FitConfig, processes: Processes, run_dir: Path, *, resume: bool, started: float
+) -> dict[str, Any] | None:
+    """:func:`fit` from the split on, in each training process."""
+    last_checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    images, split = prepare_split(config, run_dir, writes=processes.is_main)
     model = build_model(config, len(images.classes))
     datamodule = build_datamodule(config, images, split, model)
     with_probe = probes_the_head(config)
@@ -110,12 +137,13 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     module = ClassifierModule(model, recipe.after_probe() if with_probe else recipe)
     # With --cache-features the frozen epochs run as a linear probe before Lightning
-    # takes over, and the trainer only runs the unfrozen ones.
+    # takes over, and the trainer only runs the unfrozen ones. The main process alone
+    # changes the model before training: DDP starts the others from its weights.
     candidate, finish_seconds = None, 0.0
-    if not resume:
+    if not resume and processes.is_main:
         datamodule.setup("fit")
         candidate = recalibrate_and_probe(config, model, datamodule, recipe, run_dir)
-        if config.time_limit:
+        if config.time_limit:  # one process only (devices.check_processes)
             elapsed = time.monotonic() - started
             config, finish_seconds = plan_to_time_limit(
                 config, model, datamodule, recipe, elapsed=elapsed
@@ -126,7 +154,10 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         if config.time_limit
         else None
     )
-    trainer, checkpoint = build_trainer(config, run_dir, seconds_left=seconds_left)
+    trainer, checkpoint = build_trainer(
+        config, run_dir, processes, seconds_left=seconds_left, resume=resume,
+        split_digest=split_digest(images, split),
+    )  # fmt: skip
     # Loaded with weights_only: a checkpoint is plain data (training.module), never pickle.
     trainer.fit(
         module,
@@ -134,8 +165,26 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
         ckpt_path=last_checkpoint if resume else None,
         weights_only=True,
     )
+    if not processes.is_main:
+        return None
+    best = checkpoint.best_model_path or last_checkpoint
+    summary = finish(module, best, datamodule, config, run_dir, candidate=candidate)
+    finish_tracking(trainer.loggers, run_dir, summary)
+    return summary
 
-    model = load_best_checkpoint(module, checkpoint.best_model_path or last_checkpoint)
+
+def finish(
+    module: ClassifierModule,
+    best_checkpoint: str | Path,
+    datamodule: ImageDataModule,
+    config: FitConfig,
+    run_dir: Path,
+    *,
+    candidate: tuple[dict[str, torch.Tensor], ProbeResult] | None,
+) -> dict[str, Any]:
+    """After training, in the main process: the best weights (the probe's ``candidate``
+    where they score better on val), calibrated, saved and reported."""
+    model = load_best_checkpoint(module, best_checkpoint)
     val_logits, _ = collect_logits(model, datamodule.val_dataloader())
     if candidate is not None:
         val_logits = keep_the_better(model, val_logits, candidate, datamodule, config.monitor)
@@ -145,6 +194,12 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any]:
 def probes_the_head(config: FitConfig) -> bool:
     """Whether the frozen epochs run as a linear probe on cached features."""
     return config.cache_features and config.freeze_epochs > 0
+
+
+def freezes_in_trainer(config: FitConfig) -> bool:
+    """Whether some parameters stop learning while Lightning trains: frozen epochs it runs
+    itself, or stages frozen throughout."""
+    return config.freeze_stages > 0 or (config.freeze_epochs > 0 and not probes_the_head(config))
 
 
 def recalibrate_and_probe(
@@ -167,10 +222,18 @@ def recalibrate_and_probe(
 
 
 def build_trainer(
-    config: FitConfig, run_dir: Path, *, seconds_left: float | None
+    config: FitConfig,
+    run_dir: Path,
+    processes: Processes,
+    *,
+    seconds_left: float | None,
+    resume: bool,
+    split_digest: str,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer for the epochs Lightning runs, and the callback that keeps the best
-    checkpoint. ``seconds_left``: the time training may take (None: no limit)."""
+    checkpoint. ``seconds_left``: the time training may take (None: no limit);
+    ``split_digest``: this process's split (``devices.split_digest``), checked to be every
+    process's."""
     with_probe = probes_the_head(config)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
@@ -187,7 +250,9 @@ def build_trainer(
             keep_bn_eval=config.keep_bn_eval,
             freeze_stages=config.freeze_stages,
         ),
-        RichProgressBar(),
+        # On stderr: stdout carries the run's JSON summary, whatever it is piped to.
+        RichProgressBar(console_kwargs={"stderr": True}),
+        SameSplitEverywhere(split_digest),
     ]
     if config.ema_decay > 0:
         callbacks.append(WeightEMA(config.ema_decay))
@@ -199,19 +264,20 @@ def build_trainer(
                 patience=config.early_stopping,
             )
         )
+    loggers = build_loggers(config, run_dir, resume=resume)
     trainer = L.Trainer(
         max_epochs=config.epochs - config.freeze_epochs if with_probe else config.epochs,
         # A backstop: a machine that slows down mid-run still stops in time to finish.
         max_time=timedelta(seconds=max(1.0, seconds_left)) if seconds_left is not None else None,
-        accelerator=config.accelerator,
-        precision=resolve_precision(config.precision),
+        **trainer_devices(config, strategy=processes.strategy),
         callbacks=callbacks,
-        # One logs/version_N/ per attempt, so resuming never overwrites earlier metrics.
-        logger=CSVLogger(run_dir, name=LOGS_DIR),
+        logger=loggers,
         deterministic=False,
         log_every_n_steps=1,
         enable_model_summary=False,
     )
+    if processes.is_main and not resume:
+        start_tracking(loggers, config, run_dir)
     return trainer, checkpoint
 
 
@@ -395,10 +461,15 @@ def build_datamodule(
     )
 
 
-def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Split]:
+def prepare_split(
+    config: FitConfig, run_dir: Path, *, writes: bool = True
+) -> tuple[LabelledImages, Split]:
     """Load the dataset in its layout, check it (printing what was found; refusing bad
     files, leaks and conflicting copies unless allowed), and reuse the run's split or
-    complete the one the data comes with."""
+    complete the one the data comes with.
+
+    Without ``writes`` (a training process other than the main one) nothing is printed or
+    saved: the split is the same deterministic one the main process saves."""
     dataset = open_dataset(
         config.data,
         val_data=config.val_data,
@@ -406,8 +477,9 @@ def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Spl
         label_format=config.label_format(),
     )
     log.info("data: %s", dataset.layout)
-    check = check_dataset(dataset.images, dataset.parts or None, progress=True)
-    print_check(check, sys.stderr)
+    check = check_dataset(dataset.images, dataset.parts or None, progress=writes)
+    if writes:
+        print_check(check, sys.stderr)
     problems = check.problems(
         skip_bad_images=config.skip_bad_images, allow_duplicates=config.allow_duplicates
     )
@@ -426,7 +498,11 @@ def prepare_split(config: FitConfig, run_dir: Path) -> tuple[LabelledImages, Spl
         seed=config.seed,
     )  # fmt: skip
     log.info("split: %s", ", ".join(f"{name} {len(split.indices(name))}" for name in PARTS))
-    save_split(split_file, usable.images, split, seed=config.seed)
+    if writes:
+        # Whole or not at all: other processes (torchrun, SLURM) may read it meanwhile.
+        partial = split_file.with_suffix(".partial")
+        save_split(partial, usable.images, split, seed=config.seed)
+        partial.replace(split_file)
     return usable.images, split
 
 
@@ -438,16 +514,6 @@ def build_recipe(
         counts = np.bincount(train_images.labels, minlength=len(train_images.classes))
         weights = tuple(float(w) for w in len(train_images) / (len(counts) * counts))
     return Recipe(**config.recipe_kwargs(class_weights=weights, freeze_epochs=freeze_epochs))
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto``: bf16 mixed precision on GPUs that support it, fp16 mixed on other GPUs,
-    fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
 
 
 def save_trained_model(

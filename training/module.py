@@ -82,7 +82,8 @@ class ClassifierModule(L.LightningModule):
         logits = self.model(pixels)
         loss = self.loss(logits, labels)
         self.train_accuracy(logits, labels)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # sync_dist: with several training processes, the loss over all of their batches.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
@@ -91,7 +92,9 @@ class ClassifierModule(L.LightningModule):
         logits = self.model(pixels)
         self.val_accuracy(logits, labels)
         self.val_macro_f1(logits, labels)
-        self.log("val/loss", self.loss(logits, labels), prog_bar=True)
+        # Averaged over every training process, as the metric objects are when computed:
+        # checkpointing and early stopping then decide the same in each.
+        self.log("val/loss", self.loss(logits, labels), prog_bar=True, sync_dist=True)
         self.log("val/accuracy", self.val_accuracy, prog_bar=True)
         self.log("val/macro_f1", self.val_macro_f1, prog_bar=True)
 
