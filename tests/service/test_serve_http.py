@@ -110,8 +110,9 @@ def request_counts(url: str) -> dict[tuple[str, str], float]:
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             if sample.name == "bentoml_service_request_total":
+                # Summed over the other labels: a route can have several series.
                 key = (sample.labels["endpoint"], sample.labels["http_response_code"])
-                counts[key] = sample.value
+                counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 
