@@ -135,6 +135,17 @@ def serve_command(port: int) -> list[str]:
             "--port", str(port)]  # fmt: skip
 
 
+def server_env(exported: Exported, name: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment of server ``name``: a BentoML home of its own that shares the suite's
+    model store. ``bentoml serve`` empties its home's metrics directory when it starts, so
+    servers sharing one home would erase each other's ``/metrics`` counts."""
+    home = exported.root / f"{name}-home"
+    if not home.exists():
+        home.mkdir()
+        (home / "models").symlink_to(exported.bentoml_home / "models", target_is_directory=True)
+    return {**exported.env, "BENTOML_HOME": str(home), **env}
+
+
 @contextlib.contextmanager
 def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
     """``bentoml serve service.service:Convtune`` on a free local port, with ``env`` added."""
@@ -145,7 +156,7 @@ def serving(exported: Exported, name: str, **env: str) -> Iterator[Served]:
         serve_command(port),
         ready_url=f"{url}/readyz",
         log_path=log_path,
-        env={**exported.env, **env},
+        env=server_env(exported, name, env),
         cwd=REPO,
     ) as process:
         yield Served(url, process, log_path)
@@ -161,7 +172,7 @@ def refused_start(exported: Exported, name: str, error: str, **env: str) -> str:
         process = subprocess.Popen(
             serve_command(port),
             cwd=REPO,
-            env={**exported.env, **env},
+            env=server_env(exported, name, env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
