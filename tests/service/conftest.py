@@ -172,7 +172,7 @@ def refused_start(exported: Exported, name: str, error: str, **env: str) -> str:
         process = subprocess.Popen(
             serve_command(port),
             cwd=REPO,
-            env=server_env(exported, name, env),
+            env={**exported.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

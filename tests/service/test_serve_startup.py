@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Exported, serve_command, server_env
+from conftest import REPO, Exported, serve_command
 
 from convtune.benchmarks.servers import free_port
 from convtune.models.artifact import sha256_file
@@ -37,7 +37,7 @@ def failed_start(exported: Exported, **env: str) -> tuple[subprocess.CompletedPr
     result = subprocess.run(
         serve_command(free_port()),
         cwd=REPO,
-        env=server_env(exported, "failed-start", env),
+        env={**exported.env, **env},
         capture_output=True,
         text=True,
         timeout=EXIT_WITHIN_S,
