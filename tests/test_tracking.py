@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import fit_refused
 
+from convtune.data.synthetic import make_shapes_dataset
 from convtune.models.artifact import (
     LOGS_DIR,
     TENSORBOARD_DIR,
@@ -34,6 +35,12 @@ def one_epoch(fit_args: list[str]) -> list[str]:
     return args
 
 
+@pytest.fixture(scope="module")
+def small_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Few images: these tests check what is logged, not what is learnt."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("small-shapes"), per_class=12, size=40)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A local MLflow file store, as MLflow's own variables name it."""
@@ -46,12 +53,12 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.mark.slow
 def test_an_mlflow_run_holds_the_config_metrics_and_report_and_resumes(
-    shapes_dir: Path, fit_args: list[str], tmp_path: Path, mlflow_store: str
+    small_shapes: Path, fit_args: list[str], tmp_path: Path, mlflow_store: str
 ) -> None:
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "run"
-    fit = ["fit", "--data", str(shapes_dir), "--out", str(run_dir), *one_epoch(fit_args)]
+    fit = ["fit", "--data", str(small_shapes), "--out", str(run_dir), *one_epoch(fit_args)]
     assert main([*fit, "--logger", "mlflow"]) == 0
 
     record = json.loads((run_dir / TRACKING_FILE).read_text())
@@ -86,12 +93,12 @@ def test_an_mlflow_run_holds_the_config_metrics_and_report_and_resumes(
 
 @pytest.mark.slow
 def test_tensorboard_gets_the_metrics_beside_the_csv_log(
-    shapes_dir: Path, fit_args: list[str], tmp_path: Path
+    small_shapes: Path, fit_args: list[str], tmp_path: Path
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    args = ["fit", "--data", str(shapes_dir), "--out", str(run_dir), *one_epoch(fit_args)]
+    args = ["fit", "--data", str(small_shapes), "--out", str(run_dir), *one_epoch(fit_args)]
     assert main([*args, "--logger", "tensorboard"]) == 0
     events = EventAccumulator(str(run_dir / TENSORBOARD_DIR / "version_0")).Reload()
     assert "val/accuracy" in events.Tags()["scalars"]
