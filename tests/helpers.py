@@ -14,6 +14,8 @@ import json
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -312,3 +314,26 @@ def fit_refused(args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: P
     assert main([*fit, "--out", str(run_dir), *args]) == 2
     assert not run_dir.exists()
     return capsys.readouterr().err
+
+
+# The training stack: commands that only read an artifact or a dataset must not load it.
+HEAVY_MODULES = ("torch", "lightning", "timm", "albumentations")
+
+
+def loaded_after(
+    arguments: list[str], heavy: tuple[str, ...] = HEAVY_MODULES
+) -> tuple[int, list[str], str]:
+    """``convtune ARGUMENTS`` in a fresh interpreter: its status, the ``heavy`` modules it
+    loaded, and its stdout."""
+    code = (
+        "import json, sys\n"
+        "from convtune.training.cli import main\n"
+        f"status = main({arguments!r})\n"
+        f"print(json.dumps([status, [name for name in {heavy!r} if name in sys.modules]]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    *answer, last = result.stdout.strip().splitlines()
+    status, loaded = json.loads(last)
+    return status, loaded, "\n".join(answer)

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 import timm
+from helpers import loaded_after
 from PIL import Image, ImageDraw
 from safetensors.numpy import load_file
-from test_predict import loaded_after
 
 from convtune.data.images import decode_rgb
 from convtune.data.preprocessing import EvalGeometry, Preprocessing

@@ -5,13 +5,11 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import huge_canvas_png
+from helpers import HEAVY_MODULES, huge_canvas_png, loaded_after
 from PIL import Image
 
 from convtune.benchmarks.cli import main as bench_main
@@ -240,19 +238,10 @@ def test_check_data_usage_errors_exit_2(
 
 
 def test_check_data_loads_no_training_stack(dataset: Path) -> None:
-    heavy = ("torch", "lightning", "timm", "albumentations", "onnxruntime")
-    code = (
-        "import json, sys\n"
-        "from convtune.training.cli import main\n"
-        f"status = main(['check-data', {str(dataset)!r}, '--format', 'json'])\n"
-        f"print(json.dumps([status, [name for name in {heavy!r} if name in sys.modules]]))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    *answer, last = result.stdout.strip().splitlines()
-    assert json.loads(last) == [0, []]
-    assert json.loads("\n".join(answer))["images"] == 8
+    heavy = (*HEAVY_MODULES, "onnxruntime")
+    status, loaded, answer = loaded_after(["check-data", str(dataset), "--format", "json"], heavy)
+    assert (status, loaded) == (0, [])
+    assert json.loads(answer)["images"] == 8
 
 
 def test_bench_check_data_compares_the_check_with_a_full_decode(

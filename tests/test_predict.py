@@ -7,37 +7,18 @@ import csv
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import loaded_after
 
 from convtune.data.synthetic import draw_shape
 from convtune.models.inference import OnnxClassifier
 from convtune.training.cli import main
 from convtune.training.predict import ImageInput, collect_inputs
 
-HEAVY = ("torch", "lightning", "timm", "albumentations")
 CLASSES = ("circle", "square", "triangle")
-
-
-def loaded_after(arguments: list[str]) -> tuple[int, list[str], str]:
-    """``convtune ARGUMENTS`` in a fresh interpreter: its status, the ``HEAVY`` modules
-    it loaded, and its stdout."""
-    code = (
-        "import json, sys\n"
-        "from convtune.training.cli import main\n"
-        f"status = main({arguments!r})\n"
-        f"print(json.dumps([status, [name for name in {HEAVY!r} if name in sys.modules]]))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    *answer, last = result.stdout.strip().splitlines()
-    status, loaded = json.loads(last)
-    return status, loaded, "\n".join(answer)
 
 
 def test_predict_loads_none_of_the_training_stack(artifact_dir: Path, tmp_path: Path) -> None:

@@ -76,6 +76,13 @@ def add_option(parser: argparse.ArgumentParser, option: CommandLineOption) -> No
         parser.add_argument(option.flag, type=option.parse, help=text, **settings)
 
 
+def add_options(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The fit options ``names`` as flags of another command, as ``fit`` has them."""
+    for option in command_line_options():
+        if option.name in names:
+            add_option(parser, option)
+
+
 def add_fit_command(commands: argparse._SubParsersAction) -> None:
     fit = commands.add_parser(
         "fit",
@@ -114,9 +121,7 @@ def add_check_data_command(commands: argparse._SubParsersAction) -> None:
         "--format", choices=["table", "json"], default="table",
         help="table: one table for people; json: everything found, for programs [table]",
     )  # fmt: skip
-    for option in command_line_options():
-        if option.name in _CHECK_DATA_OPTIONS:
-            add_option(check, option)
+    add_options(check, _CHECK_DATA_OPTIONS)
     check.set_defaults(handler=run_check_data)
 
 
@@ -198,9 +203,7 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="write report.html and metrics.json here [the --run dir]"
     )
     evaluate.add_argument("--tta", default="none", metavar="VIEWS", help=_TTA_HELP)
-    for option in command_line_options():
-        if option.name in _LABEL_FILE_OPTIONS:
-            add_option(evaluate, option)
+    add_options(evaluate, _LABEL_FILE_OPTIONS)
     evaluate.set_defaults(handler=run_evaluate)
 
 
