@@ -1,9 +1,11 @@
-"""Does a graph with class maps and stage outputs cost ``predict`` anything?
+"""Does explaining cost ``predict`` anything?
 
-For each model: the logits-only graph (what export wrote before) and the explained graph
-(logits, class maps, stages) of the same weights, both asked for ``logits`` only, at
-batch 1 and 32, in alternating rounds; medians and the explained/plain ratio, and the two
-files' sizes. Run as ``python -m convtune.benchmarks.explain_outputs [--out FILE]``.
+For each model, three graphs of the same weights, each asked for ``logits`` only: the
+model exported alone (``plain``, what export wrote before explaining), the artifact's
+``model.onnx`` (``logits``, cut from the explaining graph) and its ``explain.onnx``
+(``explained``: logits, class maps, stages), at batch 1 and 32 in alternating rounds;
+medians, the ratios to ``plain`` and the files' sizes. Run as
+``python -m convtune.benchmarks.explain_outputs [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -22,28 +24,23 @@ from convtune.benchmarks.common import median_of, write_report
 
 MODELS = (("test_resnet", 40), ("tf_efficientnet_lite0", 224))
 BATCHES = (1, 32)
+KINDS = ("plain", "logits", "explained")
 
 
-def export_both(name: str, size: int, folder: Path) -> dict[str, Path]:
+def export_graphs(name: str, size: int, folder: Path) -> dict[str, Path]:
     import torch
 
+    from convtune.models.artifact import ONNX_FILE, OUTPUT_NAME
     from convtune.models.factory import create_model
-    from convtune.training.explained_graph import ExplainedClassifier, has_exact_class_maps
+    from convtune.training.export import export_onnx, write_graph
 
     model = create_model(name, 3, pretrained="none", img_size=size).eval()
-    example = torch.randn(2, 3, size, size)
-    explained = ExplainedClassifier(model, with_class_maps=has_exact_class_maps(model, example))
-    paths = {}
-    for kind, graph in (("plain", model), ("explained", explained.eval())):
-        paths[kind] = folder / f"{name}-{kind}.onnx"
-        outputs = len(graph(example)) if kind == "explained" else 1
-        torch.onnx.export(
-            graph, (example,), str(paths[kind]), input_names=["pixels"],
-            output_names=["logits", *(f"extra_{k}" for k in range(1, outputs))],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            dynamo=True, external_data=False, verbose=False,
-        )  # fmt: skip
-    return paths
+    plain = folder / f"{name}-plain.onnx"
+    write_graph(model, torch.randn(2, 3, size, size), plain, output_names=[OUTPUT_NAME])
+    artifact = folder / name
+    artifact.mkdir()
+    explain = export_onnx(model, artifact)
+    return {"plain": plain, "logits": artifact / ONNX_FILE, "explained": artifact / explain.graph}
 
 
 def latency(session, pixels: np.ndarray, repeats: int) -> float:
@@ -72,7 +69,7 @@ def main() -> int:
     median: dict = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, size in MODELS:
-            paths = export_both(name, size, Path(folder))
+            paths = export_graphs(name, size, Path(folder))
             sessions = {
                 kind: ort.InferenceSession(str(path), options) for kind, path in paths.items()
             }
@@ -86,19 +83,12 @@ def main() -> int:
                         kind: latency(session, pixels, args.repeats)
                         for kind, session in sessions.items()
                     }
-                plain, explained = (
-                    median_of(rounds, key, "plain"),
-                    median_of(rounds, key, "explained"),
-                )
-                median[key] = {
-                    "plain_ms": plain * 1e3,
-                    "explained_ms": explained * 1e3,
-                    "ratio": explained / plain,
+                plain = median_of(rounds, key, "plain")
+                median[key] = {f"{kind}_ms": median_of(rounds, key, kind) * 1e3 for kind in KINDS}
+                median[key] |= {
+                    f"{kind}_ratio": median_of(rounds, key, kind) / plain for kind in KINDS[1:]
                 }
-                print(
-                    f"{key}: plain {plain * 1e3:.2f} ms, explained {explained * 1e3:.2f} ms, "
-                    f"ratio {explained / plain:.3f}"
-                )
+                print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in median[key].items()))
             median[f"{name}/onnx_bytes"] = {
                 kind: path.stat().st_size for kind, path in paths.items()
             }

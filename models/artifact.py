@@ -26,8 +26,13 @@ A run directory, everything needed to resume, evaluate and export a run::
 An artifact, one directory that describes and verifies itself::
 
     model.onnx            ONNX_FILE: the graph, dynamic batch axis, pixels in, logits out
+    explain.onnx          EXPLAIN_ONNX_FILE: the same network, also giving its class maps and
+                          each stage's feature maps (manifest ``explain``)
     weights.safetensors   WEIGHTS_FILE: the fine-tuned weights, for further training
-    manifest.json         MANIFEST_FILE: everything needed to use the two (:class:`Manifest`)
+    manifest.json         MANIFEST_FILE: everything needed to use the others (:class:`Manifest`)
+
+The explaining graph is a file of its own so that the logits' graph computes nothing else:
+onnxruntime runs every node of a graph whatever outputs a call asks for.
 
 The manifest records the sha256 of each file and every reader checks them, so a damaged or
 tampered artifact is refused rather than served. No pickle anywhere.
@@ -73,16 +78,17 @@ TRACKING_FILE = "tracking.json"
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
+EXPLAIN_ONNX_FILE = "explain.onnx"
 WEIGHTS_FILE = "weights.safetensors"
-ARTIFACT_FILES = (ONNX_FILE, WEIGHTS_FILE)
+ARTIFACT_FILES = (ONNX_FILE, WEIGHTS_FILE)  # in every artifact; EXPLAIN_ONNX_FILE where exported
 # BentoML's record of a stored model, beside its files; its metadata holds the manifest's
 # sha256 under MANIFEST_DIGEST (training.export.register_in_store).
 STORE_RECORD = "model.yaml"
 MANIFEST_DIGEST = "manifest_sha256"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
-# Further outputs of the graph, computed only when a caller asks for them (``explain``):
-# the class activation maps, and each encoder stage's feature maps as ``stage_1`` ...
+# The explaining graph's outputs beside the logits: the class activation maps, and each
+# encoder stage's feature maps as ``stage_1`` ...
 CLASS_MAPS_NAME = "class_maps"
 STAGE_NAME = "stage_{}"
 # The graph's interface as the manifest states it, for readers other than convtune.
@@ -210,8 +216,9 @@ _VOLUME_SIZES = ("channels", "stride", "height", "width", "parameters", "macs")
 
 @dataclass(frozen=True, kw_only=True)
 class ExplainOutputs:
-    """Manifest ``explain``: what the graph shows beside its logits.
+    """Manifest ``explain``: what the ``graph`` file shows beside its logits.
 
+    ``graph``: EXPLAIN_ONNX_FILE, or ONNX_FILE in artifacts whose one graph gave it all.
     ``stages``: the volume at the end of each stage timm's ``feature_info`` delimits, each
     a graph output. ``features``: the last volume, which the head's ``pooling`` averages to
     one feature vector; ``class_maps`` names the output that applies the head at each of
@@ -219,6 +226,7 @@ class ExplainOutputs:
     CAM). ``head``: the parameters and multiply-adds after pooling.
     """
 
+    graph: str
     class_maps: str | None
     stages: tuple[FeatureVolume, ...]
     features: FeatureVolume
@@ -233,6 +241,7 @@ class ExplainOutputs:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "graph": self.graph,
             "class_maps": self.class_maps,
             "stages": [stage.to_json() for stage in self.stages],
             "features": self.features.to_json(),
@@ -242,8 +251,13 @@ class ExplainOutputs:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ExplainOutputs:
-        class_maps = raw["class_maps"]
+        class_maps, graph = raw["class_maps"], raw.get("graph", ONNX_FILE)
+        if graph not in (ONNX_FILE, EXPLAIN_ONNX_FILE):
+            raise ArtifactError(
+                f"explain.graph is {reprlib.repr(graph)}, not {ONNX_FILE} or {EXPLAIN_ONNX_FILE}"
+            )
         return cls(
+            graph=graph,
             class_maps=None if class_maps is None else _checked_text("class_maps", class_maps),
             stages=tuple(FeatureVolume.from_json(stage) for stage in raw["stages"]),
             features=FeatureVolume.from_json(raw["features"]),
@@ -266,8 +280,8 @@ class Manifest:
     ``temperatures`` are by test-time view set (``models.inference.VIEW_SETS``), always with
     the single view's (``none``), which the file also holds as ``temperature``;
     ``serving_tta`` is the view set the service averages over; ``files`` the sha256 of each
-    of ``ARTIFACT_FILES``, filled in by :func:`write_manifest`; ``explain`` the graph's
-    outputs beside the logits (None: an artifact exported before it had them);
+    of :attr:`file_names`, filled in by :func:`write_manifest`; ``explain`` the explaining
+    graph's outputs beside the logits (None: an artifact exported before it had them);
     ``tracking`` the experiment tracker's record of the training run (``TRACKING_FILE``;
     None: not tracked).
     """
@@ -294,6 +308,12 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        """The artifact's files beside the manifest."""
+        graph = () if self.explain is None else (self.explain.graph,)
+        return tuple(dict.fromkeys((*ARTIFACT_FILES, *graph)))
 
     def to_json(self) -> dict[str, Any]:
         explain = {} if self.explain is None else {"explain": self.explain.to_json()}
@@ -444,7 +464,7 @@ def sha256_file(path: Path) -> str:
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` with the sha256 of every artifact file filled in."""
-    files = {name: sha256_file(directory / name) for name in ARTIFACT_FILES}
+    files = {name: sha256_file(directory / name) for name in manifest.file_names}
     path = directory / MANIFEST_FILE
     path.write_text(json.dumps(replace(manifest, files=files).to_json(), indent=2) + "\n")
     return path
@@ -462,8 +482,8 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ArtifactError(f"{path} is not valid JSON: {error}") from error
     except ArtifactError as error:
         raise ArtifactError(f"{path}: {error}") from error
-    _check_nothing_unverified(directory)
-    for name in ARTIFACT_FILES:
+    _check_nothing_unverified(directory, manifest.file_names)
+    for name in manifest.file_names:
         file = directory / name
         if name not in manifest.files or not file.is_file():
             raise ArtifactError(f"artifact {directory} is missing {name}")
@@ -477,16 +497,16 @@ def read_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def _check_nothing_unverified(directory: Path) -> None:
+def _check_nothing_unverified(directory: Path, file_names: tuple[str, ...]) -> None:
     """Refuse files beside the artifact's that no hash covers: onnxruntime reads external
     tensor data only from the graph's own directory, so with nothing unhashed there, every
     byte the graph can load is verified."""
-    known = {MANIFEST_FILE, *ARTIFACT_FILES, STORE_RECORD}
+    known = {MANIFEST_FILE, *file_names, STORE_RECORD}
     unknown = sorted(entry.name for entry in directory.iterdir() if entry.name not in known)
     if unknown:
         raise ArtifactError(
             f"artifact {directory} holds {reprlib.repr(unknown)}, which its manifest does not "
-            f"cover (an artifact is {MANIFEST_FILE} and {', '.join(ARTIFACT_FILES)}): remove them"
+            f"cover (this artifact is {MANIFEST_FILE} and {', '.join(file_names)}): remove them"
         )
 
 

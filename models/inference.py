@@ -132,13 +132,16 @@ def check_manifest_views(manifest: Manifest, path: Path) -> None:
             )
 
 
-def check_graph_interface(session: Any, manifest: Manifest, path: Path) -> None:
+def check_graph_interface(
+    session: Any, manifest: Manifest, path: Path, *, explaining: bool = False
+) -> None:
     """Refuse a graph (at ``path``, loaded in ``session``) that does not take the manifest's
-    input or does not give one logit per class of it: every request would fail, or its
-    probabilities would carry the wrong names. Dimensions the graph leaves open pass."""
+    input or does not give one logit per class of it (and, ``explaining``, the outputs of
+    manifest ``explain``): every request would fail, or its probabilities would carry the
+    wrong names. Dimensions the graph leaves open pass."""
     height, width = manifest.preprocessing.input_size
     stated = {INPUT_NAME: (None, 3, height, width), OUTPUT_NAME: (None, manifest.num_classes)}
-    if manifest.explain is not None:
+    if explaining and manifest.explain is not None:
         stated |= _explain_shapes(manifest.explain, manifest.num_classes)
     graph = {arg.name: tuple(arg.shape) for arg in (*session.get_inputs(), *session.get_outputs())}
     for name, shape in stated.items():
@@ -151,7 +154,8 @@ def check_graph_interface(session: Any, manifest: Manifest, path: Path) -> None:
 
 
 def _explain_shapes(explain: ExplainOutputs, num_classes: int) -> dict[str, tuple]:
-    """The shapes of the graph's further outputs, as the manifest states them."""
+    """The shapes of the explaining graph's outputs beside the logits, as the manifest
+    states them."""
     last = explain.features
     maps = {} if explain.class_maps is None else {explain.class_maps: (num_classes,)}
     return {
@@ -192,8 +196,10 @@ class OnnxClassifier:
         self.temperature = self._temperature()
         self.transform = build_eval_transform(self.manifest.preprocessing)
         self.decode_size = eval_decode_size(self.manifest.preprocessing)
-        self.session = self._session(threads)
+        self.threads = threads
+        self.session = self._session(ONNX_FILE, threads)
         check_graph_interface(self.session, self.manifest, self.directory / ONNX_FILE)
+        self._explaining_session: Any = None  # made by the first explain()
 
     def _temperature(self) -> float:
         fitted = self.manifest.temperatures.get(self.tta)
@@ -206,14 +212,14 @@ class OnnxClassifier:
         )  # fmt: skip
         return self.manifest.temperature
 
-    def _session(self, threads: int) -> Any:
+    def _session(self, graph: str, threads: int) -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
         return ort.InferenceSession(
-            str(self.directory / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+            str(self.directory / graph), options, providers=["CPUExecutionProvider"]
         )
 
     def decode(
@@ -242,7 +248,7 @@ class OnnxClassifier:
         """``probabilities`` on an onnxruntime session of its own with ``threads`` threads,
         which runs side by side with this one and with others (the service's inference
         lanes, ``service.batching``)."""
-        session = self._session(threads)
+        session = self._session(ONNX_FILE, threads)
         return lambda pixels: view_probabilities(
             _view_logits(session, pixels, self.tta), self.temperature
         )
@@ -266,16 +272,26 @@ class OnnxClassifier:
             )
         return self.manifest.explain
 
-    def explain(self, pixels: np.ndarray) -> Explanation:
-        """The probabilities, class maps and stage volumes of a ``(N, 3, h, w)`` batch.
+    def explaining_session(self) -> Any:
+        """The onnxruntime session of the explaining graph (manifest ``explain.graph``),
+        made on first use: a service that never explains never loads it."""
+        if self._explaining_session is None:
+            graph = self.explain_outputs().graph
+            session = self.session if graph == ONNX_FILE else self._session(graph, self.threads)
+            check_graph_interface(session, self.manifest, self.directory / graph, explaining=True)
+            self._explaining_session = session
+        return self._explaining_session
 
-        Only this asks the graph for its further outputs: :meth:`probabilities` runs the
-        logits' part of the graph alone. Raises :class:`ArtifactError` for an artifact
-        exported without them.
+    def explain(self, pixels: np.ndarray) -> Explanation:
+        """The probabilities, class maps and stage volumes of a ``(N, 3, h, w)`` batch,
+        from the explaining graph. Raises :class:`ArtifactError` for an artifact exported
+        without one.
         """
         explain = self.explain_outputs()
         names = explain.output_names
-        logits, *outputs = self.session.run([OUTPUT_NAME, *names], {INPUT_NAME: pixels})
+        logits, *outputs = self.explaining_session().run(
+            [OUTPUT_NAME, *names], {INPUT_NAME: pixels}
+        )
         views = image_views(pixels, self.tta)[1:]  # the unaltered view's logits are here
         if views:
             logits = np.concatenate([logits, self.logits(np.concatenate(views))])

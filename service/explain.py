@@ -1,9 +1,10 @@
 """``POST /explain``'s answer: the prediction, the class activation map over the image and
 each stage's feature maps as thumbnails, drawn with numpy and OpenCV (``models.cam``).
 
-Only this route asks the graph for its further outputs (``OnnxClassifier.explain``);
-``/predict`` runs the logits' part alone, as fast as before. The answer is JSON with PNGs
-in base64, or the overlay alone as ``image/png`` for a client that asks for it (Accept).
+Only this route runs the artifact's explaining graph (``OnnxClassifier.explain``, its
+session made on the first call); ``/predict``'s graph computes the logits alone. The
+answer is JSON with PNGs in base64, or the overlay alone as ``image/png`` for a client that
+asks for it (Accept).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def wants_png(accept: str) -> bool:
 def explain_image(
     classifier: OnnxClassifier, rgb: np.ndarray, *, class_name: str | None
 ) -> ImageExplanation:
-    """Run the graph with its further outputs on one decoded image."""
+    """Run the explaining graph on one decoded image."""
     explanation = classifier.explain(classifier.preprocess(rgb)[np.newaxis])
     [probabilities] = explanation.probabilities
     classes = classifier.classes

@@ -82,7 +82,7 @@ class Convtune:
             # as many at once as there are cores, not one per thread of the pool (40).
             prepare_limiter=anyio.CapacityLimiter(cores),
         )
-        # /explain runs the whole graph and draws PNGs: one image at a time, beside the
+        # /explain runs the explaining graph and draws PNGs: one image at a time, beside the
         # batcher, so a burst of them cannot take every core from /predict.
         self._explain_limiter = anyio.CapacityLimiter(1)
         setup_request_log()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.numpy import load_file
 from convtune.data.images import decode_rgb
 from convtune.data.preprocessing import EvalGeometry, Preprocessing
 from convtune.data.synthetic import draw_shape
-from convtune.models.artifact import ArtifactError, Manifest, read_manifest
+from convtune.models.artifact import ArtifactError, Manifest, read_manifest, sha256_file
 from convtune.models.cam import (
     class_activation_map,
     feature_grid,
@@ -199,6 +200,26 @@ def test_an_artifact_exported_before_feature_maps_loads_and_says_to_re_export(
     classifier.manifest = Manifest.from_json(raw)
     with pytest.raises(ArtifactError, match="re-export the run with this version"):
         classifier.explain(np.zeros((1, 3, 40, 40), np.float32))
+
+
+def test_an_artifact_whose_one_graph_gives_every_output_still_explains(
+    artifact_dir: Path, tmp_path: Path
+) -> None:
+    # As convtune exported before the logits got a graph of their own: model.onnx gives the
+    # class maps and stages too, and the manifest's explain names no graph.
+    old = shutil.copytree(artifact_dir, tmp_path / "artifact")
+    (old / "explain.onnx").replace(old / "model.onnx")
+    raw = json.loads((old / "manifest.json").read_text())
+    del raw["explain"]["graph"], raw["files"]["explain.onnx"]
+    raw["files"]["model.onnx"] = sha256_file(old / "model.onnx")
+    (old / "manifest.json").write_text(json.dumps(raw))
+    classifier, current = OnnxClassifier(old), OnnxClassifier(artifact_dir)
+    assert classifier.explain_outputs().graph == "model.onnx"
+    pixels = shapes_batch(classifier, count=2)
+    explained, expected = classifier.explain(pixels), current.explain(pixels)
+    np.testing.assert_allclose(explained.class_maps, expected.class_maps, atol=1e-6)
+    assert explained.stages.keys() == expected.stages.keys()
+    np.testing.assert_allclose(classifier.probabilities(pixels), current.probabilities(pixels))
 
 
 def test_feature_grid_overlay_and_png() -> None:

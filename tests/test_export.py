@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import reference_results
@@ -20,12 +21,17 @@ from convtune.models.artifact import ArtifactError, locate_artifact, read_manife
 from convtune.models.inference import OnnxClassifier, softmax
 from convtune.training import export
 from convtune.training.cli import main
-from convtune.training.export import build_manifest, check_onnx_matches, load_trained_model
+from convtune.training.export import (
+    build_manifest,
+    check_onnx_matches,
+    load_trained_model,
+    write_graph,
+)
 
 
 def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> None:
     assert sorted(p.name for p in artifact_dir.iterdir()) == [
-        "manifest.json", "model.onnx", "weights.safetensors",
+        "explain.onnx", "manifest.json", "model.onnx", "weights.safetensors",
     ]  # fmt: skip
     read_manifest(artifact_dir)  # verifies
     raw = json.loads((artifact_dir / "manifest.json").read_text())
@@ -37,7 +43,27 @@ def test_artifact_is_self_describing(artifact_dir: Path, trained_run: Path) -> N
     assert raw["temperature"] == raw["metrics"]["val"]["temperature"] > 0
     assert raw["training_config"]["model"] == "test_resnet"
     assert raw["versions"]["torch"] == metadata.version("torch")
-    assert set(raw["files"]) == {"model.onnx", "weights.safetensors"}
+    assert set(raw["files"]) == {"explain.onnx", "model.onnx", "weights.safetensors"}
+    assert raw["explain"]["graph"] == "explain.onnx"
+
+
+def test_the_logits_graph_computes_what_the_model_alone_does(
+    artifact_dir: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    # onnxruntime runs every node of a graph whatever a call asks for: what /predict runs
+    # must be the model exported alone, node for node; the class maps and stages live in
+    # explain.onnx.
+    model, _ = load_trained_model(trained_run)
+    write_graph(model, torch.randn(2, 3, 40, 40), tmp_path / "alone.onnx", output_names=["logits"])
+    alone = onnx.load(tmp_path / "alone.onnx").graph
+    logits_only = onnx.load(artifact_dir / "model.onnx").graph
+    explaining = onnx.load(artifact_dir / "explain.onnx").graph
+    assert [output.name for output in logits_only.output] == ["logits"]
+    assert [node.op_type for node in logits_only.node] == [node.op_type for node in alone.node]
+    assert [output.name for output in explaining.output] == [
+        "logits", "class_maps", *(f"stage_{k}" for k in range(1, 6)),
+    ]  # fmt: skip
+    assert "Einsum" in {node.op_type for node in explaining.node}
 
 
 def test_export_command_writes_the_artifact_and_stores_it(
@@ -49,7 +75,7 @@ def test_export_command_writes_the_artifact_and_stores_it(
     name, version = exported_model.split(":")
     stored = bentoml_home / "models" / name / version
     written = trained_run / "artifact"
-    for file in ("model.onnx", "weights.safetensors", "manifest.json"):
+    for file in ("model.onnx", "explain.onnx", "weights.safetensors", "manifest.json"):
         assert sha256_file(stored / file) == sha256_file(written / file), file
     assert (
         load_file(written / "weights.safetensors").keys()
@@ -68,8 +94,8 @@ def test_export_is_refused_when_onnx_and_pytorch_disagree(
     weights["head.0.bias"] += torch.tensor([0.5, -0.5, 0.0])
     save_file(weights, run / "model.safetensors")
 
-    def export_the_old_graph(model: torch.nn.Module, path: Path) -> None:
-        shutil.copyfile(artifact_dir / "model.onnx", path)
+    def export_the_old_graph(model: torch.nn.Module, directory: Path) -> None:
+        shutil.copyfile(artifact_dir / "model.onnx", directory / "model.onnx")
 
     monkeypatch.setattr(export, "export_onnx", export_the_old_graph)
     assert main(["export", str(run), "--name", "refused"]) == 2
@@ -111,7 +137,9 @@ def test_a_run_whose_model_json_lists_classes_and_one_temperature_still_exports(
     assert check_onnx_matches(model, artifact_dir) <= 1e-4
 
 
-@pytest.mark.parametrize("victim", ["model.onnx", "weights.safetensors", "manifest.json"])
+@pytest.mark.parametrize(
+    "victim", ["model.onnx", "explain.onnx", "weights.safetensors", "manifest.json"]
+)
 def test_a_modified_artifact_is_refused(artifact_dir: Path, tmp_path: Path, victim: str):
     copy = shutil.copytree(artifact_dir, tmp_path / "artifact")
     if victim == "manifest.json":

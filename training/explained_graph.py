@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convtune.models.artifact import CLASS_MAPS_NAME, STAGE_NAME, ExplainOutputs, FeatureVolume
+from convtune.models.artifact import (
+    CLASS_MAPS_NAME,
+    EXPLAIN_ONNX_FILE,
+    STAGE_NAME,
+    ExplainOutputs,
+    FeatureVolume,
+)
 from convtune.models.factory import ImageClassifier, encoder_stages
 
 # How close the mean of a class map must come to its logit for the maps to count as exact.
@@ -110,6 +116,7 @@ def describe_volumes(model: ImageClassifier, *, with_class_maps: bool) -> Explai
         for k, volume in enumerate(stages)
     ]
     return ExplainOutputs(
+        graph=EXPLAIN_ONNX_FILE,
         class_maps=CLASS_MAPS_NAME if with_class_maps else None,
         stages=tuple(volumes),
         features=_volume(None, features, info[-1]["reduction"], parameters[tail], macs[tail]),

@@ -1,9 +1,9 @@
 """Export a finished run as an artifact and register it in the BentoML model store.
 
-The ONNX graph is only accepted if onnxruntime reproduces PyTorch's logits on a probe
-batch (max abs difference ≤ ``TOLERANCE``), and its class maps and stage volumes too (within
-``TOLERANCE`` of their scale): an export that silently changes the model is worse than no
-export.
+The ONNX graphs are only accepted if onnxruntime reproduces PyTorch's logits on a probe
+batch (max abs difference ≤ ``TOLERANCE``), and the explaining graph's class maps and stage
+volumes too (within ``TOLERANCE`` of their scale): an export that silently changes the
+model is worse than no export.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.utils
 import torch
 from safetensors.torch import load_file
 
@@ -78,32 +80,46 @@ def load_trained_model(run_dir: Path) -> tuple[ImageClassifier, ModelDescription
     return model.eval(), description
 
 
-def export_onnx(model: ImageClassifier, path: Path) -> ExplainOutputs | None:
-    """Write ``model``'s graph: logits, then the class maps where they are exact and each
-    stage's volume (what the returned manifest ``explain`` describes; None and logits only
-    for an encoder that cannot give its stages)."""
+def export_onnx(model: ImageClassifier, directory: Path) -> ExplainOutputs | None:
+    """Write ``model``'s graphs into ``directory``: the explaining one (logits, then the
+    class maps where they are exact and each stage's volume: what the returned manifest
+    ``explain`` describes), and the logits' part of it alone. An encoder that cannot give
+    its stages gets the logits' graph only, and None."""
     height, width = model.preprocessing.input_size
     example = torch.randn(2, 3, height, width)
-    if hasattr(model.encoder, "forward_intermediates"):
-        with_class_maps = has_exact_class_maps(model, example)
-        explain = describe_volumes(model, with_class_maps=with_class_maps)
-        graph: torch.nn.Module = ExplainedClassifier(model, with_class_maps=with_class_maps).eval()
-    else:
+    if not hasattr(model.encoder, "forward_intermediates"):
         log.warning("%s does not give its stages' feature maps: logits only", model.architecture)
-        explain, graph = None, model
-    batch = torch.export.Dim("batch", min=1, max=4096)
+        write_graph(model, example, directory / ONNX_FILE, output_names=[OUTPUT_NAME])
+        return None
+    with_class_maps = has_exact_class_maps(model, example)
+    explain = describe_volumes(model, with_class_maps=with_class_maps)
+    write_graph(
+        ExplainedClassifier(model, with_class_maps=with_class_maps).eval(),
+        example,
+        directory / explain.graph,
+        output_names=[OUTPUT_NAME, *explain.output_names],
+    )
+    explaining = onnx.load(directory / explain.graph)
+    logits_only = onnx.utils.Extractor(explaining).extract_model([INPUT_NAME], [OUTPUT_NAME])
+    onnx.save(logits_only, directory / ONNX_FILE)
+    return explain
+
+
+def write_graph(
+    graph: torch.nn.Module, example: torch.Tensor, path: Path, *, output_names: list[str]
+) -> None:
+    """Export ``graph`` run on ``example`` to ONNX at ``path``, with a dynamic batch axis."""
     torch.onnx.export(
         graph,
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME, *([] if explain is None else explain.output_names)],
-        dynamic_shapes=({0: batch},),
+        output_names=output_names,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
         dynamo=True,
         external_data=False,
         verbose=False,
     )
-    return explain
 
 
 def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none") -> Path:
@@ -113,7 +129,7 @@ def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none")
     manifest = build_manifest(run_dir, description, serve_tta=serve_tta)
     with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:
         staging = Path(staging_name)
-        explain = export_onnx(model, staging / ONNX_FILE)
+        explain = export_onnx(model, staging)
         shutil.copyfile(run_dir / MODEL_WEIGHTS, staging / WEIGHTS_FILE)
         write_manifest(staging, replace(manifest, explain=explain))
         check_onnx_matches(model, staging)
@@ -176,7 +192,7 @@ def with_serving_tta(artifact_dir: Path, destination: Path, *, tta: str) -> Path
 
 def check_onnx_matches(model: ImageClassifier, artifact_dir: Path) -> float:
     """Max |logit difference| between PyTorch and onnxruntime on a fixed probe batch; the
-    graph's further outputs (manifest ``explain``) are checked as well."""
+    explaining graph's outputs (manifest ``explain``) are checked as well."""
     height, width = model.preprocessing.input_size
     probe = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(0))
     try:
@@ -188,11 +204,11 @@ def check_onnx_matches(model: ImageClassifier, artifact_dir: Path) -> float:
     difference = _check_output(OUTPUT_NAME, classifier.logits(probe.numpy()), expected, scale=1.0)
     explain = classifier.manifest.explain
     if explain is not None:
-        names = explain.output_names
+        names = [OUTPUT_NAME, *explain.output_names]
         with torch.no_grad():
-            extra = ExplainedClassifier(model, with_class_maps=explain.class_maps is not None)
-            wanted = [output.numpy() for output in extra(probe)[1:]]
-        actual = classifier.session.run(names, {INPUT_NAME: probe.numpy()})
+            explained = ExplainedClassifier(model, with_class_maps=explain.class_maps is not None)
+            wanted = [output.numpy() for output in explained(probe)]
+        actual = classifier.explaining_session().run(names, {INPUT_NAME: probe.numpy()})
         for name, got, want in zip(names, actual, wanted, strict=True):
             _check_output(name, got, want, scale=max(1.0, float(np.abs(want).max())))
     return difference
