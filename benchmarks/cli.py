@@ -17,9 +17,11 @@ from convtune.benchmarks.common import missing_distributions
 
 DEV_EXTRA_INSTALL = "pip install -e '.[dev]'"
 # Distributions of the dev extra (pyproject.toml) that `bench serve` needs: the load
-# generator and the server runner, and, unless --no-peer, the naive FastAPI peer.
+# generator and the server runner, and, with --peers naive, the naive FastAPI peer (the
+# BentoML peer needs only what the service needs).
 SERVE_NEEDS = ("httpx", "psutil")
-PEER_NEEDS = ("fastapi", "python-multipart")
+NAIVE_PEER_NEEDS = ("fastapi", "python-multipart")
+SERVE_PEERS = ("naive", "bentoml")  # what `bench serve --peers` may name (benchmarks.serve)
 
 # Fit settings `bench train` takes as flags: (flag, FitConfig field, type, help).
 TRAIN_FIT_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
@@ -64,7 +66,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ceiling-seconds", type=float, default=3.0, help="timing per batch size [3]"
     )
-    parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
+    parser.add_argument(
+        "--peers", type=peer_names, default=SERVE_PEERS, metavar="NAMES",
+        help="peers loaded in the same rounds, comma-separated: naive (FastAPI + torch), "
+        "bentoml (BentoML's batchable image API on onnxruntime), or none [naive,bentoml]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-peer", dest="peers", action="store_const", const=(), help="no peers: --peers none"
+    )
     parser.add_argument(
         "--serve-tta", metavar="VIEWS",
         help="none | flip | d4: serve a copy of the artifact set to average over these views "
@@ -75,6 +84,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="environment for the service (tuning: CONVTUNE_*); repeatable",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
+def peer_names(text: str) -> tuple[str, ...]:
+    """``--peers``' value: the peers it names, in :data:`SERVE_PEERS`' order."""
+    names = {name.strip() for name in text.split(",")} - {"", "none"}
+    if unknown := names - set(SERVE_PEERS):
+        raise argparse.ArgumentTypeError(
+            f"unknown peer {', '.join(sorted(unknown))}; choose from {', '.join(SERVE_PEERS)}"
+            " or none"
+        )
+    return tuple(name for name in SERVE_PEERS if name in names)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(
         benchmarks.add_parser(
             "serve",
-            help="the service against the in-process ceiling and a naive FastAPI peer",
-            description="Benchmark the service against the in-process onnxruntime ceiling "
-            "and a naive FastAPI + torch peer, on the same artifact and images.",
+            help="the service against the in-process ceiling, a naive FastAPI peer and a "
+            "BentoML one",
+            description="Benchmark the service against the in-process onnxruntime ceiling, "
+            "a naive FastAPI + torch peer and the BentoML service its docs teach, on the same "
+            "artifact and images.",
         )
     )
     add_train_arguments(
@@ -201,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
     if args.benchmark == "serve":
-        return SERVE_NEEDS + (() if args.no_peer else PEER_NEEDS)
+        return SERVE_NEEDS + (NAIVE_PEER_NEEDS if "naive" in args.peers else ())
     return ()
 
 

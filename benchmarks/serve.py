@@ -1,4 +1,4 @@
-"""Serving benchmark: convtune's service against the in-process ceiling and a naive peer.
+"""Serving benchmark: convtune's service against the in-process ceiling and two peers.
 
 For one artifact and a set of images, in one run on one machine:
 
@@ -7,11 +7,13 @@ For one artifact and a set of images, in one run on one machine:
 2. **service**: ``bentoml serve convtune.service.service:Convtune`` driven over keep-alive
    HTTP on loopback by ``concurrency`` clients (:mod:`convtune.benchmarks.loadgen`):
    requests/s and p50/p95/p99 latency, end to end, decoding and preprocessing included;
-3. **peer**: the same load against :mod:`convtune.benchmarks.naive_peer` (FastAPI + PIL +
-   torchvision + eager torch on the same weights), what most tutorials ship.
+3. **peers**: the same load against :mod:`convtune.benchmarks.naive_peer` (FastAPI + PIL +
+   torchvision + eager torch on the same weights), what most tutorials ship, and against
+   :mod:`convtune.benchmarks.bentoml_peer` (BentoML's batchable image API on the same ONNX
+   graph, default settings), what a BentoML user writes from its docs.
 
-Everything runs ``--rounds`` times, interleaved, so that noise on a shared machine hits all
-three alike; the table gives the median of the rounds, and each ratio is the median of the
+Everything runs ``--rounds`` times, interleaved, so that noise on a shared machine hits
+them all alike; the table gives the median of the rounds, and each ratio is the median of the
 per-round ratios. The goal ratios compare each service load with the batch-1 ceiling
 measured right before and right after it, because a shared machine's speed drifts within
 minutes. ``--json`` writes every round too.
@@ -47,18 +49,27 @@ from convtune.training.export import register_in_store, with_serving_tta
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: where `convtune` imports from
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+BENTOML_SERVE = (sys.executable, "-m", "bentoml", "serve")
+UVICORN = (sys.executable, "-m", "uvicorn")
 GOALS = {  # the performance issue's goals, by ratio name
     "service_vs_ceiling": "service req/s at the highest concurrency ÷ ceiling batch-1 img/s ≥ 0.8",
     "latency_overhead_ms": "service p50 at concurrency 1 − ceiling batch-1 latency ≤ 5 ms",
-    "service_vs_peer": "service req/s ÷ peer req/s at the highest concurrency ≥ 3",
+    "service_vs_naive_peer": "service req/s ÷ naive peer req/s at the highest concurrency ≥ 3",
+    "service_vs_bentoml_peer": (
+        "service req/s ÷ BentoML peer req/s at the highest concurrency ≥ 1.5"
+    ),
+    "p50_vs_bentoml_peer": "service p50 ÷ BentoML peer p50 at concurrency 1 < 1",
 }
+PEER_ARTIFACT_ENV = "CONVTUNE_PEER_ARTIFACT"  # where both peers read the artifact from
 
 
 @dataclass(frozen=True)
 class RunningServer:
-    """A server started for the benchmark: its base URL and the pid of its process tree."""
+    """A server started for the benchmark: the URL of its classifying route, the multipart
+    field that route takes the image from, and the pid of its process tree."""
 
     url: str
+    field: str
     pid: int
 
 
@@ -69,7 +80,6 @@ class LoadPlan:
     concurrencies: tuple[int, ...]
     duration_s: float
     warmup_s: float
-    field: str = "image"
 
 
 def generated_images(
@@ -150,16 +160,16 @@ def drive(
     load, and the mean of the two goes into its summary as ``ceiling_batch_1``: the goals
     compare the service with the machine as it was during that load, not a minute earlier.
     """
-    url = f"{server.url}/predict"
     files = [
-        [(plan.field, (f"{i}", data, "application/octet-stream"))] for i, data in enumerate(uploads)
+        [(server.field, (f"{i}", data, "application/octet-stream"))]
+        for i, data in enumerate(uploads)
     ]
     results = {}
     for concurrency in plan.concurrencies:
         # Warm-up: first requests pay for lazy initialisation and connection setup.
-        asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=plan.warmup_s))
+        asyncio.run(run_load(server.url, files, concurrency=concurrency, duration_s=plan.warmup_s))
         before = measure_ceiling() if measure_ceiling else None
-        summary = measured_load(server, url, files, concurrency, plan.duration_s)
+        summary = measured_load(server, files, concurrency, plan.duration_s)
         if before is not None and measure_ceiling:
             after = measure_ceiling()
             summary["ceiling_batch_1"] = {
@@ -172,12 +182,14 @@ def drive(
 
 
 def measured_load(
-    server: RunningServer, url: str, files: Sequence[Files], concurrency: int, duration_s: float
+    server: RunningServer, files: Sequence[Files], concurrency: int, duration_s: float
 ) -> dict[str, Any]:
     """One load's loadgen summary, with the CPU time each request cost the server's
     threads and this process, the load generator (``cpu_ms_per_request``)."""
     server_cpu, own_cpu = cpu_seconds(server.pid), time.process_time()
-    result = asyncio.run(run_load(url, files, concurrency=concurrency, duration_s=duration_s))
+    result = asyncio.run(
+        run_load(server.url, files, concurrency=concurrency, duration_s=duration_s)
+    )
     own_cpu = time.process_time() - own_cpu
     server_cpu = {key: value - server_cpu[key] for key, value in cpu_seconds(server.pid).items()}
     per_request = 1000 / max(result.requests, 1)
@@ -208,53 +220,112 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def convtune_service(
-    artifact: Path, workdir: Path, service_env: dict[str, str]
+def local_server(
+    name: str,
+    command: Sequence[str],
+    *,
+    workdir: Path,
+    ready_path: str,
+    route: str,
+    field: str,
+    env: dict[str, str],
 ) -> Iterator[RunningServer]:
-    """``bentoml serve`` of ``artifact`` from a private model store, until the block ends."""
-    home = workdir / "bentoml"
-    tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
+    """``command`` listening on a free loopback port with ``env`` added, its output in
+    ``workdir/NAME.log``, until the block ends."""
     port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", "convtune.service.service:Convtune"]
+    base_url = f"http://127.0.0.1:{port}"
     with running_server(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-        log_path=workdir / "service.log",
-        env=server_env(BENTOML_HOME=str(home), CONVTUNE_MODEL=tag, **service_env),
+        ready_url=base_url + ready_path,
+        log_path=workdir / f"{name}.log",
+        env=server_env(**env),
         cwd=ROOT,
     ) as process:
-        yield RunningServer(f"http://127.0.0.1:{port}", process.pid)
+        yield RunningServer(base_url + route, field, process.pid)
 
 
-@contextlib.contextmanager
-def naive_peer(artifact: Path, workdir: Path) -> Iterator[RunningServer]:
-    """``uvicorn convtune.benchmarks.naive_peer:app`` serving ``artifact``, until the block
-    ends."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "convtune.benchmarks.naive_peer:app"]
-    with running_server(
-        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        ready_url=f"http://127.0.0.1:{port}/ready",
-        log_path=workdir / "peer.log",
-        env=server_env(CONVTUNE_PEER_ARTIFACT=str(artifact.resolve())),
-        cwd=ROOT,
-    ) as process:
-        yield RunningServer(f"http://127.0.0.1:{port}", process.pid)
+def convtune_service(
+    artifact: Path, workdir: Path, service_env: dict[str, str]
+) -> contextlib.AbstractContextManager[RunningServer]:
+    """``bentoml serve`` of ``artifact`` from a private model store."""
+    home = workdir / "bentoml"
+    tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
+    return local_server(
+        "service",
+        [*BENTOML_SERVE, "convtune.service.service:Convtune"],
+        workdir=workdir,
+        ready_path="/readyz",
+        route="/predict",
+        field="image",
+        env={"BENTOML_HOME": str(home), "CONVTUNE_MODEL": tag, **service_env},
+    )
+
+
+def naive_peer(artifact: Path, workdir: Path) -> contextlib.AbstractContextManager[RunningServer]:
+    """``uvicorn convtune.benchmarks.naive_peer:app`` serving ``artifact``."""
+    return local_server(
+        "naive-peer",
+        [*UVICORN, "convtune.benchmarks.naive_peer:app", "--log-level=warning"],
+        workdir=workdir,
+        ready_path="/ready",
+        route="/predict",
+        field="image",
+        env={PEER_ARTIFACT_ENV: str(artifact.resolve())},
+    )
+
+
+def bentoml_peer(artifact: Path, workdir: Path) -> contextlib.AbstractContextManager[RunningServer]:
+    """``bentoml serve convtune.benchmarks.bentoml_peer:ImageClassifier`` serving ``artifact``,
+    with a BentoML home of its own (servers sharing one erase each other's metrics)."""
+    return local_server(
+        "bentoml-peer",
+        [*BENTOML_SERVE, "convtune.benchmarks.bentoml_peer:ImageClassifier"],
+        workdir=workdir,
+        ready_path="/readyz",
+        route="/classify",
+        field="images",
+        env={
+            "BENTOML_HOME": str(workdir / "bentoml-peer"),
+            PEER_ARTIFACT_ENV: str(artifact.resolve()),
+        },
+    )
+
+
+# Each peer of `--peers` (benchmarks.cli.SERVE_PEERS): how to start it. A round keeps its
+# loads under "NAME_peer".
+PEER_SERVERS = {"naive": naive_peer, "bentoml": bentoml_peer}
+LOADED = ("service", *(f"{name}_peer" for name in PEER_SERVERS))  # each round's server loads
 
 
 def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
     """The goal figures of one round (those whose inputs were measured), each against the
     batch-1 ceiling measured around that load."""
-    service, peer = one_round["service"], one_round.get("peer")
+    service = one_round["service"]
     top = max(service)
     ceiling = service[top]["ceiling_batch_1"]
     ratios = {"service_vs_ceiling": service[top]["throughput_rps"] / ceiling["images_per_s"]}
     if 1 in service:
         ceiling = service[1]["ceiling_batch_1"]
         ratios["latency_overhead_ms"] = service[1]["p50_ms"] - ceiling["latency_ms"]
-    if peer:
-        ratios["service_vs_peer"] = service[top]["throughput_rps"] / peer[top]["throughput_rps"]
+    for name in PEER_SERVERS:
+        if peer := one_round.get(f"{name}_peer"):
+            throughput = service[top]["throughput_rps"] / peer[top]["throughput_rps"]
+            ratios[f"service_vs_{name}_peer"] = throughput
+    if 1 in service and (peer := one_round.get("bentoml_peer")):
+        ratios["p50_vs_bentoml_peer"] = service[1]["p50_ms"] / peer[1]["p50_ms"]
     return ratios
+
+
+def server_errors_where_bentoml_peer_failed(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    """5xx of the service and of the BentoML peer, in all rounds, at the loads where the
+    peer gave any: the goal wants none from the service there."""
+    totals = {"service": 0, "bentoml_peer": 0}
+    for one_round in rounds:
+        for concurrency, peer in one_round.get("bentoml_peer", {}).items():
+            if peer["server_errors"]:
+                totals["service"] += one_round["service"][concurrency]["server_errors"]
+                totals["bentoml_peer"] += peer["server_errors"]
+    return totals
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -277,7 +348,11 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "ratios": {key: median_of(rounds, "ratios", key) for key in first["ratios"]},
     }
-    for server in ("service", "peer"):
+    if "bentoml_peer" in first:
+        summary["server_errors_where_bentoml_peer_failed"] = (
+            server_errors_where_bentoml_peer_failed(rounds)
+        )
+    for server in LOADED:
         if server in first:
             summary[server] = {
                 concurrency: {
@@ -301,28 +376,29 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any]) -> str:
     lines = [
-        f"{'':<24}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'5xx':>6}{'CPU ms/req':>12}"
+        f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'5xx':>6}{'CPU ms/req':>12}"
     ]
     ceiling = summary["ceiling"]
     lines.append(
-        f"{'ceiling, batch 1':<24}{ceiling['batch_1_images_per_s']:>9.1f}"
+        f"{'ceiling, batch 1':<26}{ceiling['batch_1_images_per_s']:>9.1f}"
         f"{ceiling['batch_1_latency_ms']:>9.2f}"
     )
-    lines.append(f"{'decode + preprocess':<24}{'':>9}{ceiling['decode_preprocess_ms']:>9.2f}")
+    lines.append(f"{'decode + preprocess':<26}{'':>9}{ceiling['decode_preprocess_ms']:>9.2f}")
     for size, images_per_s in summary["ceiling_by_batch"].items():
         if size != 1:
-            lines.append(f"{f'ceiling, batch {size}':<24}{images_per_s:>9.1f}   (img/s)")
-    for server in ("service", "peer"):
+            lines.append(f"{f'ceiling, batch {size}':<26}{images_per_s:>9.1f}   (img/s)")
+    for server in LOADED:
         for concurrency, row in summary.get(server, {}).items():
+            name = server.replace("_", " ")
             lines.append(
-                f"{f'{server}, {concurrency} clients':<24}{row['throughput_rps']:>9.1f}"
+                f"{f'{name}, {concurrency} clients':<26}{row['throughput_rps']:>9.1f}"
                 f"{row['p50_ms']:>9.2f}{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}"
                 f"{row['server_errors']:>6.0f}{row['cpu_ms_per_request']['server']:>12.2f}"
             )
             if server == "service":
                 around = summary["ceiling_around_service"][concurrency]
                 lines.append(
-                    f"{'  ceiling b1 around it':<24}{around['images_per_s']:>9.1f}"
+                    f"{'  ceiling b1 around it':<26}{around['images_per_s']:>9.1f}"
                     f"{around['latency_ms']:>9.2f}"
                 )
     lines.append("")
@@ -337,6 +413,11 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append("")
     for key, value in summary["ratios"].items():
         lines.append(f"{value:>8.2f}  {GOALS[key]}")
+    if errors := summary.get("server_errors_where_bentoml_peer_failed"):
+        lines.append(
+            f"{errors['service']:>8d}  service 5xx where the BentoML peer gave 5xx "
+            f"({errors['bentoml_peer']}), all rounds = 0"
+        )
     return "\n".join(lines)
 
 
@@ -364,22 +445,25 @@ def run(args: argparse.Namespace) -> int:
         served_artifact = artifact
         if args.serve_tta is not None:
             served_artifact = with_serving_tta(artifact, workdir / "artifact", tta=args.serve_tta)
-        print("starting the service" + ("" if args.no_peer else " and the peer"), file=sys.stderr)
+        print(f"starting the service and peers: {', '.join(args.peers) or 'none'}", file=sys.stderr)
         service = stack.enter_context(convtune_service(served_artifact, workdir, service_env))
-        peer = None if args.no_peer else stack.enter_context(naive_peer(artifact, workdir))
+        peers = {
+            f"{name}_peer": stack.enter_context(PEER_SERVERS[name](artifact, workdir))
+            for name in args.peers
+        }
         ceiling = Ceiling(artifact, uploads)
         rounds = []
         for number in range(1, args.rounds + 1):
             label = f"round {number}/{args.rounds}"
             rounds.append(
-                measure_round(label, ceiling, service, peer, uploads, plan, args.ceiling_seconds)
+                measure_round(label, ceiling, service, peers, uploads, plan, args.ceiling_seconds)
             )
     summary = summarise(rounds)
     print(format_table(summary))
     if args.json:
         write_report(args.json, "serve", vars(args), summary, rounds)
-    failed = sum(row["server_errors"] for server in ("service", "peer")
-                 for row in summary.get(server, {}).values())  # fmt: skip
+    # A peer's 5xx are a measurement (a goal compares them); the service's are a failure.
+    failed = sum(row["server_errors"] for row in summary["service"].values())
     return 1 if failed else 0
 
 
@@ -387,12 +471,13 @@ def measure_round(
     label: str,
     ceiling: Ceiling,
     service: RunningServer,
-    peer: RunningServer | None,
+    peers: dict[str, RunningServer],
     uploads: Sequence[bytes],
     plan: LoadPlan,
     ceiling_seconds: float,
 ) -> dict[str, Any]:
-    """The ceiling, then the service (the ceiling measured around each load), then the peer."""
+    """The ceiling, then the service (the ceiling measured around each load), then each
+    peer, its loads under its key in ``peers``."""
     print(f"{label}: ceiling", file=sys.stderr)
     one_round: dict[str, Any] = {
         "ceiling": ceiling.measure(batch_sizes=BATCH_SIZES, min_seconds=ceiling_seconds)
@@ -404,8 +489,8 @@ def measure_round(
         plan,
         measure_ceiling=lambda: ceiling.batch(1, min_seconds=ceiling_seconds),
     )
-    if peer:
-        print(f"{label}: peer", file=sys.stderr)
-        one_round["peer"] = drive(peer, uploads, plan)
+    for key, peer in peers.items():
+        print(f"{label}: {key.replace('_', ' ')}", file=sys.stderr)
+        one_round[key] = drive(peer, uploads, plan)
     one_round["ratios"] = round_ratios(one_round)
     return one_round
