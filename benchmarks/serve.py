@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,34 +214,59 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-def server_env(**extra: str) -> dict[str, str]:
+def server_env(extra: Mapping[str, str]) -> dict[str, str]:
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": python_path, **extra}
 
 
+@dataclass(frozen=True)
+class ServerKind:
+    """How to start a server (its command, less host and port) and to load it: the path
+    that answers 200 once it is ready, its classifying route, and the multipart field that
+    route takes the image from."""
+
+    command: tuple[str, ...]
+    ready_path: str
+    route: str
+    field: str
+
+
+SERVICE = ServerKind(
+    (*BENTOML_SERVE, "convtune.service.service:Convtune"), "/readyz", "/predict", "image"
+)
+# Each peer of `--peers` (benchmarks.cli.SERVE_PEERS); both read the artifact's directory
+# from PEER_ARTIFACT_ENV. A round keeps a peer's loads under "NAME_peer".
+PEERS = {
+    "naive": ServerKind(
+        (*UVICORN, "convtune.benchmarks.naive_peer:app", "--log-level=warning"),
+        "/ready", "/predict", "image",
+    ),
+    "bentoml": ServerKind(
+        (*BENTOML_SERVE, "convtune.benchmarks.bentoml_peer:ImageClassifier"),
+        "/readyz", "/classify", "images",
+    ),
+}  # fmt: skip
+LOADED = ("service", *(f"{name}_peer" for name in PEERS))  # each round's server loads
+
+
 @contextlib.contextmanager
 def local_server(
-    name: str,
-    command: Sequence[str],
-    *,
-    workdir: Path,
-    ready_path: str,
-    route: str,
-    field: str,
-    env: dict[str, str],
+    name: str, kind: ServerKind, workdir: Path, env: dict[str, str]
 ) -> Iterator[RunningServer]:
-    """``command`` listening on a free loopback port with ``env`` added, its output in
-    ``workdir/NAME.log``, until the block ends."""
+    """``kind`` on a free loopback port, its output in ``workdir/NAME.log``, until the block
+    ends. ``env`` is added to the environment, which gives the server a BentoML home of its
+    own unless ``env`` names one: ``bentoml serve`` empties its home's metrics directory
+    when it starts, so servers sharing one would erase each other's counts."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with running_server(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        ready_url=base_url + ready_path,
+        [*kind.command, "--host", "127.0.0.1", "--port", str(port)],
+        ready_url=base_url + kind.ready_path,
         log_path=workdir / f"{name}.log",
-        env=server_env(**env),
+        env=server_env({"BENTOML_HOME": str(workdir / name), **env}),
         cwd=ROOT,
     ) as process:
-        yield RunningServer(base_url + route, field, process.pid)
+        yield RunningServer(base_url + kind.route, kind.field, process.pid)
 
 
 def convtune_service(
@@ -250,51 +275,16 @@ def convtune_service(
     """``bentoml serve`` of ``artifact`` from a private model store."""
     home = workdir / "bentoml"
     tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
-    return local_server(
-        "service",
-        [*BENTOML_SERVE, "convtune.service.service:Convtune"],
-        workdir=workdir,
-        ready_path="/readyz",
-        route="/predict",
-        field="image",
-        env={"BENTOML_HOME": str(home), "CONVTUNE_MODEL": tag, **service_env},
-    )
+    env = {"BENTOML_HOME": str(home), "CONVTUNE_MODEL": tag, **service_env}
+    return local_server("service", SERVICE, workdir, env)
 
 
-def naive_peer(artifact: Path, workdir: Path) -> contextlib.AbstractContextManager[RunningServer]:
-    """``uvicorn convtune.benchmarks.naive_peer:app`` serving ``artifact``."""
-    return local_server(
-        "naive-peer",
-        [*UVICORN, "convtune.benchmarks.naive_peer:app", "--log-level=warning"],
-        workdir=workdir,
-        ready_path="/ready",
-        route="/predict",
-        field="image",
-        env={PEER_ARTIFACT_ENV: str(artifact.resolve())},
-    )
-
-
-def bentoml_peer(artifact: Path, workdir: Path) -> contextlib.AbstractContextManager[RunningServer]:
-    """``bentoml serve convtune.benchmarks.bentoml_peer:ImageClassifier`` serving ``artifact``,
-    with a BentoML home of its own (servers sharing one erase each other's metrics)."""
-    return local_server(
-        "bentoml-peer",
-        [*BENTOML_SERVE, "convtune.benchmarks.bentoml_peer:ImageClassifier"],
-        workdir=workdir,
-        ready_path="/readyz",
-        route="/classify",
-        field="images",
-        env={
-            "BENTOML_HOME": str(workdir / "bentoml-peer"),
-            PEER_ARTIFACT_ENV: str(artifact.resolve()),
-        },
-    )
-
-
-# Each peer of `--peers` (benchmarks.cli.SERVE_PEERS): how to start it. A round keeps its
-# loads under "NAME_peer".
-PEER_SERVERS = {"naive": naive_peer, "bentoml": bentoml_peer}
-LOADED = ("service", *(f"{name}_peer" for name in PEER_SERVERS))  # each round's server loads
+def peer_server(
+    name: str, artifact: Path, workdir: Path
+) -> contextlib.AbstractContextManager[RunningServer]:
+    """The peer ``name`` of :data:`PEERS` serving ``artifact``."""
+    env = {PEER_ARTIFACT_ENV: str(artifact.resolve())}
+    return local_server(f"{name}-peer", PEERS[name], workdir, env)
 
 
 def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
@@ -307,7 +297,7 @@ def round_ratios(one_round: dict[str, Any]) -> dict[str, float]:
     if 1 in service:
         ceiling = service[1]["ceiling_batch_1"]
         ratios["latency_overhead_ms"] = service[1]["p50_ms"] - ceiling["latency_ms"]
-    for name in PEER_SERVERS:
+    for name in PEERS:
         if peer := one_round.get(f"{name}_peer"):
             throughput = service[top]["throughput_rps"] / peer[top]["throughput_rps"]
             ratios[f"service_vs_{name}_peer"] = throughput
@@ -448,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"starting the service and peers: {', '.join(args.peers) or 'none'}", file=sys.stderr)
         service = stack.enter_context(convtune_service(served_artifact, workdir, service_env))
         peers = {
-            f"{name}_peer": stack.enter_context(PEER_SERVERS[name](artifact, workdir))
+            f"{name}_peer": stack.enter_context(peer_server(name, artifact, workdir))
             for name in args.peers
         }
         ceiling = Ceiling(artifact, uploads)
