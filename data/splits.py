@@ -156,6 +156,11 @@ def saved_classes(path: Path) -> tuple[str, ...]:
     return tuple(json.loads(path.read_text())["classes"])
 
 
+def saved_part(path: Path, name: str) -> list[tuple[str, str]]:
+    """Part ``name`` of a saved split as ``(image path, class name)`` pairs."""
+    return [(str(image), str(label)) for image, label in json.loads(path.read_text())[name]]
+
+
 def load_split(path: Path, images: LabelledImages) -> Split:
     """Map a saved split back onto ``images``; fail loudly if the dataset has changed."""
     saved = json.loads(path.read_text())

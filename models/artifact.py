@@ -267,6 +267,39 @@ class ExplainOutputs:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """Manifest ``quantization``: ONNX_FILE holds a ``precision`` graph (onnxruntime static
+    quantization, QDQ, per-channel weights), its activation ranges calibrated by ``method``
+    on ``calibration_images`` training images, and accepted on the validation split's
+    ``validation_images``: ``agreement`` is the share whose top-1 class is the float
+    graph's (at least ``min_agreement``), ``val`` each graph's metrics there (``float32``,
+    and ``precision``'s). EXPLAIN_ONNX_FILE stays float32."""
+
+    precision: str
+    method: str
+    calibration_images: int
+    validation_images: int
+    agreement: float
+    min_agreement: float
+    val: Mapping[str, Mapping[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "val": {name: dict(m) for name, m in self.val.items()}}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Quantization:
+        return cls(
+            precision=_checked_text("precision", raw["precision"]),
+            method=_checked_text("method", raw["method"]),
+            calibration_images=_whole("calibration_images", raw["calibration_images"]),
+            validation_images=_whole("validation_images", raw["validation_images"]),
+            agreement=float(raw["agreement"]),
+            min_agreement=float(raw["min_agreement"]),
+            val={str(name): dict(metrics) for name, metrics in raw["val"].items()},
+        )
+
+
 def _whole(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ArtifactError(f"{name} must be a whole number >= 0, not {reprlib.repr(value)}")
@@ -282,7 +315,8 @@ class Manifest:
     ``serving_tta`` is the view set the service averages over; ``files`` the sha256 of each
     of :attr:`file_names`, filled in by :func:`write_manifest`; ``explain`` the explaining
     graph's outputs beside the logits (None: an artifact exported before it had them);
-    ``tracking`` the experiment tracker's record of the training run (``TRACKING_FILE``;
+    ``quantization`` how ONNX_FILE was quantized (None: float32); ``tracking`` the
+    experiment tracker's record of the training run (``TRACKING_FILE``;
     None: not tracked).
     """
 
@@ -298,6 +332,7 @@ class Manifest:
     created: str  # ISO 8601, UTC
     files: Mapping[str, str] = field(default_factory=dict)
     explain: ExplainOutputs | None = None
+    quantization: Quantization | None = None
     tracking: Mapping[str, str] | None = None
 
     @property
@@ -317,6 +352,9 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         explain = {} if self.explain is None else {"explain": self.explain.to_json()}
+        quantization = (
+            {} if self.quantization is None else {"quantization": self.quantization.to_json()}
+        )
         tracking = {} if self.tracking is None else {"tracking": dict(self.tracking)}
         return {
             "schema_version": SCHEMA_VERSION,
@@ -336,6 +374,7 @@ class Manifest:
             "created": self.created,
             "files": dict(self.files),
             **explain,
+            **quantization,
             **tracking,
         }
 
@@ -369,6 +408,11 @@ class Manifest:
                 created=str(raw["created"]),
                 files={str(name): str(digest) for name, digest in raw["files"].items()},
                 explain=None if "explain" not in raw else ExplainOutputs.from_json(raw["explain"]),
+                quantization=(
+                    None
+                    if "quantization" not in raw
+                    else Quantization.from_json(raw["quantization"])
+                ),
                 tracking=None if "tracking" not in raw else _checked_record(raw["tracking"]),
             )
             stated = {key: raw[key] for key in ("num_classes", "input", "output")}

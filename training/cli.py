@@ -23,6 +23,14 @@ from convtune.training.config import (
     option_names,
     resolve_config,
 )
+from convtune.training.quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CALIBRATION_METHOD,
+    MAX_ACCURACY_DROP,
+    MIN_AGREEMENT,
+    PRECISIONS,
+)
 
 # The label-file settings that `evaluate` shares with `fit`.
 _LABEL_FILE_OPTIONS = (
@@ -138,6 +146,26 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
         "--serve-tta", default="none", metavar="VIEWS",
         help="none | flip | d4: views the service averages over, each image's probabilities "
         "the mean of theirs at the run's temperature for them [none]",
+    )  # fmt: skip
+    export.add_argument(
+        "--quantize", choices=PRECISIONS, default=None,
+        help="serve an int8 graph: onnxruntime static quantization calibrated on the run's "
+        "training images, written only if its top-1 agrees with the float graph's on "
+        f"--min-agreement of the val images and it loses at most {MAX_ACCURACY_DROP:.1%} "
+        "accuracy there [float32]",
+    )  # fmt: skip
+    export.add_argument(
+        "--min-agreement", type=float, default=MIN_AGREEMENT, metavar="SHARE",
+        help=f"with --quantize: the top-1 agreement to require [{MIN_AGREEMENT}]",
+    )  # fmt: skip
+    export.add_argument(
+        "--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+        help=f"with --quantize: training images to calibrate on [{DEFAULT_CALIBRATION_IMAGES}]",
+    )  # fmt: skip
+    export.add_argument(
+        "--calibration-method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION_METHOD,
+        help="with --quantize: how activation ranges are taken from them "
+        f"[{DEFAULT_CALIBRATION_METHOD}]",
     )  # fmt: skip
     export.set_defaults(handler=run_export)
 
@@ -348,7 +376,11 @@ def run_export(args: argparse.Namespace) -> None:
     from convtune.models.artifact import ARTIFACT_DIR
     from convtune.training.export import build_artifact, register_in_store
 
-    artifact = build_artifact(args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta)
+    artifact = build_artifact(
+        args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta,
+        quantize=args.quantize, calibration_images=args.calibration_images,
+        calibration_method=args.calibration_method, min_agreement=args.min_agreement,
+    )  # fmt: skip
     print(register_in_store(artifact, args.name))
 
 

@@ -52,6 +52,12 @@ from convtune.training.explained_graph import (
     describe_volumes,
     has_exact_class_maps,
 )
+from convtune.training.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CALIBRATION_METHOD,
+    MIN_AGREEMENT,
+    quantize_artifact,
+)
 
 log = logging.getLogger("convtune")
 TOLERANCE = 1e-4
@@ -122,17 +128,35 @@ def write_graph(
     )
 
 
-def build_artifact(run_dir: Path, destination: Path, *, serve_tta: str = "none") -> Path:
+def build_artifact(
+    run_dir: Path,
+    destination: Path,
+    *,
+    serve_tta: str = "none",
+    quantize: str | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD,
+    min_agreement: float = MIN_AGREEMENT,
+) -> Path:
     """Write a verified artifact for ``run_dir`` into ``destination`` (replaced if present),
-    to be served averaging over the ``serve_tta`` views."""
+    to be served averaging over the ``serve_tta`` views; with ``quantize`` (a precision),
+    its logits' graph quantized (``training.quantize``), accepted at ``min_agreement``
+    top-1 agreement with the float graph on val."""
     model, description = load_trained_model(run_dir)
     manifest = build_manifest(run_dir, description, serve_tta=serve_tta)
     with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:
         staging = Path(staging_name)
         explain = export_onnx(model, staging)
         shutil.copyfile(run_dir / MODEL_WEIGHTS, staging / WEIGHTS_FILE)
-        write_manifest(staging, replace(manifest, explain=explain))
+        manifest = replace(manifest, explain=explain)
+        write_manifest(staging, manifest)
         check_onnx_matches(model, staging)
+        if quantize is not None:
+            quantization = quantize_artifact(
+                staging, run_dir, precision=quantize, calibration_images=calibration_images,
+                method=calibration_method, min_agreement=min_agreement,
+            )  # fmt: skip
+            write_manifest(staging, replace(manifest, quantization=quantization))
         if destination.exists():
             shutil.rmtree(destination)
         shutil.copytree(staging, destination)
