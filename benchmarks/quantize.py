@@ -3,14 +3,15 @@ with the float graph on the run's val split, both graphs' accuracy there, and th
 onnxruntime latency at batch 1 and at a large batch (alternating rounds, one thread,
 medians), with the CPU's flags: integer kernels differ between CPUs with and without VNNI.
 
-The int8 graph is written whatever its agreement (``min_agreement=0``), to be measured. Run
-as ``python -m convtune.benchmarks.quantize RUN_DIR [--out FILE]``.
+The int8 graph is kept whatever its agreement and accuracy, to be measured. Run as
+``python -m convtune.benchmarks.quantize RUN_DIR [--out FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from convtune.training.export import build_artifact
+    from convtune.training.quantize import quantize_artifact
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -52,18 +54,12 @@ def main() -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     with tempfile.TemporaryDirectory() as folder:
-        graphs = {
-            "float32": build_artifact(args.run_dir, Path(folder) / "float32"),
-            "int8": build_artifact(
-                args.run_dir,
-                Path(folder) / "int8",
-                quantize="int8",
-                calibration_images=args.calibration_images,
-                calibration_method=args.calibration_method,
-                min_agreement=0.0,
-            ),
-        }
-        quantization = read_manifest(graphs["int8"]).quantization
+        graphs = {"float32": build_artifact(args.run_dir, Path(folder) / "float32")}
+        graphs["int8"] = shutil.copytree(graphs["float32"], Path(folder) / "int8")
+        quantization = quantize_artifact(
+            graphs["int8"], args.run_dir, calibration_images=args.calibration_images,
+            method=args.calibration_method, min_agreement=0.0, max_accuracy_drop=1.0,
+        )  # fmt: skip
         sessions = {
             name: ort.InferenceSession(str(path / ONNX_FILE), options)
             for name, path in graphs.items()

@@ -56,6 +56,7 @@ def quantize_artifact(
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     method: str = DEFAULT_CALIBRATION_METHOD,
     min_agreement: float = MIN_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
     seed: int = 0,
 ) -> Quantization:
     """Replace ``artifact_dir``'s float graph with its ``precision`` quantization, calibrated
@@ -63,7 +64,7 @@ def quantize_artifact(
     by ``method``; the record for the manifest. Raises :class:`QuantizationRefused`, the
     artifact unchanged, where the quantized graph's top-1 agrees with the float graph's on
     less than ``min_agreement`` of the val images, or it loses more than
-    ``MAX_ACCURACY_DROP`` accuracy there."""
+    ``max_accuracy_drop`` accuracy there."""
     if precision not in PRECISIONS:
         raise ValueError(f"--quantize {precision!r}: one of {list(PRECISIONS)}")
     if not 0.0 <= min_agreement <= 1.0:
@@ -86,8 +87,9 @@ def quantize_artifact(
         del calibration
         log.info("quantizing: checking against the float graph on %d val images", len(val))
         record = _judge(
-            classifier, _session(quantized), val, precision=precision, min_agreement=min_agreement
-        )
+            classifier, _session(quantized), val, precision=precision,
+            min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+        )  # fmt: skip
         shutil.copyfile(quantized, artifact_dir / ONNX_FILE)
     return Quantization(method=method, calibration_images=len(drawn), **record)
 
@@ -148,9 +150,10 @@ def _judge(
     *,
     precision: str,
     min_agreement: float,
+    max_accuracy_drop: float,
 ) -> dict[str, Any]:
     """The quantized graph's agreement and metrics against the float one on ``val``; refuse
-    it where they miss ``min_agreement`` or ``MAX_ACCURACY_DROP``."""
+    it where they miss ``min_agreement`` or ``max_accuracy_drop``."""
     labels = np.array([classifier.classes.index(name) for _, name in val])
     predicted: dict[str, list[np.ndarray]] = {"float32": [], precision: []}
     for start in range(0, len(val), _BATCH):
@@ -170,12 +173,12 @@ def _judge(
     drop = metrics["float32"]["accuracy"] - metrics[precision]["accuracy"]
     log.info("quantizing: top-1 agreement %.4f, accuracy %.4f → %.4f", agreement,
              metrics["float32"]["accuracy"], metrics[precision]["accuracy"])  # fmt: skip
-    if agreement < min_agreement or drop > MAX_ACCURACY_DROP:
+    if agreement < min_agreement or drop > max_accuracy_drop:
         raise QuantizationRefused(
             f"the {precision} graph agrees with the float one on {agreement:.2%} of "
             f"{len(val)} val images (needs {min_agreement:.1%}) and its accuracy is "
             f"{metrics[precision]['accuracy']:.2%} against {metrics['float32']['accuracy']:.2%} "
-            f"(may lose {MAX_ACCURACY_DROP:.1%} at most): not written; try more calibration "
+            f"(may lose {max_accuracy_drop:.1%} at most): not written; try more calibration "
             "images or another calibration method"
         )
     return {
