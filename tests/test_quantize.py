@@ -3,6 +3,8 @@ its val split, refused where it disagrees with the float graph, served unchanged
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -28,7 +30,10 @@ def int8_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     # logit from a second class, and a few flip under int8. The share to require is the
     # user's to set; the default (99 %) is checked by the refusal below.
     quantize = ["--quantize", "int8", "--min-agreement", "0.95", "--calibration-images", "128"]
-    assert main(["export", str(run), "--name", "int8", *quantize]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(run), "--name", "int8", *quantize]) == 0
+    assert re.fullmatch(r"int8:[a-z0-9]+\n", printed.getvalue())  # the tag alone
     return run
 
 

@@ -15,6 +15,8 @@ served on either kind.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import tempfile
@@ -95,16 +97,23 @@ def quantize_artifact(
 
 
 def _quantize_graph(source: Path, target: Path, calibration: np.ndarray, *, method: str) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = target.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared))  # folds and fuses before the ranges are taken
+    # The calibrators print their progress; stdout is the command's answer.
+    with contextlib.redirect_stdout(io.StringIO()):
+        _quantize_static(prepared, target, calibration, method=method)
+
+
+def _quantize_static(prepared: Path, target: Path, calibration: np.ndarray, *, method: str) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = target.with_name("prepared.onnx")
-    quant_pre_process(str(source), str(prepared))  # folds and fuses before the ranges are taken
     quantize_static(
         str(prepared),
         str(target),
