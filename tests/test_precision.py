@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch._inductor import config as inductor_config
+from torch.utils.data import DataLoader, TensorDataset
 
+from convtune.models.factory import create_model
 from convtune.training.cli import main
 from convtune.training.compilation import compile_problem
+from convtune.training.config import FitConfig
 from convtune.training.devices import choose_precision, cpu_precision
+from convtune.training.module import ClassifierModule, Recipe
 
 # torch.cpu.get_capabilities() of two real kinds of CPU, cut to the features that matter.
 AVX2_EPYC = {"architecture": "x86_64", "avx": True, "avx2": True, "fma3": True, "f16c": True}
@@ -75,3 +80,25 @@ def test_compile_is_available_where_inductor_finds_a_compiler() -> None:
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip("torch.compile does not support this Python")
     assert compile_problem(on_cpu=True) is None
+
+
+def test_the_compiled_steps_compile_once_not_at_every_step(tmp_path: Path) -> None:
+    # Lightning's way (training.compilation), with dynamo's backend that runs the captured
+    # graphs as they are: inductor's code generation would take minutes on a small CPU,
+    # and what makes a step recompile (its guards) is the same.
+    torch._dynamo.reset()
+    model = create_model("test_resnet", 3, pretrained="none", img_size=32)
+    module = ClassifierModule(model, Recipe(**FitConfig(data="", model="", out="").recipe_kwargs()))
+    keys = set(module.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    batches = TensorDataset(torch.randn(12, 3, 32, 32, generator=generator), torch.arange(12) % 3)
+    loader = DataLoader(batches, batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a second compile fails
+        trainer.fit(torch.compile(module, backend="eager"), loader, loader)
+    assert module._compiler_ctx is not None  # the trainer ran the compiled steps
+    assert trainer.global_step == 3 and "val/accuracy" in trainer.callback_metrics
+    assert set(module.state_dict()) == keys  # checkpoints keep the module's own names

@@ -5,7 +5,8 @@ Lightning's way is to hand ``trainer.fit`` the output of ``torch.compile(module)
 trainer unwraps it and compiles the module's ``forward`` and ``*_step`` methods in place
 (``lightning.pytorch.utilities.compile.from_compiled``), so its state dict, checkpoints and
 callbacks see the module's own parameters under their own names. Compiling happens at the
-first step of each kind (training, validation, frozen and unfrozen encoder), not here.
+first step of each kind (training, validation, frozen and unfrozen encoder), not here; the
+module keeps its metrics and logging out of the compiled steps (training/module.py).
 
 On the CPU, inductor generates C++ and builds it with the machine's C++ compiler against
 Python's headers. Without either, the first training step would fail after the data checks,
