@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -246,6 +247,9 @@ def precision_throughput(
             epoch_s = epoch_images * timer.step_seconds() / loader.batch_size + compile_s
             results["compile_s"] = compile_s
             results["compile_epoch_images_per_s"] = epoch_images / epoch_s
+    # The machine's 1-minute load, this benchmark included: on a CPU shared with other
+    # work, oneDNN's threads wait on one another and a step can take several times longer.
+    results["load_average"] = os.getloadavg()[0]
     return results
 
 
@@ -356,7 +360,7 @@ def precision_rows(precision: dict[str, float], *, epoch_images: int) -> list[tu
             (f"  over an epoch of {epoch_images} images (img/s)",
              precision["compile_epoch_images_per_s"]),
         ]  # fmt: skip
-    return rows
+    return [*rows, ("load average, 1 min, at the end", precision["load_average"])]
 
 
 def format_table(summary: dict[str, Any], config: FitConfig, args: argparse.Namespace) -> str:
@@ -470,6 +474,10 @@ def run(args: argparse.Namespace) -> int:
                 make_shapes_dataset(shapes, per_class=args.per_class, size=300)
             print(f"round {number + 1}/{args.rounds}", file=sys.stderr)
             rounds.append(run_round(config, workdir, parts, args, alternate=number % 2 == 0))
+            ratios = rounds[-1]["ratios"].items()
+            print(
+                "  " + ", ".join(f"{name} {value:.3f}" for name, value in ratios), file=sys.stderr
+            )
     summary = summarise(rounds)
     print(format_table(summary, config, args))
     if args.json:

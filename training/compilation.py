@@ -15,6 +15,7 @@ the split and the frozen phase, so fit asks :func:`compile_problem` before any w
 
 from __future__ import annotations
 
+import logging
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -55,4 +56,7 @@ def compile_problem(*, on_cpu: bool) -> str | None:
 
 def compiled_for_training(module: L.LightningModule) -> Any:
     """``module`` ready to be compiled by ``trainer.fit`` (see the module's docstring)."""
+    # Building the C++ kernels warns on machines without CUDA that it found no CUDA
+    # runtime, which a CPU run never needs.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(module)
