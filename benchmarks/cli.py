@@ -40,7 +40,9 @@ TRAIN_FIT_DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "freeze_epochs": 10,
 }
-TRAIN_MEASUREMENTS = ("steps", "pipeline", "frozen")
+TRAIN_MEASUREMENTS = ("steps", "pipeline", "frozen", "precision")
+# `precision` only when asked for: its cold torch.compile takes minutes on a small CPU.
+TRAIN_DEFAULT_PARTS = ("steps", "pipeline", "frozen")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +119,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-batches", type=int, default=20, help="timed batches [20]")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions, medians taken [3]")
     parser.add_argument(
-        "--parts", default=",".join(TRAIN_MEASUREMENTS),
-        help="comma-separated subset of the measurements to run [all three]",
+        "--variants", default="fp32,bf16,compile",
+        help="precision: the step's variants to time, fp32 (the baseline) among them: fp32, "
+        "bf16 (autocast), compile (torch.compile at --precision auto's choice) "
+        "[fp32,bf16,compile]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--epoch-images", type=int, default=1575,
+        help="precision: the epoch over which torch.compile's time is amortised, in images "
+        "[1575, the ELPV demo's training cells]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--parts", default=",".join(TRAIN_DEFAULT_PARTS),
+        help=f"comma-separated subset of {', '.join(TRAIN_MEASUREMENTS)} "
+        f"[{','.join(TRAIN_DEFAULT_PARTS)}]",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
 
@@ -187,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(
         benchmarks.add_parser(
             "train",
-            help="Lightning against a plain loop, data against model, probe against epochs",
+            help="Lightning against a plain loop, data against model, probe against epochs, "
+            "bf16 and torch.compile against fp32",
             description="Benchmark training: Lightning against a plain loop, the data "
-            "pipeline against the model, and the cached-feature probe against normal frozen "
-            "epochs.",
+            "pipeline against the model, the cached-feature probe against normal frozen "
+            "epochs, and (--parts precision) the step in bf16 autocast and under "
+            "torch.compile against fp32.",
         )
     )
     add_check_data_arguments(

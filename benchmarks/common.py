@@ -22,7 +22,10 @@ REPORTED_PACKAGES = (
 )  # fmt: skip
 
 # Vector-instruction sets that decide how fast numeric code runs, as /proc/cpuinfo names them.
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile")
+SIMD_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
+    "amx_tile", "amx_bf16",
+)  # fmt: skip
 
 
 def missing_distributions(distributions: Iterable[str]) -> list[str]:

@@ -13,6 +13,14 @@
    accuracy of each. The probe's one encoder pass costs about as much as one
    normal epoch, so the speed-up grows with the number of frozen epochs.
 
+4. **Precision and compilation** (``--parts precision``, not run by default): images/s of
+   the Lightning step in fp32 (today's), in bf16 autocast, and under ``torch.compile`` at
+   the precision ``--precision auto`` picks on this CPU, on the same model, batches and
+   initial weights. Compilation is timed apart (the first ``--skip-steps`` steps' excess
+   over steady steps, with cold caches as in a first run) and amortised over an epoch of
+   ``--epoch-images``. Whether bf16 pays depends on the CPU (training/devices.py), so the
+   report carries the CPU's flags.
+
 Everything runs on the CPU. Each measurement runs ``--rounds`` times, the order of the
 compared runs alternating so that neither always meets a warmer machine; the table shows
 medians, each ratio is the median of the per-round ratios, against its goal (``GOALS``).
@@ -21,11 +29,14 @@ medians, each ratio is the median of the per-round ratios, against its goal (``G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +48,14 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from convtune.benchmarks.cli import TRAIN_FIT_DEFAULTS, TRAIN_FIT_OPTIONS, TRAIN_MEASUREMENTS
-from convtune.benchmarks.common import median_of, write_report
+from convtune.benchmarks.common import cpu_flags, median_of, write_report
 from convtune.data.datamodule import ImageDataModule
 from convtune.data.synthetic import make_shapes_dataset
 from convtune.models.factory import ImageClassifier
 from convtune.training.callbacks import EncoderFreeze
+from convtune.training.compilation import compile_problem, compiled_for_training
 from convtune.training.config import FitConfig, resolve_config
-from convtune.training.devices import resolve_precision
+from convtune.training.devices import choose_precision
 from convtune.training.fit import (
     build_datamodule,
     build_model,
@@ -63,24 +75,47 @@ GOALS = {  # the performance issue's goals, by ratio name
     "lightning_vs_plain": "Lightning step img/s ÷ plain-loop step img/s ≥ 0.95",
     "pipeline_vs_model": "data pipeline img/s ÷ model training img/s ≥ 2",
     "probe_speedup": "normal frozen epochs time ÷ cached-feature probe time ≥ 5",
+    "bf16_vs_fp32": "bf16 autocast step img/s ÷ fp32 ≥ 1.5 (a CPU with native bf16)",
+    "compile_vs_fp32": "compiled step img/s ÷ fp32, compile time left out",
+    "compile_epoch_vs_fp32": "compiled step img/s ÷ fp32 over an epoch, compile time "
+    "counted: > 1 to pay",
+}
+# The precision part's variants, fp32 first (the baseline): (Lightning precision or None
+# for the one `--precision auto` picks on this CPU, torch.compile, the table's name).
+PRECISION_VARIANTS: dict[str, tuple[str | None, bool, str]] = {
+    "fp32": ("32-true", False, "fp32"),
+    "bf16": ("bf16-mixed", False, "bf16 autocast"),
+    "compile": (None, True, "compiled, auto precision"),
 }
 
 
 class StepTimer(L.Callback):
-    """Wall time from the start of batch ``skip`` to the end of the last batch."""
+    """Wall time from the start of batch ``skip`` to the end of the last batch, and of the
+    ``skip`` batches before it."""
 
     def __init__(self, skip: int) -> None:
         self.skip = skip
-        self.started = self.ended = 0.0
+        self.first = self.started = self.ended = 0.0
         self.steps = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == 0:
+            self.first = time.perf_counter()
         if trainer.global_step == self.skip:
             self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         self.ended = time.perf_counter()
         self.steps = trainer.global_step - self.skip
+
+    def step_seconds(self) -> float:
+        """Seconds of one timed step."""
+        return (self.ended - self.started) / self.steps
+
+    def warmup_excess_seconds(self) -> float:
+        """What the untimed steps took beyond as many timed ones: compilation, first-use
+        set-up."""
+        return (self.started - self.first) - self.skip * self.step_seconds()
 
 
 def fixed_batches(model: ImageClassifier, *, batch_size: int, steps: int) -> DataLoader:
@@ -93,13 +128,19 @@ def fixed_batches(model: ImageClassifier, *, batch_size: int, steps: int) -> Dat
 
 
 def benchmark_trainer(
-    workdir: Path, name: str, callbacks: list[L.Callback], **settings: Any
+    workdir: Path,
+    name: str,
+    callbacks: list[L.Callback],
+    *,
+    precision: str = "auto",
+    **settings: Any,
 ) -> L.Trainer:
     """convtune's trainer settings (training/fit.py) on the CPU, without checkpoints."""
     return L.Trainer(
         accelerator="cpu",
-        precision=resolve_precision("auto"),
-        callbacks=[*callbacks, RichProgressBar()],
+        precision=choose_precision(precision, accelerator="cpu").precision,
+        # On stderr: stdout carries the table.
+        callbacks=[*callbacks, RichProgressBar(console_kwargs={"stderr": True})],
         logger=CSVLogger(workdir, name=name),
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -107,15 +148,33 @@ def benchmark_trainer(
     )
 
 
+def timed_lightning_epoch(
+    model: ImageClassifier,
+    recipe: Recipe,
+    loader: DataLoader,
+    *,
+    skip: int,
+    workdir: Path,
+    precision: str = "auto",
+    compile: bool = False,
+) -> StepTimer:
+    """One epoch of ``loader`` through convtune's Lightning step, timed; ``compile`` as
+    ``convtune fit --compile``."""
+    timer = StepTimer(skip)
+    trainer = benchmark_trainer(
+        workdir, "lightning", [timer], precision=precision, max_epochs=1, log_every_n_steps=1,
+        limit_val_batches=0,
+    )  # fmt: skip
+    module = ClassifierModule(model, recipe)
+    trainer.fit(compiled_for_training(module) if compile else module, train_dataloaders=loader)
+    return timer
+
+
 def lightning_images_per_s(
     model: ImageClassifier, recipe: Recipe, loader: DataLoader, *, skip: int, workdir: Path
 ) -> float:
-    timer = StepTimer(skip)
-    trainer = benchmark_trainer(
-        workdir, "lightning", [timer], max_epochs=1, log_every_n_steps=1, limit_val_batches=0
-    )
-    trainer.fit(ClassifierModule(model, recipe), train_dataloaders=loader)
-    return timer.steps * loader.batch_size / (timer.ended - timer.started)
+    timer = timed_lightning_epoch(model, recipe, loader, skip=skip, workdir=workdir)
+    return loader.batch_size / timer.step_seconds()
 
 
 def plain_images_per_s(
@@ -155,6 +214,74 @@ def step_throughput(
         else:
             results[runner] = plain_images_per_s(fresh, recipe, loader, skip=skip)
     return {"lightning_images_per_s": results["lightning"], "plain_images_per_s": results["plain"]}
+
+
+def precision_throughput(
+    config: FitConfig,
+    workdir: Path,
+    *,
+    variants: list[str],
+    steps: int,
+    skip: int,
+    epoch_images: int,
+    reverse: bool,
+) -> dict:
+    """Lightning step img/s of each of ``variants`` (:data:`PRECISION_VARIANTS`) on the same
+    model, batches and initial weights; for the compiled one also its compile seconds (cold
+    caches, as a first run pays them) and its img/s over an epoch of ``epoch_images``, the
+    compile counted."""
+    model = build_model(config, num_classes=3)
+    loader = fixed_batches(model, batch_size=config.batch_size, steps=steps + skip)
+    recipe = Recipe(**config.recipe_kwargs())
+    results: dict[str, float] = {}
+    for variant in reversed(variants) if reverse else variants:
+        precision, compile, _ = PRECISION_VARIANTS[variant]
+        with cold_compiler(workdir) if compile else contextlib.nullcontext():
+            timer = timed_lightning_epoch(
+                copy.deepcopy(model), recipe, loader, skip=skip, workdir=workdir,
+                precision=precision or "auto", compile=compile,
+            )  # fmt: skip
+        results[f"{variant}_images_per_s"] = loader.batch_size / timer.step_seconds()
+        if compile:
+            compile_s = max(0.0, timer.warmup_excess_seconds())
+            epoch_s = epoch_images * timer.step_seconds() / loader.batch_size + compile_s
+            results["compile_s"] = compile_s
+            results["compile_epoch_images_per_s"] = epoch_images / epoch_s
+    # The machine's 1-minute load, this benchmark included: on a CPU shared with other
+    # work, oneDNN's threads wait on one another and a step can take several times longer.
+    results["load_average"] = os.getloadavg()[0]
+    return results
+
+
+@contextlib.contextmanager
+def cold_compiler(workdir: Path) -> Iterator[None]:
+    """torch.compile as on a first run: no graphs from earlier rounds, an empty inductor
+    cache (generated code, built kernels) under ``workdir``."""
+    from torch._inductor.utils import fresh_cache  # inductor's import alone takes seconds
+
+    torch._dynamo.reset()
+    with fresh_cache(dir=str(workdir)):
+        yield
+
+
+def precision_ratios(results: dict[str, float]) -> dict[str, float]:
+    """Each variant's img/s (the compiled one's also over an epoch) ÷ fp32's."""
+    fp32 = results["fp32_images_per_s"]
+    names = [
+        name for name in ("bf16", "compile", "compile_epoch") if f"{name}_images_per_s" in results
+    ]
+    return {f"{name}_vs_fp32": results[f"{name}_images_per_s"] / fp32 for name in names}
+
+
+def parse_variants(text: str) -> list[str]:
+    """``--variants``: known names, fp32 (the baseline) among them, in the table's order."""
+    named = {name.strip() for name in text.split(",") if name.strip()}
+    if "fp32" not in named or named - set(PRECISION_VARIANTS):
+        raise ValueError(
+            f"--variants takes fp32 and any of {', '.join(list(PRECISION_VARIANTS)[1:])}, "
+            f"comma-separated; got {text!r}"
+        )
+    return [name for name in PRECISION_VARIANTS if name in named]
 
 
 def prepared_data(config: FitConfig, workdir: Path) -> tuple[ImageDataModule, Recipe]:
@@ -221,7 +348,22 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def format_table(summary: dict[str, Any], config: FitConfig) -> str:
+def precision_rows(precision: dict[str, float], *, epoch_images: int) -> list[tuple[str, float]]:
+    rows = [
+        (f"training step, {name} (img/s)", precision[f"{variant}_images_per_s"])
+        for variant, (_, _, name) in PRECISION_VARIANTS.items()
+        if f"{variant}_images_per_s" in precision
+    ]
+    if "compile_s" in precision:
+        rows += [
+            ("  compile time, cold caches (s)", precision["compile_s"]),
+            (f"  over an epoch of {epoch_images} images (img/s)",
+             precision["compile_epoch_images_per_s"]),
+        ]  # fmt: skip
+    return [*rows, ("load average, 1 min, at the end", precision["load_average"])]
+
+
+def format_table(summary: dict[str, Any], config: FitConfig, args: argparse.Namespace) -> str:
     rows: list[tuple[str, float]] = []
     if steps := summary.get("steps"):
         rows += [
@@ -241,7 +383,12 @@ def format_table(summary: dict[str, Any], config: FitConfig) -> str:
             (f"{epochs} frozen epochs, cached features (s)", frozen["probe_s"]),
             ("  val accuracy", frozen["probe_val_accuracy"]),
         ]
+    if precision := summary.get("precision"):
+        rows += precision_rows(precision, epoch_images=args.epoch_images)
     lines = [f"{name:<44}{value:>10.3f}" for name, value in rows]
+    if precision:
+        auto = choose_precision("auto", accelerator="cpu")
+        lines.append(f"CPU flags: {', '.join(cpu_flags())}; --precision auto: {auto}")
     lines.append("")
     lines += [f"{value:>8.2f}  {GOALS[key]}" for key, value in summary["ratios"].items()]
     return "\n".join(lines)
@@ -288,6 +435,13 @@ def run_round(
         frozen = frozen_phase(config, workdir, probe_first=alternate)
         one_round["frozen"] = frozen
         ratios["probe_speedup"] = frozen["normal_s"] / frozen["probe_s"]
+    if "precision" in parts:
+        precision = precision_throughput(
+            config, workdir, variants=parse_variants(args.variants), steps=args.steps,
+            skip=args.skip_steps, epoch_images=args.epoch_images, reverse=alternate,
+        )  # fmt: skip
+        one_round["precision"] = precision
+        ratios.update(precision_ratios(precision))
     one_round["ratios"] = ratios
     return one_round
 
@@ -299,8 +453,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--parts takes a comma-separated subset of {', '.join(TRAIN_MEASUREMENTS)}"
         )
-    if min(args.steps, args.rounds, args.pipeline_batches, args.per_class) < 1:
-        raise ValueError("--steps, --rounds, --pipeline-batches and --per-class must be ≥ 1")
+    counts = (args.steps, args.rounds, args.pipeline_batches, args.per_class, args.epoch_images)
+    if min(counts) < 1:
+        raise ValueError(
+            "--steps, --rounds, --pipeline-batches, --per-class and --epoch-images must be ≥ 1"
+        )
+    compiles = "precision" in parts and "compile" in parse_variants(args.variants)
+    if compiles and (problem := compile_problem(on_cpu=True)):
+        raise ValueError(f"--variants compile: {problem}")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="convtune-bench-train-") as workdir_name:
@@ -314,8 +474,12 @@ def run(args: argparse.Namespace) -> int:
                 make_shapes_dataset(shapes, per_class=args.per_class, size=300)
             print(f"round {number + 1}/{args.rounds}", file=sys.stderr)
             rounds.append(run_round(config, workdir, parts, args, alternate=number % 2 == 0))
+            ratios = rounds[-1]["ratios"].items()
+            print(
+                "  " + ", ".join(f"{name} {value:.3f}" for name, value in ratios), file=sys.stderr
+            )
     summary = summarise(rounds)
-    print(format_table(summary, config))
+    print(format_table(summary, config, args))
     if args.json:
         write_report(args.json, "train", vars(args), summary, rounds)
     return 0

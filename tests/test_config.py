@@ -43,6 +43,7 @@ SWITCHES = {  # flag: the FitConfig field it flips
     "--no-random-crop": "random_crop",
     "--rotate90": "rotate90",
     "--no-bn-recalibrate": "bn_recalibrate",
+    "--compile": "compile",
 }
 
 

@@ -16,6 +16,7 @@ import itertools
 import math
 import statistics
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,17 +56,26 @@ class EpochPlan:
         )
 
 
+def lightning_autocast(precision: str) -> AbstractContextManager:
+    """The autocast Lightning runs a CPU step in at ``precision`` (its ``MixedPrecision``
+    plugin's), so that a step is timed as it will run."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    return nullcontext()
+
+
 def time_train_step(
     model: ImageClassifier,
     loader: DataLoader,
     recipe: Recipe,
     *,
     freeze_stages: int = 0,
+    precision: str = "32-true",
     steps: int = 3,
 ) -> float:
     """Median seconds of one step (loading the batch, forward, backward, SGD) on a copy of
     ``model`` (after one untimed step), the encoder training as in fine-tuning, its first
-    ``freeze_stages`` stages frozen."""
+    ``freeze_stages`` stages frozen, at Lightning's ``precision``."""
     trial = copy.deepcopy(model).train()
     trial.requires_grad_(True)
     hold_frozen(first_stages(trial.encoder, freeze_stages), train=False)
@@ -76,7 +86,8 @@ def time_train_step(
     for _ in range(steps + 1):
         start = time.perf_counter()
         pixels, labels = next(batches)
-        loss = loss_fn(trial(pixels), torch.as_tensor(labels))
+        with lightning_autocast(precision):
+            loss = loss_fn(trial(pixels), torch.as_tensor(labels))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -85,8 +96,11 @@ def time_train_step(
 
 
 @torch.no_grad()
-def time_eval_batch(model: ImageClassifier, loader: DataLoader, *, batches: int = 2) -> float:
-    """Median seconds of loading a batch of ``loader`` and an eval-mode forward pass."""
+def time_eval_batch(
+    model: ImageClassifier, loader: DataLoader, *, precision: str = "32-true", batches: int = 2
+) -> float:
+    """Median seconds of loading a batch of ``loader`` and an eval-mode forward pass at
+    Lightning's ``precision``."""
     was_training = model.training
     model.eval()
     timings = []
@@ -94,7 +108,8 @@ def time_eval_batch(model: ImageClassifier, loader: DataLoader, *, batches: int 
     for _ in range(batches + 1):
         start = time.perf_counter()
         pixels, _ = next(loaded)
-        model(pixels)
+        with lightning_autocast(precision):
+            model(pixels)
         timings.append(time.perf_counter() - start)
     model.train(was_training)
     return statistics.median(timings[1:])

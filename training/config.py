@@ -201,8 +201,14 @@ class FitConfig:
         None, help="seconds for the whole run: epochs are planned to fit", unset="none"
     )
     precision: str = option(
-        "auto", help="auto (bf16 on capable GPUs) | 32-true | bf16-mixed | 16-mixed"
-    )
+        "auto", help="auto (bf16 on GPUs and CPUs that compute it natively, else fp32 on the "
+        "CPU) | 32-true | bf16-mixed | 16-mixed",
+    )  # fmt: skip
+    compile: bool = option(
+        False, help="torch.compile the training and validation steps (on the CPU it needs a "
+        "C++ compiler; the first steps of each kind take longer while it compiles, which "
+        "--time-limit's plan does not foresee)",
+    )  # fmt: skip
     accelerator: str = option("auto", help="auto | cpu | gpu (Lightning's accelerators)")
     # One device unless asked: Lightning's own default (every GPU) would start a process
     # per GPU, each repeating what fit does around training.

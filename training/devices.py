@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from convtune.data.datasets import LabelledImages
 from convtune.data.splits import PARTS, Split
+from convtune.training.compilation import compile_problem
 from convtune.training.config import FitConfig
 
 # DDP waits for a gradient of every parameter it was given; a parameter frozen after it
@@ -53,14 +54,52 @@ class Processes:
         return self.rank == 0
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto``: bf16 mixed precision on GPUs that support it, fp16 mixed on other GPUs,
-    fp32 on the CPU."""
+# CPU features that compute in bf16 natively, as torch.cpu.get_capabilities() and
+# /proc/cpuinfo name them: AVX-512 BF16 (Cooper Lake, Zen 4 and later) and AMX (Sapphire
+# Rapids and later). Without them oneDNN emulates bf16 through fp32, slower than fp32 itself.
+NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run trains in (Lightning's name for it), and why."""
+
+    precision: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.precision} ({self.reason})"
+
+
+def cpu_precision(capabilities: Mapping[str, Any]) -> PrecisionChoice:
+    """``auto`` on a CPU with these ``capabilities`` (``torch.cpu.get_capabilities()``):
+    bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere."""
+    native = [feature for feature in NATIVE_BF16_CPU_FEATURES if capabilities.get(feature)]
+    if native:
+        return PrecisionChoice("bf16-mixed", f"this CPU has native bf16: {', '.join(native)}")
+    return PrecisionChoice("32-true", "this CPU has no native bf16")
+
+
+def choose_precision(precision: str, *, accelerator: str) -> PrecisionChoice:
+    """``--precision`` as Lightning takes it. ``auto``: bf16 mixed precision on GPUs that
+    support it, fp16 mixed on other GPUs, :func:`cpu_precision` on the CPU, fp32 elsewhere."""
     if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+        return PrecisionChoice(precision, "set by --precision")
+    kind = accelerator
+    if accelerator in ("auto", "gpu"):  # Lightning's order: CUDA, then MPS, then the CPU
+        if torch.cuda.is_available():
+            kind = "cuda"
+        elif torch.backends.mps.is_available():
+            kind = "mps"
+        elif accelerator == "auto":
+            kind = "cpu"
+    if kind == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16-mixed", "this GPU supports bf16")
+        return PrecisionChoice("16-mixed", "this GPU has no bf16")
+    if kind == "cpu":
+        return cpu_precision(torch.cpu.get_capabilities())
+    return PrecisionChoice("32-true", f"no mixed precision chosen for {kind}")
 
 
 def trainer_devices(config: FitConfig, *, strategy: str) -> dict[str, Any]:
@@ -71,7 +110,7 @@ def trainer_devices(config: FitConfig, *, strategy: str) -> dict[str, Any]:
         "devices": config.devices,
         "strategy": strategy,
         "num_nodes": config.num_nodes,
-        "precision": resolve_precision(config.precision),
+        "precision": choose_precision(config.precision, accelerator=config.accelerator).precision,
     }
 
 
@@ -113,6 +152,8 @@ def check_processes(config: FitConfig, processes: Processes) -> None:
             f"processes, more than this machine's {cores} cores: use --devices {cores} or "
             "fewer, or --accelerator gpu on a machine with GPUs"
         )
+    if config.compile and (problem := compile_problem(on_cpu=processes.on_cpu)):
+        raise ValueError(f"--compile: {problem}")
     if config.time_limit and processes.world_size > 1:
         raise ValueError(
             "--time-limit plans epochs by timing one process; with "

@@ -47,10 +47,12 @@ from convtune.training.batchnorm import recalibrate_batchnorm
 from convtune.training.budget import plan_epochs, time_eval_batch, time_train_step
 from convtune.training.calibration import collect_logits, collect_view_logits, fit_temperatures
 from convtune.training.callbacks import EncoderFreeze, WeightEMA
+from convtune.training.compilation import compiled_for_training
 from convtune.training.config import FitConfig, save_config
 from convtune.training.devices import (
     Processes,
     SameSplitEverywhere,
+    choose_precision,
     plan_processes,
     share_cpu_cores,
     speaking_if,
@@ -118,6 +120,9 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any] | None:
     share_cpu_cores(processes)
     L.seed_everything(config.seed, workers=True, verbose=False)
     with speaking_if(processes.is_main):
+        log.info(
+            "precision: %s", choose_precision(config.precision, accelerator=config.accelerator)
+        )
         return train_and_finish(config, processes, run_dir, resume=resume, started=started)
 
 
@@ -160,7 +165,7 @@ def train_and_finish(
     )  # fmt: skip
     # Loaded with weights_only: a checkpoint is plain data (training.module), never pickle.
     trainer.fit(
-        module,
+        compiled_for_training(module) if config.compile else module,
         datamodule=datamodule,
         ckpt_path=last_checkpoint if resume else None,
         weights_only=True,
@@ -329,10 +334,13 @@ def plan_to_time_limit(
     and the seconds to keep for finishing the run; see training/budget.py."""
     with_probe = probes_the_head(config)
     train_loader = datamodule.train_dataloader()
+    precision = choose_precision(config.precision, accelerator=config.accelerator).precision
     plan = plan_epochs(
         seconds_left=config.time_limit - elapsed,
-        train_step=time_train_step(model, train_loader, recipe, freeze_stages=config.freeze_stages),
-        eval_batch=time_eval_batch(model, datamodule.val_dataloader()),
+        train_step=time_train_step(
+            model, train_loader, recipe, freeze_stages=config.freeze_stages, precision=precision
+        ),
+        eval_batch=time_eval_batch(model, datamodule.val_dataloader(), precision=precision),
         train_steps_per_epoch=len(train_loader),
         val_batches=len(datamodule.val_dataloader()),
         test_batches=len(datamodule.test_dataloader()),

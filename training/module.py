@@ -81,20 +81,35 @@ class ClassifierModule(L.LightningModule):
         pixels, labels = batch
         logits = self.model(pixels)
         loss = self.loss(logits, labels)
-        self.train_accuracy(logits, labels)
-        # sync_dist: with several training processes, the loss over all of their batches.
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
+        self._record_training(logits.detach(), labels, loss.detach())
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         pixels, labels = batch
         logits = self.model(pixels)
+        self._record_validation(logits, labels, self.loss(logits, labels))
+
+    # The metrics and logging run outside torch.compile (--compile): a metric's step
+    # counter would change a compiled step's guards every step, recompiling it each time.
+
+    @torch.compiler.disable
+    def _record_training(
+        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor
+    ) -> None:
+        self.train_accuracy(logits, labels)
+        # sync_dist: with several training processes, the loss over all of their batches.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
+
+    @torch.compiler.disable
+    def _record_validation(
+        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor
+    ) -> None:
         self.val_accuracy(logits, labels)
         self.val_macro_f1(logits, labels)
         # Averaged over every training process, as the metric objects are when computed:
         # checkpointing and early stopping then decide the same in each.
-        self.log("val/loss", self.loss(logits, labels), prog_bar=True, sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/accuracy", self.val_accuracy, prog_bar=True)
         self.log("val/macro_f1", self.val_macro_f1, prog_bar=True)
 
