@@ -156,3 +156,17 @@ def test_fit_with_a_time_limit_plans_its_epochs_and_ends_in_time(
     # The whole planned schedule ran (the backstop did not have to stop it).
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     assert max(int(line.split(",")[0]) for line in logged[1:]) == planned - 1
+
+
+def test_a_last_batch_of_one_image_does_not_stop_the_batchnorm_estimate(tmp_path: Path) -> None:
+    # 48 training images at batch 47: the estimate's last batch would hold one image, whose
+    # 1x1 maps at 32 px give BatchNorm one value per channel.
+    from convtune.data.synthetic import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "shapes", per_class=20, size=32, seed=0)
+    fit = [
+        "fit", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "test_resnet",
+        "--pretrained", "none", "--img-size", "32", "--epochs", "1", "--freeze-epochs", "1",
+        "--batch-size", "47", "--num-workers", "0",
+    ]  # fmt: skip
+    assert main(fit) == 0

@@ -361,12 +361,16 @@ def plan_to_time_limit(
 def recalibrate(model: ImageClassifier, datamodule: ImageDataModule, *, seed: int) -> None:
     """Re-estimate the encoder's BatchNorm statistics on a shuffled sample of training
     images in the eval view (see training/batchnorm.py)."""
+    images = datamodule.eval_dataset("train")
     loader = DataLoader(
-        datamodule.eval_dataset("train"),
+        images,
         batch_size=datamodule.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
         num_workers=datamodule.num_workers,
+        # A last batch of one image has one value per channel where a layer's maps are 1x1,
+        # and BatchNorm refuses it in train mode.
+        drop_last=len(images) > datamodule.batch_size,
     )
     start = time.perf_counter()
     seen = recalibrate_batchnorm(
