@@ -10,12 +10,13 @@ import json
 import os
 import platform
 import statistics
+import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from convtune.models.artifact import installed_version
+from convtune.models.artifact import INPUT_NAME, OUTPUT_NAME, installed_version
 
 REPORTED_PACKAGES = (
     "torch", "lightning", "timm", "onnxruntime", "bentoml", "fastapi", "numpy", "pillow",
@@ -52,6 +53,19 @@ def cpu_flags() -> list[str]:
     line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), ":")
     present = set(line.split(":", 1)[1].split())
     return [flag for flag in SIMD_FLAGS if flag in present]
+
+
+def logits_latency(session: Any, pixels: Any, repeats: int) -> float:
+    """Median seconds of one onnxruntime ``session`` run of the logits on ``pixels``, after
+    one unmeasured warm-up run."""
+    feed = {INPUT_NAME: pixels}
+    session.run([OUTPUT_NAME], feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run([OUTPUT_NAME], feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def median_of(rounds: list[dict[str, Any]], *keys: Any) -> float:

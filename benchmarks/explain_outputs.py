@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from convtune.benchmarks.common import median_of, write_report
+from convtune.benchmarks.common import logits_latency, median_of, write_report
 
 MODELS = (("test_resnet", 40), ("tf_efficientnet_lite0", 224))
 BATCHES = (1, 32)
@@ -41,17 +40,6 @@ def export_graphs(name: str, size: int, folder: Path) -> dict[str, Path]:
     artifact.mkdir()
     explain = export_onnx(model, artifact)
     return {"plain": plain, "logits": artifact / ONNX_FILE, "explained": artifact / explain.graph}
-
-
-def latency(session, pixels: np.ndarray, repeats: int) -> float:
-    """Median seconds of one logits-only run."""
-    session.run(["logits"], {"pixels": pixels})  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(["logits"], {"pixels": pixels})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main() -> int:
@@ -80,7 +68,7 @@ def main() -> int:
                 key = f"{name}/batch{batch}"
                 for one_round in rounds:
                     one_round[key] = {
-                        kind: latency(session, pixels, args.repeats)
+                        kind: logits_latency(session, pixels, args.repeats)
                         for kind, session in sessions.items()
                     }
                 plain = median_of(rounds, key, "plain")

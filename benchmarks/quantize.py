@@ -13,27 +13,15 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from convtune.benchmarks.common import cpu_flags, median_of, write_report
-from convtune.models.artifact import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, read_manifest
+from convtune.benchmarks.common import cpu_flags, logits_latency, median_of, write_report
+from convtune.models.artifact import ONNX_FILE, read_manifest
 from convtune.training.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_CALIBRATION_METHOD
-
-
-def latency(session, pixels: np.ndarray, repeats: int) -> float:
-    """Median seconds of one run of the logits."""
-    session.run([OUTPUT_NAME], {INPUT_NAME: pixels})  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main() -> int:
@@ -72,7 +60,7 @@ def main() -> int:
             key = f"batch{batch}"
             for one_round in rounds:
                 one_round[key] = {
-                    name: latency(session, pixels, args.repeats)
+                    name: logits_latency(session, pixels, args.repeats)
                     for name, session in sessions.items()
                 }
             float_s, int8_s = median_of(rounds, key, "float32"), median_of(rounds, key, "int8")

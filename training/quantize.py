@@ -171,13 +171,10 @@ def _judge(
             logits = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
             predicted[name].append(logits.argmax(axis=1))
     by_graph = {name: np.concatenate(found) for name, found in predicted.items()}
-    metrics = {
-        name: {
-            key: classification_metrics(labels, found, classifier.classes)[key]
-            for key in ("accuracy", "macro_f1")
-        }
-        for name, found in by_graph.items()
-    }
+    metrics = {}
+    for name, found in by_graph.items():
+        scores = classification_metrics(labels, found, classifier.classes)
+        metrics[name] = {key: scores[key] for key in ("accuracy", "macro_f1")}
     agreement = float(np.mean(by_graph["float32"] == by_graph[precision]))
     drop = metrics["float32"]["accuracy"] - metrics[precision]["accuracy"]
     log.info("quantizing: top-1 agreement %.4f, accuracy %.4f → %.4f", agreement,
