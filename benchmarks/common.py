@@ -24,8 +24,8 @@ REPORTED_PACKAGES = (
 
 # Vector-instruction sets that decide how fast numeric code runs, as /proc/cpuinfo names them.
 SIMD_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
-    "amx_tile", "amx_bf16",
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni",
+    "avx512_bf16", "amx_tile", "amx_bf16",
 )  # fmt: skip
 
 

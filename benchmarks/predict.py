@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from convtune.benchmarks.common import median_of, write_report
+from convtune.benchmarks.common import cpu_flags, median_of, write_report
 from convtune.data.synthetic import SHAPES, draw_shape
 from convtune.models.artifact import locate_artifact
 from convtune.models.inference import OnnxClassifier
@@ -44,19 +44,6 @@ GOALS = {
     "predict_vs_ceiling": "predict img/s ÷ best in-process ceiling img/s ≥ 0.8",
     "cold_start_s": "convtune predict ARTIFACT one.png, wall seconds ≤ 1.5",
 }
-# The CPU features onnxruntime's kernels choose between.
-REPORTED_CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
-
-
-def cpu_flags() -> list[str]:
-    """The ``REPORTED_CPU_FLAGS`` this machine has (Linux; empty elsewhere)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    present = set(line.partition(":")[2].split())
-    return [flag for flag in REPORTED_CPU_FLAGS if flag in present]
 
 
 def write_pngs(folder: Path, *, count: int, size: int, seed: int = 0) -> list[Path]:
