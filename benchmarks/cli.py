@@ -45,10 +45,8 @@ TRAIN_MEASUREMENTS = ("steps", "pipeline", "frozen", "precision")
 TRAIN_DEFAULT_PARTS = ("steps", "pipeline", "frozen")
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
-    )
+def add_upload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The images a service benchmark sends (``benchmarks.serve.uploads_for``)."""
     parser.add_argument(
         "--images", type=Path,
         help="folder of images to send, in turn [generated images of shapes]",
@@ -58,6 +56,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-format", default="PNG", choices=["PNG", "JPEG"], help="generated format [PNG]"
     )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL", help="artifact directory or NAME[:VERSION] in the BentoML store"
+    )
+    add_upload_arguments(parser)
     parser.add_argument(
         "--concurrency", default="1,8",
         help="client counts, comma-separated; goals use 1 and the highest [1,8]",
@@ -86,6 +91,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="environment for the service (tuning: CONVTUNE_*); repeatable",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rounds and medians here")
+
+
+def add_paired_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL",
+        help="side A's artifact directory or NAME[:VERSION] in the BentoML store",
+    )  # fmt: skip
+    parser.add_argument(
+        "--b-model", metavar="MODEL", help="side B's artifact, e.g. an int8 export [MODEL]"
+    )
+    for side in ("a", "b"):
+        parser.add_argument(
+            f"--{side}-ref", metavar="REVISION",
+            help=f"side {side.upper()}'s service code: this checkout's files at a git revision "
+            "[the working tree]",
+        )  # fmt: skip
+        parser.add_argument(
+            f"--{side}-env", action="append", default=[], metavar="NAME=VALUE",
+            help=f"side {side.upper()}'s service environment (CONVTUNE_*); repeatable",
+        )  # fmt: skip
+    add_upload_arguments(parser)
+    parser.add_argument("--concurrency", default="1,8", help="client counts, comma-separated [1,8]")
+    parser.add_argument("--pairs", type=int, default=6, help="pairs of loads [6]")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load [5]")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first [1]")
+    parser.add_argument(
+        "--stage-seconds", type=float, default=1.0,
+        help="in-process timing of each stage (decode, preprocess, model) per side [1]",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write every pair and the medians here")
 
 
 def peer_names(text: str) -> tuple[str, ...]:
@@ -198,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
             "artifact and images.",
         )
     )
+    add_paired_arguments(
+        benchmarks.add_parser(
+            "paired",
+            help="two services (artifacts, code revisions or settings) loaded in turn; "
+            "each request's CPU split by stage",
+            description="Compare two services, A and B, on one machine: they differ by "
+            "artifact (--b-model), by code (--a-ref/--b-ref) or by environment "
+            "(--a-env/--b-env). Both run at once and are loaded in turn, the order swapped "
+            "every other pair; the verdicts are per-pair ratios. Each side's CPU per request "
+            "is split into client, event loop, decode, preprocess and inference.",
+        )
+    )
     add_train_arguments(
         benchmarks.add_parser(
             "train",
@@ -240,12 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 def needed_distributions(args: argparse.Namespace) -> tuple[str, ...]:
     if args.benchmark == "serve":
         return SERVE_NEEDS + (NAIVE_PEER_NEEDS if "naive" in args.peers else ())
+    if args.benchmark == "paired":
+        return SERVE_NEEDS
     return ()
 
 
 def main(argv: list[str]) -> int:
-    """Run the benchmark ``argv`` names (``serve ...``, ``train ...``, ``check-data ...``,
-    ``predict ...`` or ``decode-bombs ...``); its exit status."""
+    """Run the benchmark ``argv`` names (``serve ...``, ``paired ...``, ``train ...``,
+    ``check-data ...``, ``predict ...`` or ``decode-bombs ...``); its exit status."""
     args = build_parser().parse_args(argv)
     missing = missing_distributions(needed_distributions(args))
     if missing:

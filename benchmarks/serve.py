@@ -214,8 +214,9 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-def server_env(extra: Mapping[str, str]) -> dict[str, str]:
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+def server_env(extra: Mapping[str, str], source: Path = ROOT) -> dict[str, str]:
+    """This environment with ``extra``, ``convtune`` imported from the checkout ``source``."""
+    python_path = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": python_path, **extra}
 
 
@@ -251,32 +252,34 @@ LOADED = ("service", *(f"{name}_peer" for name in PEERS))  # each round's server
 
 @contextlib.contextmanager
 def local_server(
-    name: str, kind: ServerKind, workdir: Path, env: dict[str, str]
+    name: str, kind: ServerKind, workdir: Path, env: dict[str, str], source: Path = ROOT
 ) -> Iterator[RunningServer]:
     """``kind`` on a free loopback port, its output in ``workdir/NAME.log``, until the block
-    ends. ``env`` is added to the environment, which gives the server a BentoML home of its
-    own unless ``env`` names one: ``bentoml serve`` empties its home's metrics directory
-    when it starts, so servers sharing one would erase each other's counts."""
+    ends, its code from the checkout ``source``. ``env`` is added to the environment, which
+    gives the server a BentoML home of its own unless ``env`` names one: ``bentoml serve``
+    empties its home's metrics directory when it starts, so servers sharing one would erase
+    each other's counts."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with running_server(
         [*kind.command, "--host", "127.0.0.1", "--port", str(port)],
         ready_url=base_url + kind.ready_path,
         log_path=workdir / f"{name}.log",
-        env=server_env({"BENTOML_HOME": str(workdir / name), **env}),
-        cwd=ROOT,
+        env=server_env({"BENTOML_HOME": str(workdir / name), **env}, source),
+        cwd=source,
     ) as process:
         yield RunningServer(base_url + kind.route, kind.field, process.pid)
 
 
 def convtune_service(
-    artifact: Path, workdir: Path, service_env: dict[str, str]
+    artifact: Path, workdir: Path, service_env: dict[str, str], source: Path = ROOT
 ) -> contextlib.AbstractContextManager[RunningServer]:
-    """``bentoml serve`` of ``artifact`` from a private model store."""
+    """``bentoml serve`` of ``artifact`` from a private model store, with the service's code
+    from the checkout ``source``."""
     home = workdir / "bentoml"
     tag = register_in_store(artifact, "convtune-bench", bentoml_home=home)
     env = {"BENTOML_HOME": str(home), "CONVTUNE_MODEL": tag, **service_env}
-    return local_server("service", SERVICE, workdir, env)
+    return local_server("service", SERVICE, workdir, env, source)
 
 
 def peer_server(

@@ -151,8 +151,8 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
         "--quantize", choices=PRECISIONS, default=None,
         help="serve an int8 graph: onnxruntime static quantization calibrated on the run's "
         "training images, written only if its top-1 agrees with the float graph's on "
-        f"--min-agreement of the val images and it loses at most {MAX_ACCURACY_DROP * 100:.1f} points of "
-        "accuracy there [float32]",
+        "--min-agreement of the val images and it loses at most "
+        f"{MAX_ACCURACY_DROP * 100:.1f} points of accuracy there [float32]",
     )  # fmt: skip
     export.add_argument(
         "--min-agreement", type=float, default=MIN_AGREEMENT, metavar="SHARE",
