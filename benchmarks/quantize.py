@@ -4,12 +4,15 @@ onnxruntime latency at batch 1 and at a large batch (alternating rounds, one thr
 medians), with the CPU's flags: integer kernels differ between CPUs with and without VNNI.
 
 The int8 graph is kept whatever its agreement and accuracy, to be measured. Run as
-``python -m convtune.benchmarks.quantize RUN_DIR [--out FILE]``.
+``python -m convtune.benchmarks.quantize RUN_DIR [--out FILE] [--keep FOLDER]``; with
+``--keep``, both artifacts stay in FOLDER (``float32/``, ``int8/``), for instance for
+``convtune bench paired FOLDER/float32 --b-model FOLDER/int8``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -38,10 +41,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--keep", type=Path, help="keep both artifacts in this new folder")
     args = parser.parse_args()
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    with tempfile.TemporaryDirectory() as folder:
+    with contextlib.ExitStack() as stack:
+        folder = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
         graphs = {"float32": build_artifact(args.run_dir, Path(folder) / "float32")}
         graphs["int8"] = shutil.copytree(graphs["float32"], Path(folder) / "int8")
         quantization = quantize_artifact(

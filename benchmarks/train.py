@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import logging
 import os
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from convtune.training.fit import (
     build_model,
     build_recipe,
     prepare_split,
+    without_lightning_chatter,
 )
 from convtune.training.module import (
     ClassifierModule,
@@ -461,9 +461,11 @@ def run(args: argparse.Namespace) -> int:
     compiles = "precision" in parts and "compile" in parse_variants(args.variants)
     if compiles and (problem := compile_problem(on_cpu=True)):
         raise ValueError(f"--variants compile: {problem}")
-    logging.getLogger("lightning").setLevel(logging.WARNING)
     rounds = []
-    with tempfile.TemporaryDirectory(prefix="convtune-bench-train-") as workdir_name:
+    with (
+        without_lightning_chatter(),
+        tempfile.TemporaryDirectory(prefix="convtune-bench-train-") as workdir_name,
+    ):
         workdir = Path(workdir_name)
         shapes = workdir / "shapes"
         for number in range(args.rounds):

@@ -66,3 +66,5 @@ def test_bench_train_times_bf16_against_fp32_and_reports_the_cpu(tmp_path: Path)
     # The report carries the flags the choice was made from.
     native = {"avx512_bf16", "amx_bf16"} & set(report["machine"]["cpu_flags"])
     assert (chosen.precision == "bf16-mixed") == bool(native), report["machine"]["cpu_flags"]
+    # Lightning's own notices (which accelerators exist, its cloud advertisement) stay out.
+    assert "GPU available" not in result.stderr and "litlogger" not in result.stderr
