@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from convtune.benchmarks.common import cpu_flags, logits_latency, median_of, write_report
-from convtune.models.artifact import ONNX_FILE, read_manifest
+from convtune.models.artifact import ONNX_FILE, read_manifest, write_manifest
 from convtune.training.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_CALIBRATION_METHOD
 
 
@@ -53,11 +54,13 @@ def main() -> int:
             graphs["int8"], args.run_dir, calibration_images=args.calibration_images,
             method=args.calibration_method, min_agreement=0.0, max_accuracy_drop=1.0,
         )  # fmt: skip
+        float_manifest = read_manifest(graphs["float32"])
+        write_manifest(graphs["int8"], replace(float_manifest, quantization=quantization))
         sessions = {
             name: ort.InferenceSession(str(path / ONNX_FILE), options)
             for name, path in graphs.items()
         }
-        size = read_manifest(graphs["float32"]).preprocessing.input_size
+        size = float_manifest.preprocessing.input_size
         rounds: list[dict] = [{} for _ in range(args.rounds)]
         median: dict = {"quantization": quantization.to_json(), "cpu_flags": cpu_flags()}
         for batch in (int(b) for b in args.batches.split(",")):
