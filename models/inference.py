@@ -182,10 +182,18 @@ class OnnxClassifier:
     ``tta`` is the view set of ``probabilities`` (``VIEW_SETS``; None: the one the artifact
     is served with, manifest ``serving.tta``), and ``temperature`` the one fitted for it,
     or the single-view temperature (with a warning) where the run fitted none for it.
+    ``spin_waits`` False makes onnxruntime's threads sleep whenever they wait rather than
+    spin: less CPU per call on a server that gets one image at a time, for a little latency
+    on a quiet machine (docs/benchmarks.md, "Per-request cost").
     """
 
     def __init__(
-        self, artifact_dir: str | Path, *, threads: int = 0, tta: str | None = "none"
+        self,
+        artifact_dir: str | Path,
+        *,
+        threads: int = 0,
+        tta: str | None = "none",
+        spin_waits: bool = True,
     ) -> None:
         self.directory = Path(artifact_dir)
         self.manifest = read_manifest(self.directory)
@@ -197,6 +205,7 @@ class OnnxClassifier:
         self.transform = build_eval_transform(self.manifest.preprocessing)
         self.decode_size = eval_decode_size(self.manifest.preprocessing)
         self.threads = threads
+        self.spin_waits = spin_waits
         self.session = self._session(ONNX_FILE, threads)
         check_graph_interface(self.session, self.manifest, self.directory / ONNX_FILE)
         self._explaining_session: Any = None  # made by the first explain()
@@ -218,6 +227,10 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
+        if not self.spin_waits:
+            # Idle threads sleep instead of spinning: between a lone request's calls a
+            # spinning thread burns a core that decoding and HTTP could use.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(
             str(self.directory / graph), options, providers=["CPUExecutionProvider"]
         )

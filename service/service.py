@@ -65,7 +65,7 @@ class Convtune:
         set_connection_limits(self.limits)  # before uvicorn accepts the first connection
         cores = available_cores()  # a container's CPU limit, not its node's cores
         # Averaged over the test-time views the artifact was exported to be served with.
-        self.classifier = OnnxClassifier(self.model.path, threads=cores, tta=None)
+        self.classifier = OnnxClassifier(self.model.path, threads=cores, tta=None, spin_waits=False)
         self.tag = str(self.model.tag)
         # Lanes: sessions of their own with a thread or a few, side by side under load.
         lane_count, threads_per_lane = lane_layout(cores)
