@@ -40,8 +40,9 @@ TRAIN_FIT_DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "freeze_epochs": 10,
 }
-TRAIN_MEASUREMENTS = ("steps", "pipeline", "frozen", "precision")
-# `precision` only when asked for: its cold torch.compile takes minutes on a small CPU.
+TRAIN_MEASUREMENTS = ("steps", "pipeline", "frozen", "features", "precision")
+# `precision` only when asked for: its cold torch.compile takes minutes on a small CPU;
+# `features` too: it encodes the train and val images twice a round.
 TRAIN_DEFAULT_PARTS = ("steps", "pipeline", "frozen")
 
 
@@ -249,11 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         benchmarks.add_parser(
             "train",
             help="Lightning against a plain loop, data against model, probe against epochs, "
-            "bf16 and torch.compile against fp32",
+            "onnxruntime features against torch's, bf16 and torch.compile against fp32",
             description="Benchmark training: Lightning against a plain loop, the data "
             "pipeline against the model, the cached-feature probe against normal frozen "
-            "epochs, and (--parts precision) the step in bf16 autocast and under "
-            "torch.compile against fp32.",
+            "epochs, (--parts features) the probe's encoding on onnxruntime against torch, "
+            "and (--parts precision) the step in bf16 autocast and under torch.compile "
+            "against fp32.",
         )
     )
     add_check_data_arguments(

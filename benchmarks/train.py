@@ -11,9 +11,13 @@
    frozen encoder every epoch, validation each epoch) against ``--cache-features``'s linear
    probe (features computed once), same data and seed: the speed-up and the validation
    accuracy of each. The probe's one encoder pass costs about as much as one
-   normal epoch, so the speed-up grows with the number of frozen epochs.
+   normal epoch on torch, so the speed-up grows with the number of frozen epochs.
+4. **Feature extraction** (``--parts features``, not run by default): the probe's one pass
+   over the train and val images, on torch's eval-mode encoder against onnxruntime's
+   (``training.probe.onnx_encoder``), the export counted: whether the export pays at this
+   number of images, which ``training.probe.ONNX_MIN_IMAGES`` decides in a fit.
 
-4. **Precision and compilation** (``--parts precision``, not run by default): images/s of
+5. **Precision and compilation** (``--parts precision``, not run by default): images/s of
    the Lightning step in fp32 (today's), in bf16 autocast, and under ``torch.compile`` at
    the precision ``--precision auto`` picks on this CPU, on the same model, batches and
    initial weights. Compilation is timed apart (the first ``--skip-steps`` steps' excess
@@ -69,12 +73,13 @@ from convtune.training.module import (
     build_optimizer,
     model_param_groups,
 )
-from convtune.training.probe import linear_probe
+from convtune.training.probe import encode, linear_probe, onnx_encoder
 
 GOALS = {  # the performance issue's goals, by ratio name
     "lightning_vs_plain": "Lightning step img/s ÷ plain-loop step img/s ≥ 0.95",
     "pipeline_vs_model": "data pipeline img/s ÷ model training img/s ≥ 2",
     "probe_speedup": "normal frozen epochs time ÷ cached-feature probe time ≥ 5",
+    "onnx_encoding_speedup": "torch encoding time ÷ onnxruntime's, export counted: > 1 to pay",
     "bf16_vs_fp32": "bf16 autocast step img/s ÷ fp32 ≥ 1.5 (a CPU with native bf16)",
     "compile_vs_fp32": "compiled step img/s ÷ fp32, compile time left out",
     "compile_epoch_vs_fp32": "compiled step img/s ÷ fp32 over an epoch, compile time "
@@ -341,6 +346,30 @@ def frozen_phase(config: FitConfig, workdir: Path, *, probe_first: bool) -> dict
     return results
 
 
+def feature_extraction(config: FitConfig, workdir: Path, *, onnx_first: bool) -> dict:
+    """The probe's encoding of the train and val images on torch and on onnxruntime, the
+    export (timed apart too) counted in onnxruntime's; any image cache is filled before.
+    The first round's export is the cold one a fit pays; later rounds reuse its imports."""
+    datamodule, _ = prepared_data(config, workdir)
+    model = build_model(config, len(datamodule.images.classes))
+    model.encoder.eval()
+    loaders = [datamodule.eval_loader("train"), datamodule.eval_loader("val")]
+    results: dict[str, float] = {"images": sum(len(loader.dataset) for loader in loaders)}
+    for mode in ("onnxruntime", "torch") if onnx_first else ("torch", "onnxruntime"):
+        started = time.perf_counter()
+        encoder = model.encoder
+        if mode == "onnxruntime":
+            encoder = onnx_encoder(model)
+            if encoder is None:
+                raise RuntimeError("the encoder's ONNX export failed (logged above)")
+            results["export_s"] = time.perf_counter() - started
+        for loader in loaders:
+            encode(encoder, loader)
+        results[f"{mode}_s"] = time.perf_counter() - started
+    results["load_average"] = os.getloadavg()[0]
+    return results
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         measurement: {key: median_of(rounds, measurement, key) for key in figures}
@@ -382,6 +411,13 @@ def format_table(summary: dict[str, Any], config: FitConfig, args: argparse.Name
             ("  val accuracy", frozen["normal_val_accuracy"]),
             (f"{epochs} frozen epochs, cached features (s)", frozen["probe_s"]),
             ("  val accuracy", frozen["probe_val_accuracy"]),
+        ]
+    if features := summary.get("features"):
+        rows += [
+            (f"encoding {features['images']:.0f} images, torch (s)", features["torch_s"]),
+            ("  on onnxruntime, export included (s)", features["onnxruntime_s"]),
+            ("  of which the export (s)", features["export_s"]),
+            ("  load average, 1 min, at the end", features["load_average"]),
         ]
     if precision := summary.get("precision"):
         rows += precision_rows(precision, epoch_images=args.epoch_images)
@@ -435,6 +471,10 @@ def run_round(
         frozen = frozen_phase(config, workdir, probe_first=alternate)
         one_round["frozen"] = frozen
         ratios["probe_speedup"] = frozen["normal_s"] / frozen["probe_s"]
+    if "features" in parts:
+        features = feature_extraction(config, workdir, onnx_first=alternate)
+        one_round["features"] = features
+        ratios["onnx_encoding_speedup"] = features["torch_s"] / features["onnxruntime_s"]
     if "precision" in parts:
         precision = precision_throughput(
             config, workdir, variants=parse_variants(args.variants), steps=args.steps,

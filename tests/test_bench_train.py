@@ -25,6 +25,7 @@ def test_bench_train_runs_every_part_and_reports_them(tmp_path: Path) -> None:
             "--per-class", "8", "--batch-size", "4", "--num-workers", "0",
             "--steps", "2", "--skip-steps", "1", "--pipeline-batches", "3",
             "--freeze-epochs", "2", "--rounds", "1", "--json", str(report_file),
+            "--parts", "steps,pipeline,frozen,features",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -38,8 +39,17 @@ def test_bench_train_runs_every_part_and_reports_them(tmp_path: Path) -> None:
     assert median["frozen"]["normal_s"] > 0 and median["frozen"]["probe_s"] > 0
     for mode in ("normal", "probe"):
         assert 0.0 <= median["frozen"][f"{mode}_val_accuracy"] <= 1.0
-    assert set(median["ratios"]) == {"lightning_vs_plain", "pipeline_vs_model", "probe_speedup"}
+    features = median["features"]
+    assert features["images"] == 24  # 3 shapes x 8, no test part
+    assert features["onnxruntime_s"] > features["export_s"] > 0 and features["torch_s"] > 0
+    assert set(median["ratios"]) == {
+        "lightning_vs_plain",
+        "pipeline_vs_model",
+        "probe_speedup",
+        "onnx_encoding_speedup",
+    }
     assert "frozen epochs, cached features" in result.stdout
+    assert "on onnxruntime, export included" in result.stdout
 
 
 def test_bench_train_times_bf16_against_fp32_and_reports_the_cpu(tmp_path: Path) -> None:

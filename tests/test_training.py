@@ -433,6 +433,37 @@ def test_linear_probe_trains_the_head_on_cached_features(shapes_dir: Path) -> No
     assert not torch.equal(model.head[-1].weight, head_before)
 
 
+def test_the_probe_encodes_on_onnxruntime_as_torch_does(shapes_dir: Path) -> None:
+    from convtune.training.probe import ONNX_MIN_IMAGES, encode, frozen_encoder
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, img_size=40).to(memory_format=torch.channels_last)
+    loader = small_datamodule(shapes_dir, model).eval_loader("val")
+    random_state = torch.get_rng_state()
+    on_onnxruntime = frozen_encoder(model, images=ONNX_MIN_IMAGES)
+    assert torch.equal(torch.get_rng_state(), random_state)  # the training draws the same
+    assert on_onnxruntime is not model.encoder
+    assert frozen_encoder(model, images=ONNX_MIN_IMAGES - 1) is model.encoder
+    features, labels = encode(on_onnxruntime, loader)
+    expected, expected_labels = encode(model.encoder, loader)
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(labels, expected_labels)
+
+
+def test_the_probe_encodes_with_torch_when_the_export_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from convtune.training import probe
+
+    def unsupported(*_args, **_kwargs) -> None:
+        raise RuntimeError("no ONNX translation for an operator")
+
+    monkeypatch.setattr(probe, "write_graph", unsupported)
+    model = create_model("test_resnet", 3, img_size=40)
+    assert probe.frozen_encoder(model, images=probe.ONNX_MIN_IMAGES) is model.encoder
+    assert "no ONNX translation for an operator" in caplog.text
+
+
 def test_fit_with_cached_features_runs_only_the_unfrozen_epochs(
     shapes_dir: Path, tmp_path: Path, fit_args: list[str]
 ) -> None:
