@@ -187,3 +187,17 @@ def test_usage_errors_come_before_any_work(artifact_dir: Path, tmp_path: Path, c
     assert "nothing-*.png matches no image files or folders" in err
     status, _, err = run_predict(capsys, str(artifact_dir), str(tmp_path), "--batch-size", "0")
     assert status == 2 and "--batch-size must be a positive integer" in err
+
+
+def test_a_classifier_that_does_not_spin_answers_the_same(
+    artifact_dir: Path, heldout_shapes_dir: Path
+) -> None:
+    """The service's sessions (spin_waits=False) sleep while they wait, and their answers
+    are the ones a spinning session gives."""
+    files = sorted(heldout_shapes_dir.glob("*/000[0-1].png"))
+    spinning = OnnxClassifier(artifact_dir, threads=2)
+    sleeping = OnnxClassifier(artifact_dir, threads=2, spin_waits=False)
+    options = sleeping.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    images = [spinning.decode(file) for file in files]
+    np.testing.assert_array_equal(spinning.classify(images), sleeping.classify(images))
