@@ -183,8 +183,7 @@ class OnnxClassifier:
     is served with, manifest ``serving.tta``), and ``temperature`` the one fitted for it,
     or the single-view temperature (with a warning) where the run fitted none for it.
     ``spin_waits`` False makes onnxruntime's threads sleep whenever they wait rather than
-    spin: less CPU per call on a server that gets one image at a time, for a little latency
-    on a quiet machine (docs/benchmarks.md, "Per-request cost").
+    spin (the service's default: ``service.batching.spin_waits``).
     """
 
     def __init__(
@@ -228,8 +227,6 @@ class OnnxClassifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
         if not self.spin_waits:
-            # Idle threads sleep instead of spinning: between a lone request's calls a
-            # spinning thread burns a core that decoding and HTTP could use.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(
             str(self.directory / graph), options, providers=["CPUExecutionProvider"]

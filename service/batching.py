@@ -51,6 +51,20 @@ LANES_ENV = "CONVTUNE_INFERENCE_LANES"
 MAX_DEFAULT_LANES = 8  # each lane is one more onnxruntime session: a copy of the weights
 
 
+SPIN_ENV = "CONVTUNE_SPIN_WAITS"
+
+
+def spin_waits(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the all-core session's threads spin while they wait (``CONVTUNE_SPIN_WAITS``
+    1) or sleep (0, the default). Spinning answers a lone request on an idle machine a
+    little sooner for more CPU per request, and where other work shares the cores it slows
+    every request several times over (docs/benchmarks.md, "Per-request cost")."""
+    text = environ.get(SPIN_ENV, "0")
+    if text not in ("0", "1"):
+        raise ValueError(f"{SPIN_ENV} must be 0 or 1, not {text!r}")
+    return text == "1"
+
+
 def lane_layout(cores: int, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(lanes, threads per lane) for inference under load on ``cores`` cores.
 

@@ -23,7 +23,7 @@ import bentoml
 from starlette.responses import Response
 
 from convtune.models.inference import VIEW_SETS, OnnxClassifier, format_prediction
-from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
+from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout, spin_waits
 from convtune.service.client_schema import client_schema
 from convtune.service.connections import serve_http_with_limits, set_connection_limits
 from convtune.service.cores import available_cores
@@ -65,7 +65,9 @@ class Convtune:
         set_connection_limits(self.limits)  # before uvicorn accepts the first connection
         cores = available_cores()  # a container's CPU limit, not its node's cores
         # Averaged over the test-time views the artifact was exported to be served with.
-        self.classifier = OnnxClassifier(self.model.path, threads=cores, tta=None, spin_waits=False)
+        self.classifier = OnnxClassifier(
+            self.model.path, threads=cores, tta=None, spin_waits=spin_waits()
+        )
         self.tag = str(self.model.tag)
         # Lanes: sessions of their own with a thread or a few, side by side under load.
         lane_count, threads_per_lane = lane_layout(cores)

@@ -20,7 +20,7 @@ import pytest
 from helpers import BACKSTOP_S, Clock, queued, until
 
 from convtune.service import batching
-from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout
+from convtune.service.batching import GreedyBatcher, QueueTimeout, lane_layout, spin_waits
 
 
 class Flights:
@@ -376,3 +376,11 @@ def test_a_cancelled_inline_call_holds_the_model_until_its_thread_returns() -> N
     np.testing.assert_array_equal(asyncio.run(scenario()), inputs[1] * 2)
     assert model.batch_sizes == [1, 2]
     assert model.flights.beside("infer") == set()  # never two calls at once
+
+
+def test_spin_waits_is_off_unless_the_environment_turns_it_on() -> None:
+    assert spin_waits({}) is False
+    assert spin_waits({"CONVTUNE_SPIN_WAITS": "0"}) is False
+    assert spin_waits({"CONVTUNE_SPIN_WAITS": "1"}) is True
+    with pytest.raises(ValueError, match="CONVTUNE_SPIN_WAITS must be 0 or 1, not 'yes'"):
+        spin_waits({"CONVTUNE_SPIN_WAITS": "yes"})
