@@ -25,7 +25,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 test: venv lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 clean:
 	rm -rf runs .pytest_cache
