@@ -35,6 +35,7 @@ BORDER_BUDGET = dict(
     model="tf_efficientnet_lite0", pretrained="packaged", img_size=64, crop_pct=1.0,
     epochs=3, freeze_epochs=0, backbone_lr_scale=1.0, optimizer="adamw", lr=1e-3,
     batch_size=8, aug_scale_min=1.0, num_workers=0, cache_images=True, seed=0,
+    precision="32-true",  # the same run on every CPU: auto picks bf16 where it is native
 )  # fmt: skip
 
 

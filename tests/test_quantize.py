@@ -28,8 +28,10 @@ def int8_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("artifact", "checkpoints"))
     # The suite's two-epoch model has near ties: 1 % of its val images are within 0.02 of a
     # logit from a second class, and a few flip under int8. The share to require is the
-    # user's to set; the default (99 %) is checked by the refusal below.
-    quantize = ["--quantize", "int8", "--min-agreement", "0.95", "--calibration-images", "128"]
+    # user's to set; the default (99 %) is checked by the refusal below. One net flip of
+    # its 120 val images costs 0.83 points of accuracy, more than the default 0.5.
+    quantize = ["--quantize", "int8", "--min-agreement", "0.95", "--max-accuracy-drop", "2",
+                "--calibration-images", "128"]  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["export", str(run), "--name", "int8", *quantize]) == 0
@@ -50,7 +52,7 @@ def test_the_int8_artifact_records_how_it_was_made_and_agrees_with_float(
     assert quantization.validation_images == len(split["val"])
     assert quantization.agreement >= quantization.min_agreement == 0.95
     assert set(quantization.val) == {"float32", "int8"}
-    assert quantization.val["float32"]["accuracy"] - quantization.val["int8"]["accuracy"] <= 0.005
+    assert quantization.val["float32"]["accuracy"] - quantization.val["int8"]["accuracy"] <= 0.02
     # The logits' graph computes in int8; the explaining one stays float.
     ops = {node.op_type for node in onnx.load(artifact / "model.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops

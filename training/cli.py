@@ -151,12 +151,17 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
         "--quantize", choices=PRECISIONS, default=None,
         help="serve an int8 graph: onnxruntime static quantization calibrated on the run's "
         "training images, written only if its top-1 agrees with the float graph's on "
-        "--min-agreement of the val images and it loses at most "
-        f"{MAX_ACCURACY_DROP * 100:.1f} points of accuracy there [float32]",
+        "--min-agreement of the val images and it loses at most --max-accuracy-drop "
+        "points of accuracy there [float32]",
     )  # fmt: skip
     export.add_argument(
         "--min-agreement", type=float, default=MIN_AGREEMENT, metavar="SHARE",
         help=f"with --quantize: the top-1 agreement to require [{MIN_AGREEMENT}]",
+    )  # fmt: skip
+    export.add_argument(
+        "--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP * 100, metavar="POINTS",
+        help="with --quantize: the val accuracy the int8 graph may lose, in percentage points "
+        f"[{MAX_ACCURACY_DROP * 100:.1f}]",
     )  # fmt: skip
     export.add_argument(
         "--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
@@ -380,6 +385,7 @@ def run_export(args: argparse.Namespace) -> None:
         args.run_dir, args.run_dir / ARTIFACT_DIR, serve_tta=args.serve_tta,
         quantize=args.quantize, calibration_images=args.calibration_images,
         calibration_method=args.calibration_method, min_agreement=args.min_agreement,
+        max_accuracy_drop=args.max_accuracy_drop / 100,
     )  # fmt: skip
     print(register_in_store(artifact, args.name))
 

@@ -55,6 +55,7 @@ from convtune.training.explained_graph import (
 from convtune.training.quantize import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_CALIBRATION_METHOD,
+    MAX_ACCURACY_DROP,
     MIN_AGREEMENT,
     quantize_artifact,
 )
@@ -137,11 +138,13 @@ def build_artifact(
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     calibration_method: str = DEFAULT_CALIBRATION_METHOD,
     min_agreement: float = MIN_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
 ) -> Path:
     """Write a verified artifact for ``run_dir`` into ``destination`` (replaced if present),
     to be served averaging over the ``serve_tta`` views; with ``quantize`` (a precision),
     its logits' graph quantized (``training.quantize``), accepted at ``min_agreement``
-    top-1 agreement with the float graph on val."""
+    top-1 agreement with the float graph on val and at most ``max_accuracy_drop`` (a
+    share) of accuracy lost there."""
     model, description = load_trained_model(run_dir)
     manifest = build_manifest(run_dir, description, serve_tta=serve_tta)
     with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:
@@ -155,6 +158,7 @@ def build_artifact(
             quantization = quantize_artifact(
                 staging, run_dir, precision=quantize, calibration_images=calibration_images,
                 method=calibration_method, min_agreement=min_agreement,
+                max_accuracy_drop=max_accuracy_drop,
             )  # fmt: skip
             write_manifest(staging, replace(manifest, quantization=quantization))
         if destination.exists():

@@ -71,6 +71,10 @@ def quantize_artifact(
         raise ValueError(f"--quantize {precision!r}: one of {list(PRECISIONS)}")
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"the agreement to require is a share in [0, 1], not {min_agreement}")
+    if not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ValueError(
+            f"the accuracy the graph may lose is 0 to 100 points, not {max_accuracy_drop:.1%}"
+        )
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: one of {list(CALIBRATION_METHODS)}")
     from convtune.models.inference import OnnxClassifier
@@ -184,8 +188,8 @@ def _judge(
             f"the {precision} graph agrees with the float one on {agreement:.2%} of "
             f"{len(val)} val images (needs {min_agreement:.1%}) and its accuracy is "
             f"{metrics[precision]['accuracy']:.2%} against {metrics['float32']['accuracy']:.2%} "
-            f"(may lose {max_accuracy_drop:.1%} at most): not written; try more calibration "
-            "images or another calibration method"
+            f"(may lose {max_accuracy_drop * 100:.1f} points at most): not written; try more "
+            "calibration images or another calibration method"
         )
     return {
         "precision": precision,
