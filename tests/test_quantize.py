@@ -101,3 +101,11 @@ def test_quantize_options_are_checked(trained_run: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["export", str(trained_run), "--name", "x", "--quantize", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+    # Checked before any export work: the answer is immediate.
+    for flag, value, message in (
+        ("--max-accuracy-drop", "150", "0 to 100 points, not 150"),
+        ("--min-agreement", "1.5", "a share in [0, 1], not 1.5"),
+    ):
+        code = main(["export", str(trained_run), "--name", "x", "--quantize", "int8", flag, value])
+        assert code == 2
+        assert message in capsys.readouterr().err

@@ -57,6 +57,7 @@ from convtune.training.quantize import (
     DEFAULT_CALIBRATION_METHOD,
     MAX_ACCURACY_DROP,
     MIN_AGREEMENT,
+    check_quantization_options,
     quantize_artifact,
 )
 
@@ -145,6 +146,11 @@ def build_artifact(
     its logits' graph quantized (``training.quantize``), accepted at ``min_agreement``
     top-1 agreement with the float graph on val and at most ``max_accuracy_drop`` (a
     share) of accuracy lost there."""
+    if quantize is not None:  # before the export's seconds of work
+        check_quantization_options(
+            precision=quantize, method=calibration_method, min_agreement=min_agreement,
+            max_accuracy_drop=max_accuracy_drop,
+        )  # fmt: skip
     model, description = load_trained_model(run_dir)
     manifest = build_manifest(run_dir, description, serve_tta=serve_tta)
     with tempfile.TemporaryDirectory(prefix="convtune-export-") as staging_name:

@@ -50,6 +50,22 @@ class QuantizationRefused(ValueError):
     """The quantized graph does not agree with the float one well enough to replace it."""
 
 
+def check_quantization_options(
+    *, precision: str, method: str, min_agreement: float, max_accuracy_drop: float
+) -> None:
+    """A ValueError naming the first option :func:`quantize_artifact` cannot take."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--quantize {precision!r}: one of {list(PRECISIONS)}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"the agreement to require is a share in [0, 1], not {min_agreement}")
+    if not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ValueError(
+            f"the accuracy the graph may lose is 0 to 100 points, not {max_accuracy_drop * 100:g}"
+        )
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}: one of {list(CALIBRATION_METHODS)}")
+
+
 def quantize_artifact(
     artifact_dir: Path,
     run_dir: Path,
@@ -67,16 +83,10 @@ def quantize_artifact(
     artifact unchanged, where the quantized graph's top-1 agrees with the float graph's on
     less than ``min_agreement`` of the val images, or it loses more than
     ``max_accuracy_drop`` accuracy there."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--quantize {precision!r}: one of {list(PRECISIONS)}")
-    if not 0.0 <= min_agreement <= 1.0:
-        raise ValueError(f"the agreement to require is a share in [0, 1], not {min_agreement}")
-    if not 0.0 <= max_accuracy_drop <= 1.0:
-        raise ValueError(
-            f"the accuracy the graph may lose is 0 to 100 points, not {max_accuracy_drop:.1%}"
-        )
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method {method!r}: one of {list(CALIBRATION_METHODS)}")
+    check_quantization_options(
+        precision=precision, method=method, min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )  # fmt: skip
     from convtune.models.inference import OnnxClassifier
 
     classifier = OnnxClassifier(artifact_dir)
