@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from timm.data import resolve_model_data_config
 
+from convtune.data.preprocessing import Preprocessing
 from convtune.models.factory import HeadConfig, create_model, rebuild_model
 from convtune.models.head import OUTPUT_INIT_STD, build_head
 from convtune.models.packaged import WeightsError
@@ -31,14 +32,37 @@ def test_head_init_variances(activation: str, expected_variance) -> None:
     assert torch.count_nonzero(output_layer.weight) == output_layer.weight.numel()
 
 
-def test_model_maps_images_to_logits_and_resolves_its_preprocessing() -> None:
+def test_model_is_its_head_on_the_encoders_pooled_features() -> None:
     head = HeadConfig(hidden_features=16, dropout=0.1, activation="relu")
-    model = create_model("test_vit", 4, pretrained="none", img_size=64, head=head)
-    assert model.preprocessing.input_size == (64, 64)
-    assert model.preprocessing.mean == (0.5, 0.5, 0.5)  # test_vit's own statistics
-    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
-    rebuilt = rebuild_model(model.structure)
+    model = create_model("test_vit", 4, pretrained="none", img_size=64, head=head).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # test_vit pools by its class token (global_pool "token"), the first of its tokens.
+    pooled = model.encoder.forward_features(pixels)[:, 0]
+    hidden_layer, output_layer = model.head[0], model.head[-1]
+    # The head by hand: Linear, ReLU, then (dropout, off in eval) the output Linear.
+    hidden = torch.clamp(pooled @ hidden_layer.weight.T + hidden_layer.bias, min=0)
+    by_hand = hidden @ output_layer.weight.T + output_layer.bias
+    with torch.no_grad():
+        logits = model(pixels)
+    assert logits.shape == (2, 4)
+    torch.testing.assert_close(logits, by_hand, rtol=1e-5, atol=1e-6)
+    # A model rebuilt from its description and given its weights computes the same.
+    rebuilt = rebuild_model(model.structure).eval()
     rebuilt.load_state_dict(model.state_dict())  # same structure, strict
+    with torch.no_grad():
+        assert torch.equal(rebuilt(pixels), logits)
+
+
+def test_preprocessing_is_timms_pretrained_config_with_the_size_asked_for() -> None:
+    # test_vit's config differs from Preprocessing's defaults (crop_pct 0.95, not 0.875).
+    timm_config = timm.models.get_pretrained_cfg("test_vit")
+    model = create_model("test_vit", 4, pretrained="none", img_size=64)
+    assert model.preprocessing == Preprocessing(
+        input_size=(64, 64), mean=timm_config.mean, std=timm_config.std,
+        interpolation=timm_config.interpolation, crop_pct=timm_config.crop_pct,
+        crop_mode=timm_config.crop_mode,
+    )  # fmt: skip
+    assert timm_config.crop_pct == 0.95 and timm_config.input_size == (3, 160, 160)
 
 
 def test_timm_reads_the_models_own_preprocessing() -> None:
