@@ -227,12 +227,19 @@ def test_evaluate_uses_the_runs_saved_split(
     assert report["accuracy"] == pytest.approx(recorded, abs=1e-6)
 
 
-def test_softmax_is_stable_and_temperature_flattens() -> None:
-    logits = np.array([[1000.0, 0.0, -1000.0], [1.0, 2.0, 3.0]])
-    probabilities = softmax(logits)
-    assert np.all(np.isfinite(probabilities))
-    assert np.allclose(probabilities.sum(axis=1), 1.0)
-    assert softmax(logits[1:], 10.0).max() < probabilities[1].max()
+def test_softmax_of_hand_computable_logits() -> None:
+    # exp(0), exp(ln 2), exp(ln 3) are 1, 2, 3: the probabilities are 1/6, 2/6, 3/6.
+    sixths = np.array([[1.0, 2.0, 3.0]]) / 6
+    np.testing.assert_allclose(softmax(np.log([[1.0, 2.0, 3.0]])), sixths, rtol=1e-12)
+    # Temperature divides the logits: ln(1, 4, 9) at T = 2 is ln(1, 2, 3), and at T = 1
+    # its probabilities are 1/14, 4/14, 9/14.
+    squares = np.log([[1.0, 4.0, 9.0]])
+    np.testing.assert_allclose(softmax(squares, 2.0), sixths, rtol=1e-12)
+    np.testing.assert_allclose(softmax(squares), [[1 / 14, 4 / 14, 9 / 14]], rtol=1e-12)
+    # Shifting every logit by 1000 changes nothing, where exp(1000) alone would overflow.
+    np.testing.assert_allclose(softmax(np.log([[1.0, 2.0, 3.0]]) + 1000), sixths, rtol=1e-12)
+    # Logits 1000 apart: the others' share, exp(-1000), is below float64's range.
+    assert softmax(np.array([[1000.0, 0.0, -1000.0]])).tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_evaluate_refuses_classes_the_model_does_not_know(artifact_dir, tmp_path) -> None:
