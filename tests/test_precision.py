@@ -15,7 +15,11 @@ from convtune.models.factory import create_model
 from convtune.training.cli import main
 from convtune.training.compilation import compile_problem
 from convtune.training.config import FitConfig
-from convtune.training.devices import choose_precision, cpu_precision
+from convtune.training.devices import (
+    NATIVE_BF16_CPU_FEATURES,
+    choose_precision,
+    cpu_precision,
+)
 from convtune.training.module import ClassifierModule, Recipe
 
 # torch.cpu.get_capabilities() of two real kinds of CPU, cut to the features that matter.
@@ -42,15 +46,42 @@ def test_auto_trains_in_bf16_where_the_cpu_computes_it_natively() -> None:
     assert cpu_precision(skylake).precision == "32-true"
 
 
-def test_this_machines_choice_follows_its_cpuinfo_flags() -> None:
+@pytest.mark.parametrize(
+    ("capabilities", "expected"), [(AVX2_EPYC, "32-true"), (SAPPHIRE_RAPIDS, "bf16-mixed")]
+)
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_auto_on_the_cpu_asks_torch_for_the_cpus_features(
+    monkeypatch: pytest.MonkeyPatch, accelerator: str, capabilities: dict, expected: str
+) -> None:
+    # No GPU: accelerator auto falls to the CPU, as Lightning's does.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert choose_precision("auto", accelerator=accelerator).precision == expected
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_auto_on_a_gpu_takes_bf16_where_the_gpu_supports_it(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    for accelerator in ("gpu", "auto"):
+        assert choose_precision("auto", accelerator=accelerator).precision == expected
+
+
+def test_torch_names_the_native_bf16_features_as_the_kernel_does() -> None:
+    """The rule looks the features up by /proc/cpuinfo's names in torch's capabilities: a
+    name torch spelled otherwise would read as absent, and fp32 would be chosen on every
+    CPU. On this machine, each is present in both or in neither."""
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        pytest.skip("no /proc/cpuinfo to compare with (not Linux)")
+    capabilities = torch.cpu.get_capabilities()
+    if not cpuinfo.is_file() or capabilities.get("architecture") != "x86_64":
+        pytest.skip("needs an x86-64 Linux machine to compare /proc/cpuinfo with")
     line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
     flags = set(line.split(":", 1)[1].split())
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
-    choice = choose_precision("auto", accelerator="cpu")
-    assert choice.precision == ("bf16-mixed" if native else "32-true"), (flags, choice)
+    for feature in NATIVE_BF16_CPU_FEATURES:
+        assert capabilities[feature] == (feature in flags), (feature, sorted(flags))
 
 
 def test_a_precision_asked_for_is_kept() -> None:
