@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import statistics
 from pathlib import Path
+
+import pytest
 
 from convtune.data.synthetic import make_shapes_dataset
 from convtune.models.artifact import PROBE_HISTORY_FILE
@@ -26,6 +30,26 @@ def fit_shapes(tmp_path: Path, fit_args: list[str], *extra: str) -> Path:
     return run_dir
 
 
+def logged(metrics_file: Path, column: str) -> dict[int, list[float]]:
+    """Every value of ``column`` in a Lightning ``metrics.csv``, by epoch."""
+    values: dict[int, list[float]] = {}
+    with metrics_file.open(newline="") as stream:
+        for row in csv.DictReader(stream):
+            if row[column]:
+                values.setdefault(int(row["epoch"]), []).append(float(row[column]))
+    return values
+
+
+def epoch_values(metrics_file: Path, epoch: int) -> dict[str, float]:
+    """The history's values of one epoch, as Lightning logged them in ``metrics_file``."""
+    columns = {"train_loss": "train/loss_epoch", "val_loss": "val/loss",
+               "val_accuracy": "val/accuracy", "val_macro_f1": "val/macro_f1"}  # fmt: skip
+    values = {}
+    for key, column in columns.items():
+        [values[key]] = logged(metrics_file, column)[epoch]  # logged once per epoch
+    return values
+
+
 def test_probe_and_resumed_epochs_make_one_history_in_the_report(
     tmp_path: Path, fit_args: list[str]
 ) -> None:
@@ -35,13 +59,25 @@ def test_probe_and_resumed_epochs_make_one_history_in_the_report(
     assert (run_dir / "logs" / "version_1" / "metrics.csv").is_file()  # two attempts to read
 
     history = read_history(run_dir)
-    assert [entry["epoch"] for entry in history] == [0, 1, 2]
-    assert [entry["phase"] for entry in history] == [FROZEN, FINE_TUNE, FINE_TUNE]
+    first, resumed = (run_dir / "logs" / f"version_{n}" / "metrics.csv" for n in (0, 1))
+    [probe] = json.loads((run_dir / PROBE_HISTORY_FILE).read_text())
+    # The probe ran epoch 0 (it computes no macro-F1). Lightning counts from 0 again after
+    # it: the first attempt's epoch 0 is epoch 1, the resumed attempt's epoch 1 is epoch 2.
+    assert history == [
+        {"epoch": 0, "phase": FROZEN, **probe, "val_macro_f1": None},
+        {"epoch": 1, "phase": FINE_TUNE, **epoch_values(first, 0)},
+        {"epoch": 2, "phase": FINE_TUNE, **epoch_values(resumed, 1)},
+    ]
+    # Values that are what they say: an accuracy counts val images, and an epoch's training
+    # loss is the mean of its steps' (every step logged, every batch full: drop_last).
+    val_images = len(json.loads((run_dir / "split.json").read_text())["val"])
     for entry in history:
-        assert entry["train_loss"] > 0 and entry["val_loss"] > 0, entry
-        assert 0 <= entry["val_accuracy"] <= 1, entry
-    # The probe computes no macro-F1; Lightning logs it for every epoch it runs.
-    assert [entry["val_macro_f1"] is None for entry in history] == [True, False, False]
+        correct = entry["val_accuracy"] * val_images
+        assert correct == pytest.approx(round(correct), abs=1e-4), (entry, val_images)
+    for metrics_file in (first, resumed):
+        steps = logged(metrics_file, "train/loss_step")
+        for epoch, [loss] in logged(metrics_file, "train/loss_epoch").items():
+            assert loss == pytest.approx(statistics.fmean(steps[epoch]), rel=1e-6)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["history"] == history
