@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image, ImageDraw
 
@@ -34,6 +35,7 @@ from convtune.data.preprocessing import Preprocessing, build_eval_transform, eva
 
 TOLERANCE = 1e-5  # onnxruntime may sum in another order when requests share a batch
 BACKSTOP_S = 30.0  # a wait this long means the code under test hangs: fail instead
+LOAD_BACKSTOP_S = 600.0  # a load run of a few thousand requests that lasts this long hangs
 
 
 def post(url: str, route: str, **kwargs: Any) -> httpx.Response:
@@ -62,14 +64,23 @@ class RawAnswer:
         response = http.client.HTTPResponse(client)
         response.begin()
         body = response.read()
-        client.settimeout(2)  # a closing server closes at once; a kept-alive one waits
-        try:
-            closed = client.recv(1) == b""
-        except ConnectionResetError:
-            closed = True
-        except TimeoutError:
-            closed = False
-        return cls(response.status, body, closed)
+        return cls(response.status, body, closed=not still_answers(client))
+
+
+# Asked on a connection after its answer: an open connection answers it, a closed one ends.
+# Waiting instead for the server to close would need a timeout, and a slow server would then
+# read as one that keeps the connection open.
+NEXT_REQUEST = b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def still_answers(client: socket.socket) -> bool:
+    """Whether the server still serves on ``client``: it answers another request."""
+    client.settimeout(BACKSTOP_S)
+    try:
+        client.sendall(NEXT_REQUEST)
+        return client.recv(1) != b""
+    except (ConnectionResetError, BrokenPipeError):
+        return False
 
 
 def raw_request(url: str, data: bytes, *, timeout: float = 30) -> RawAnswer:
@@ -128,17 +139,27 @@ def huge_canvas_png(width: int = 8000, height: int = 8000) -> bytes:
 
 
 def loadgen_args(
-    url: str, images: Sequence[Path], *, concurrency: int, duration_s: float, server_pid: int,
+    url: str, images: Sequence[Path], *, concurrency: int, requests: int, server_pid: int,
     summary: Path,
 ) -> list[str]:  # fmt: skip
     """``python`` arguments of ``convtune.benchmarks.loadgen``: ``concurrency`` keep-alive
-    clients posting ``images`` in turn to /predict, the summary written to ``summary``."""
+    clients posting ``images`` in turn to /predict until ``requests`` are answered, the
+    summary written to ``summary``. A run is bounded by its count; its duration is only a
+    backstop against a server that stops answering."""
     return [
         "-m", "convtune.benchmarks.loadgen", "--url", url, "--route", "/predict",
         *[arg for path in images for arg in ("--image", str(path))],
-        "--concurrency", str(concurrency), "--duration", str(duration_s),
-        "--server-pid", str(server_pid), "--json", str(summary),
+        "--concurrency", str(concurrency), "--requests", str(requests),
+        "--duration", str(LOAD_BACKSTOP_S), "--server-pid", str(server_pid),
+        "--json", str(summary),
     ]  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by ``pid`` and its children (BentoML serves from a child):
+    the work a server did, which other processes on the cores do not change."""
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
 
 
 def image_file(path: Path) -> tuple[str, bytes, str]:
