@@ -9,6 +9,7 @@ A bad limit or a tampered model stops the service at start.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import shutil
@@ -17,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 
 import pytest
 from helpers import (
@@ -29,8 +31,20 @@ from helpers import (
     png_bytes,
     post,
 )
+from starlette.requests import Request
+from starlette.types import Message
 
-from convtune.service.http import MAX_BOUNDARY_PADDING, BadRequest, BoundaryScan, Limits
+from convtune.data.images import ImageDecodeError, decode_rgb
+from convtune.service.http import (
+    MAX_BOUNDARY_PADDING,
+    BadRequest,
+    BoundaryScan,
+    Limits,
+    PayloadTooLarge,
+    RequestError,
+    read_form,
+)
+from convtune.service.uploads import request_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -203,9 +217,87 @@ def test_a_tampered_model_is_refused_at_start(start_refused, exported, tmp_path)
     )
 
 
-def test_limits_default_and_parse() -> None:
-    assert Limits.from_env({}) == Limits(64, 40_000_000, 20 * 1024 * 1024)
-    assert Limits.from_env({"CONVTUNE_MAX_BATCH_IMAGES": "8"}).max_batch_images == 8
+# Each limit's variable, its field and its default, written out here so that a changed
+# default or a renamed variable fails a test (the README's table is checked against the code
+# by tests/test_documented_defaults.py).
+DEFAULT_LIMITS = {
+    "CONVTUNE_MAX_BATCH_IMAGES": ("max_batch_images", 64),
+    "CONVTUNE_MAX_PIXELS": ("max_pixels", 40_000_000),
+    "CONVTUNE_MAX_UPLOAD_BYTES": ("max_upload_bytes", 20_971_520),  # 20 MiB
+    "CONVTUNE_MAX_REQUEST_PIXELS": ("max_request_pixels", 160_000_000),
+    "CONVTUNE_MAX_URL_BYTES": ("max_url_bytes", 8192),
+    "CONVTUNE_MAX_HEADER_BYTES": ("max_header_bytes", 16_384),
+    "CONVTUNE_HEADER_TIMEOUT_S": ("header_timeout_s", 10),
+    "CONVTUNE_SLOW_BODY_GRACE_S": ("slow_body_grace_s", 10),
+    "CONVTUNE_MIN_BODY_RATE": ("min_body_rate", 16_384),
+}
+
+
+def test_each_limit_has_its_default_and_is_set_by_its_own_variable() -> None:
+    defaults = Limits.from_env({})
+    assert asdict(defaults) == dict(DEFAULT_LIMITS.values())
+    for variable, (name, _) in DEFAULT_LIMITS.items():
+        assert Limits.from_env({variable: "7"}) == replace(defaults, **{name: 7}), variable
+
+
+def form_request(body: bytes) -> Request:
+    """``body`` POSTed as multipart/form-data (boundary ``b``), as the application gets it."""
+    headers = [(b"content-type", b"multipart/form-data; boundary=b"),
+               (b"content-length", str(len(body)).encode())]  # fmt: skip
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+def multipart(files: list[bytes], field: str = "images") -> bytes:
+    parts = [b'--b\r\nContent-Disposition: form-data; name="%s"; filename="f"\r\n\r\n%s\r\n'
+             % (field.encode(), data) for data in files]  # fmt: skip
+    return b"".join(parts) + b"--b--\r\n"
+
+
+def read_with_defaults(body: bytes) -> list[tuple[str, bytes]] | RequestError:
+    """The files ``read_form`` takes from ``body`` under the default limits, or its refusal."""
+    try:
+        return asyncio.run(read_form(form_request(body), "images", Limits())).files
+    except RequestError as error:
+        return error
+
+
+def test_by_default_a_request_may_send_64_images() -> None:
+    accepted = read_with_defaults(multipart([b"x"] * 64))
+    assert isinstance(accepted, list) and len(accepted) == 64, accepted
+    refusal = read_with_defaults(multipart([b"x"] * 65))
+    assert isinstance(refusal, BadRequest) and refusal.details == {"limit_images": 64}
+
+
+def test_by_default_a_request_body_may_hold_20_mib() -> None:
+    frame = len(multipart([b""]))  # the body but the file's bytes
+    body = multipart([bytes(20 * 1024 * 1024 - frame)])
+    assert len(body) == 20 * 1024 * 1024
+    accepted = read_with_defaults(body)
+    assert isinstance(accepted, list), accepted
+    [(_, data)] = accepted
+    assert len(data) == len(body) - frame
+    refusal = read_with_defaults(multipart([bytes(len(data) + 1)]))
+    assert isinstance(refusal, PayloadTooLarge)
+    assert refusal.details == {"limit_bytes": 20 * 1024 * 1024}
+
+
+def test_by_default_an_image_may_declare_40_mpx_and_a_request_160_mpx() -> None:
+    limits = Limits()
+    at_limit = huge_canvas_png(8000, 5000)  # 40,000,000 pixels declared, none sent
+    # Past the pixel check, Pillow finds no pixel data; one row more is refused before it.
+    with pytest.raises(ImageDecodeError, match="damaged or truncated"):
+        decode_rgb(at_limit, max_pixels=limits.max_pixels)
+    with pytest.raises(ImageDecodeError, match="more than the limit of 40,000,000 pixels"):
+        decode_rgb(huge_canvas_png(8000, 5001), max_pixels=limits.max_pixels)
+    four = [("a.png", at_limit)] * 4
+    assert request_pixels(four, limits) == 160_000_000
+    with pytest.raises(PayloadTooLarge, match="160,000,001 pixels together"):
+        request_pixels([*four, ("b.png", huge_canvas_png(1, 1))], limits)
 
 
 def scanned(body: bytes, chunk_size: int, max_parts: int = 4) -> str:
