@@ -3,13 +3,15 @@ it decodes, and each upload decoded (a BadRequest naming the bad one)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 
 import numpy as np
 
 from convtune.data.images import ImageDecodeError, declared_pixels
 from convtune.models.inference import OnnxClassifier
-from convtune.service.http import BadRequest, Limits, PayloadTooLarge
+from convtune.service.http import REQUEST_LOGGER, BadRequest, Limits, PayloadTooLarge
 
 Upload = tuple[str, bytes]  # a file's name and its bytes
 # Uploads up to this size decode in a few ms, little enough to do it while holding the idle
@@ -61,11 +63,14 @@ def model_input(
 ) -> np.ndarray:
     """The model's input for each upload, or a BadRequest naming the first bad one.
 
-    Stops before the next image once ``abandoned`` is set: nobody waits for the rest.
+    Stops before the next image once ``abandoned`` is set: nobody waits for the rest. The
+    request log says so, since the request's own line was written when it was cancelled.
     """
     images = []
     for index, (name, data) in enumerate(uploads):
         if abandoned.is_set():
+            record = {"event": "decoding stopped", "decoded": index, "images": len(uploads)}
+            logging.getLogger(REQUEST_LOGGER).info(json.dumps(record))
             raise RequestAbandoned(f"stopped before {name}: the request was cancelled")
         rgb = decoded(classifier, index, name, data, max_pixels=max_pixels)
         images.append(classifier.preprocess(rgb))

@@ -197,11 +197,12 @@ def assert_json_error(response: httpx.Response, status: int) -> dict:
     return body
 
 
-def request_log(log: Path) -> list[dict]:
-    """The service's JSON request-log lines in a server log (BentoML's lines are skipped)."""
+def request_log(log: Path, event: str = "request") -> list[dict]:
+    """The service's JSON request-log lines of ``event`` in a server log (BentoML's lines
+    are skipped)."""
     records = []
     for line in log.read_text(errors="replace").splitlines():
-        if line.startswith('{"event": "request"'):
+        if line.startswith(f'{{"event": "{event}"'):
             records.append(json.loads(line))
     return records
 

@@ -3,8 +3,13 @@
 The server runs with short timeouts (headers in 2 s; a body's first 2 s free, then at
 least 16 KiB/s; an answer in 3 s) and BentoML's default 64 concurrency slots. Oversized
 heads are refused (431, 414), slow heads and slow bodies time out (408), a body is read
-whole before its request takes a slot, a hostile multipart body costs the event loop no
-time that ``/readyz`` would notice, and a request that times out stops decoding.
+whole before its request takes a slot, a hostile multipart body costs the server little
+CPU, and a request that times out stops decoding.
+
+Other processes share the cores, so timers fire late by any amount: a timeout is checked
+never to fire early, and a refusal that never comes is caught by a backstop of many times
+the timeout. Costs are counted as the server's CPU seconds and images decoded, not as
+seconds on the clock.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import psutil
 import pytest
 from helpers import (
+    BACKSTOP_S,
     RawAnswer,
     address,
     assert_json_error,
+    cpu_seconds,
     encode,
     png_bytes,
     post,
     raw_request,
+    request_log,
     trickle,
 )
 from PIL import Image
@@ -36,7 +43,6 @@ HEADER_TIMEOUT_S = 2
 BODY_GRACE_S = 2
 MIN_BODY_RATE = 16 * 1024
 TIMEOUT_S = 3  # BentoML's traffic timeout: 504
-SLACK_S = 3.0  # the loop's timers are late under load; a refusal must still come by then
 GOOD = ("good.png", png_bytes(), "image/png")
 
 
@@ -85,19 +91,21 @@ def test_a_head_that_does_not_arrive_in_time_is_refused_with_408(limited, sent, 
     started = time.monotonic()
     with socket.create_connection(address(limited.url), timeout=30) as client:
         client.sendall(sent)
-        answer = trickle(client, every_s=0.2, backstop_s=HEADER_TIMEOUT_S + SLACK_S, byte=trickled)
+        answer = trickle(client, every_s=0.2, backstop_s=BACKSTOP_S, byte=trickled)
+        waited = time.monotonic() - started
     assert answer.status == 408 and "did not arrive within 2 s" in answer.json()["error"]
     assert answer.closed
-    assert HEADER_TIMEOUT_S - 0.5 <= time.monotonic() - started <= HEADER_TIMEOUT_S + SLACK_S
+    assert waited >= HEADER_TIMEOUT_S, "refused before its timeout"
 
 
 def test_a_slow_body_is_refused_with_408_and_never_takes_a_slot(limited) -> None:
     started = time.monotonic()
     with socket.create_connection(address(limited.url), timeout=30) as client:
         client.sendall(predict_head(5000) + b"--b\r\n")
-        answer = trickle(client, every_s=0.2, backstop_s=BODY_GRACE_S + SLACK_S)
+        answer = trickle(client, every_s=0.2, backstop_s=BACKSTOP_S)
+        waited = time.monotonic() - started
     assert answer.status == 408 and "slower than 16,384 bytes/s" in answer.json()["error"]
-    assert BODY_GRACE_S - 0.5 <= time.monotonic() - started <= BODY_GRACE_S + SLACK_S
+    assert waited >= BODY_GRACE_S, "refused within its grace period"
 
 
 def test_trickling_bodies_leave_the_slots_to_other_clients(limited) -> None:
@@ -143,6 +151,9 @@ def test_a_body_sent_after_100_continue_is_answered(limited) -> None:
 
 
 PADDING_BYTES = 20 * 1024 * 1024 - 1000
+# Reading the 20 MiB body and finding the spaces cost 0.09-0.10 CPU s (docs/benchmarks.md,
+# "Hostile multipart bodies"); python-multipart walking them byte by byte costs seconds.
+MAX_HOSTILE_CPU_S = 0.5
 
 
 def padded_multipart() -> bytes:
@@ -152,47 +163,43 @@ def padded_multipart() -> bytes:
     return b"--b\r\n" + part + b"x\r\n--b" + padding + b"\r\n" + part + b"y\r\n--b--\r\n"
 
 
-def test_a_hostile_multipart_body_costs_the_event_loop_little(limited) -> None:
-    """Refused in a fraction of a second, and ``/readyz`` answers meanwhile as ever (the
-    parser alone would walk the padding for seconds on the event loop)."""
+def test_a_hostile_multipart_body_costs_the_server_little(limited) -> None:
+    """Refused for a fraction of the CPU the parser alone would spend walking the padding
+    (seconds, on the event loop), and ``/readyz`` answers meanwhile."""
     body = padded_multipart()
-    answers: list[tuple[httpx.Response, float]] = []
+    answers: list[httpx.Response] = []
 
     def send() -> None:
-        started = time.monotonic()
         content_type = {"content-type": "multipart/form-data; boundary=b"}
-        response = post(limited.url, "predict", content=body, headers=content_type)
-        answers.append((response, time.monotonic() - started))
+        answers.append(post(limited.url, "predict", content=body, headers=content_type))
 
     sender = threading.Thread(target=send)
     probes = []
     with httpx.Client(base_url=limited.url, timeout=10) as probe:
         assert probe.get("/readyz").status_code == 200  # connected before the body comes
+        before = cpu_seconds(limited.process.pid)
         sender.start()
         while sender.is_alive():
-            started = time.monotonic()
-            assert probe.get("/readyz").status_code == 200
-            probes.append(time.monotonic() - started)
-    sender.join()
-    [(response, seconds)] = answers
+            probes.append(probe.get("/readyz").status_code)
+        sender.join()
+        spent = cpu_seconds(limited.process.pid) - before
+    [response] = answers
     assert "spaces after a boundary" in assert_json_error(response, 400)["error"]
-    assert seconds < 5 and max(probes) < 0.5, (seconds, probes)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time used so far by ``pid`` and its children (BentoML serves from a child)."""
-    root = psutil.Process(pid)
-    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+    assert set(probes) <= {200}, probes
+    assert spent < MAX_HOSTILE_CPU_S, f"the server spent {spent:.2f} CPU s on it"
 
 
 def test_a_timed_out_request_stops_decoding_its_images(limited) -> None:
     """16 images that take most of a second each to decode: the request times out (504)
     after 3 s, and the server stops decoding once the image in hand is done, instead of
-    going on with the rest for nobody."""
+    going on with the rest for nobody; its log says how far it got."""
     big = encode(Image.new("RGB", (6000, 6000), (10, 200, 30)), "PNG")
     response = post(limited.url, "predict_batch", files=[("images", ("big.png", big))] * 16)
     assert response.status_code == 504
-    after_timeout = cpu_seconds(limited.process.pid)
-    time.sleep(4)
-    assert cpu_seconds(limited.process.pid) - after_timeout < 1.5  # decoding on: ~4 s
+    deadline = time.monotonic() + BACKSTOP_S  # the log line is what is waited for
+    while not (stopped := request_log(limited.log, "decoding stopped")):
+        assert time.monotonic() < deadline, "decoding never stopped"
+        time.sleep(0.1)
+    [record] = stopped
+    assert record["images"] == 16 and 0 < record["decoded"] < 16, record
     assert post(limited.url, "predict", files={"image": GOOD}).status_code == 200
