@@ -391,15 +391,37 @@ def test_the_best_checkpoint_describes_itself(trained_run: Path) -> None:
         assert torch.equal(rebuilt[name], value), name
 
 
+def scores(matrix: np.ndarray, index: int) -> dict[str, float]:
+    """Class ``index``'s precision, recall, F1 and support from a confusion matrix (0 where
+    a ratio has nothing to divide by)."""
+    hits, predicted, support = matrix[index, index], matrix[:, index].sum(), matrix[index].sum()
+    precision = hits / predicted if predicted else 0.0
+    recall = hits / support if support else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
 def test_fit_reports_on_the_held_out_test_part(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     split = json.loads((trained_run / "split.json").read_text())
     assert metrics["split"] == "test" and metrics["n"] == len(split["test"])
-    for key in ("accuracy", "macro_f1", "ece", "nll", "per_class", "confusion_matrix"):
-        assert key in metrics, key
-    assert set(metrics["per_class"]) == {"circle", "square", "triangle"}
-    assert metrics["binary"]["negative_classes"] == ["circle"]
-    assert 0 <= metrics["binary"]["accuracy"] <= 1
+    # The scores are those of the confusion matrix (rows: true class; columns: predicted).
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.sum() == metrics["n"]
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert list(metrics["per_class"]) == split["classes"]
+    for index, name in enumerate(split["classes"]):
+        assert metrics["per_class"][name] == pytest.approx(scores(matrix, index)), name
+    f1s = [scores(matrix, index)["f1"] for index in range(len(matrix))]
+    assert metrics["macro_f1"] == pytest.approx(np.mean(f1s))
+    # The binary view: circle (negative) against the other two, the same predictions.
+    binary = metrics["binary"]
+    assert binary["negative_classes"] == ["circle"]
+    positive = np.array([name not in binary["negative_classes"] for name in split["classes"]])
+    sides = (~positive, positive)
+    collapsed = [[int(matrix[np.ix_(truth, guess)].sum()) for guess in sides] for truth in sides]
+    assert binary["confusion_matrix"] == collapsed
+    assert binary["accuracy"] == pytest.approx(np.trace(collapsed) / matrix.sum())
     assert len(metrics["reliability"]["calibrated"]) == 15
     report = (trained_run / "report.html").read_text()
     for heading in ("Confusion matrix", "Per class", "Calibration", "Most confidently wrong"):
