@@ -346,6 +346,9 @@ def test_eval_transform_of_an_extremely_elongated_image_stays_small() -> None:
     pixels = np.full((1, 40_000, 3), 200, dtype=np.uint8)
     out = build_eval_transform(PREPROCESSING)(image=pixels)["image"]
     assert out.shape == (3, 32, 32)
+    # One colour stays that colour, however the row was cropped and stretched.
+    mean, std = (np.array(v)[:, None, None] for v in (PREPROCESSING.mean, PREPROCESSING.std))
+    np.testing.assert_allclose(out, np.broadcast_to((200 / 255 - mean) / std, out.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt, shrinks", [("JPEG", True), ("PNG", False)])
