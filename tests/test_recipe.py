@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from convtune.training.budget import (
 from convtune.training.cli import main
 from convtune.training.config import FitConfig
 from convtune.training.fit import validation_score
+from convtune.training.history import read_history
 from convtune.training.module import Recipe, build_optimizer, model_param_groups
 
 RECIPE = Recipe(**FitConfig(data="d", model="m", out="o").recipe_kwargs())
@@ -141,21 +141,96 @@ def test_plan_epochs_fits_the_budget_and_refuses_an_impossible_one() -> None:
                     train_steps_per_epoch=10, val_batches=4, test_batches=2)  # fmt: skip
 
 
-def test_fit_with_a_time_limit_plans_its_epochs_and_ends_in_time(
-    shapes_dir: Path, tmp_path: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    limit = 60
-    args = [*fit_args, "--epochs", "10000", "--time-limit", str(limit)]
-    start = time.monotonic()
+class SimulatedMachine:
+    """A test clock for ``fit``'s planning and Lightning's ``max_time``: time passes only
+    as the model runs, ``seconds_per_image`` for each image through its forward pass. The
+    run then plans and stops the same way on any machine, however busy its cores are."""
+
+    def __init__(self, seconds_per_image: float) -> None:
+        self.now = 0.0
+        self.seconds_per_image = seconds_per_image
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from lightning.pytorch.callbacks import timer
+
+        from convtune.models.factory import ImageClassifier
+        from convtune.training import budget, fit
+
+        for module in (fit, budget, timer):
+            monkeypatch.setattr(module, "time", self)
+        forward = ImageClassifier.forward
+
+        def timed_forward(model: ImageClassifier, pixels: torch.Tensor) -> torch.Tensor:
+            self.now += self.seconds_per_image * len(pixels)
+            return forward(model, pixels)
+
+        monkeypatch.setattr(ImageClassifier, "forward", timed_forward)
+
+
+TIME_LIMIT_S = 45  # on the simulated machine: 3 epochs of the suite's recipe on 90 images
+
+
+@pytest.fixture(scope="module")
+def few_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from convtune.data.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("few"), per_class=50, size=40, seed=0)
+
+
+def fit_to_time_limit(
+    data: Path, run_dir: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture
+) -> tuple[int, list[int]]:
+    """``fit`` with ``--time-limit``: the epochs it planned, and the epochs it validated."""
+    args = [*fit_args, "--tta", "none", "--epochs", "10000", "--time-limit", str(TIME_LIMIT_S)]
     with caplog.at_level(logging.INFO, logger="convtune"):
-        assert main(["fit", "--data", str(shapes_dir), "--out", str(tmp_path), *args]) == 0
-    assert time.monotonic() - start < limit
+        assert main(["fit", "--data", str(data), "--out", str(run_dir), *args]) == 0
     assert "epoch(s) planned" in caplog.text
-    planned = yaml.safe_load((tmp_path / "config.yaml").read_text())["epochs"]
-    assert 1 <= planned < 10000
-    # The whole planned schedule ran (the backstop did not have to stop it).
-    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
-    assert max(int(line.split(",")[0]) for line in logged[1:]) == planned - 1
+    planned = yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"]
+    history = read_history(run_dir)
+    return planned, [entry["epoch"] for entry in history if entry["val_loss"] is not None]
+
+
+def test_fit_with_a_time_limit_plans_its_epochs_and_ends_in_time(
+    few_shapes: Path, tmp_path: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    machine = SimulatedMachine(seconds_per_image=0.05)
+    machine.install(monkeypatch)
+    planned, ran = fit_to_time_limit(few_shapes, tmp_path, fit_args, caplog)
+    assert planned == 3
+    # The whole planned schedule ran (the backstop did not have to stop it), and the run,
+    # its final evaluation included, ended within the limit.
+    assert ran == list(range(planned))
+    assert machine.now <= TIME_LIMIT_S
+
+
+def test_a_machine_that_slows_down_is_stopped_at_the_time_limit(
+    few_shapes: Path, tmp_path: Path, fit_args: list[str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Planned on a machine that then runs four times slower: Lightning's ``max_time`` stops
+    training in its second epoch (which it still validates), short of the three planned,
+    and the run still finishes its report."""
+    from convtune.training import fit
+
+    machine = SimulatedMachine(seconds_per_image=0.05)
+    machine.install(monkeypatch)
+    plan_to_time_limit = fit.plan_to_time_limit
+
+    def plan_then_slow_down(*args: object, **kwargs: object) -> object:
+        planned = plan_to_time_limit(*args, **kwargs)
+        machine.seconds_per_image *= 4
+        return planned
+
+    monkeypatch.setattr(fit, "plan_to_time_limit", plan_then_slow_down)
+    planned, ran = fit_to_time_limit(few_shapes, tmp_path, fit_args, caplog)
+    assert (planned, ran) == (3, [0, 1])
+    assert (tmp_path / "report.html").is_file()
 
 
 def test_a_last_batch_of_one_image_does_not_stop_the_batchnorm_estimate(tmp_path: Path) -> None:
