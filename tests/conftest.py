@@ -61,6 +61,17 @@ def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectRep
     return report
 
 
+# A test that uses one of these trains the session's model or starts a server: it is
+# marked slow here, whatever its module says, so that ``-m "not slow"`` starts neither.
+SLOW_FIXTURES = frozenset({"trained_run", "served", "start_server", "start_refused"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def fit_args() -> list[str]:
     return list(FIT_ARGS)
