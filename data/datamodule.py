@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -21,6 +22,27 @@ from convtune.data.preprocessing import (
 )
 from convtune.data.splits import Split
 from convtune.data.transforms import Augmentation, build_train_transform
+
+
+def drops_last_batch(images: int, batch_size: int) -> bool:
+    """Whether a pass over ``images`` images with BatchNorm in train mode (the train
+    loader, the BatchNorm re-estimate) drops its partial last batch: only where a full
+    batch remains. A last batch of one image has one value per channel where a layer's maps
+    are 1x1, and BatchNorm refuses it in train mode."""
+    return images > batch_size
+
+
+def train_batches_per_process(train_images: int, *, batch_size: int, processes: int) -> int:
+    """Training batches per epoch in each of ``processes`` training processes.
+
+    Lightning hands each process ``ceil(train_images / processes)`` images (its
+    DistributedSampler repeats a few to even them out) through the train loader, which
+    drops a partial last batch where :func:`drops_last_batch` says so for all the images:
+    several processes can each be left with no full batch, and train no step."""
+    per_process = math.ceil(train_images / processes)
+    if drops_last_batch(train_images, batch_size):
+        return per_process // batch_size
+    return math.ceil(per_process / batch_size)
 
 
 class ImageDataset(Dataset):
@@ -169,5 +191,5 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             worker_init_fn=seed_worker_transforms,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(self.split.indices(name)) > self.batch_size,
+            drop_last=shuffle and drops_last_batch(len(self.split.indices(name)), self.batch_size),
         )

@@ -1,5 +1,6 @@
 """Training on several devices: two CPU processes under DDP (gloo) train one run as one
-process does, and device settings this machine cannot run are refused before any work."""
+process does, and settings that cannot train (this machine's devices, too few images per
+process) are refused before any work."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import fit_refused
+from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DataLoader
 
+from convtune.data.datamodule import drops_last_batch, train_batches_per_process
+from convtune.data.synthetic import make_shapes_dataset
 from convtune.models.artifact import LOGS_DIR, SPLIT_FILE, read_model_description
 from convtune.training.history import read_history
 
@@ -105,3 +111,57 @@ def test_a_time_limit_with_several_processes_is_fit_refused(capsys, tmp_path) ->
     args = ["--accelerator", "cpu", "--devices", "2", "--time-limit", "60"]
     error = fit_refused(args, capsys, tmp_path)
     assert "--time-limit plans epochs by timing one process" in error
+
+
+@pytest.mark.parametrize(
+    ("images", "batch_size", "processes", "batches"),
+    [
+        (48, 32, 2, 0),  # 24 each: a partial batch, dropped
+        (48, 24, 2, 1),
+        (20, 32, 1, 1),  # no full batch at all: the partial one is kept
+        (48, 32, 1, 1),
+        (144, 32, 2, 2),
+        (47, 8, 3, 2),  # 16 each, one image repeated to even them out
+    ],
+)
+def test_batches_per_process_are_those_lightning_hands_each_process(
+    images: int, batch_size: int, processes: int, batches: int
+) -> None:
+    assert train_batches_per_process(images, batch_size=batch_size, processes=processes) == (
+        batches
+    )
+    # The train loader's rule, with the sampler Lightning puts in each process's copy.
+    loader = DataLoader(range(images), batch_size=batch_size, shuffle=True,
+                        drop_last=drops_last_batch(images, batch_size))  # fmt: skip
+    for rank in range(processes):
+        sampler = _get_distributed_sampler(
+            loader, shuffle=True, overfit_batches=0, num_replicas=processes, rank=rank
+        )
+        assert len(_update_dataloader(loader, sampler)) == batches
+
+
+@pytest.fixture(scope="module")
+def shapes_48_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 images of each of 3 shapes: 48 for training at the default val fraction."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes-20"), per_class=20, size=40,
+                               seed=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("devices", "fewer"),
+    [
+        pytest.param(["--devices", "2"], "--devices 1", marks=two_cores),
+        (["--devices", "1", "--num-nodes", "2"], "1 process(es) in all"),
+    ],
+)
+def test_processes_that_would_get_no_full_batch_are_fit_refused(
+    devices: list[str], fewer: str, shapes_48_train: Path, capsys, tmp_path
+) -> None:
+    # The data is read (the count of training images decides), but no run directory made.
+    args = ["--data", str(shapes_48_train), "--accelerator", "cpu", "--strategy", "ddp"]
+    error = fit_refused([*args, *devices], capsys, tmp_path)
+    assert (
+        "48 training images over 2 processes give each 24, fewer than --batch-size 32, and a "
+        f"partial batch is dropped: no process would train a step. Use --batch-size 24 or "
+        f"less, or {fewer}"
+    ) in error

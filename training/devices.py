@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import StrategyRegistry
 
+from convtune.data.datamodule import train_batches_per_process
 from convtune.data.datasets import LabelledImages
 from convtune.data.splits import PARTS, Split
 from convtune.training.compilation import compile_problem
@@ -159,6 +161,29 @@ def check_processes(config: FitConfig, processes: Processes) -> None:
             "--time-limit plans epochs by timing one process; with "
             f"{processes.world_size} processes set --epochs instead"
         )
+
+
+def check_batches_per_process(
+    train_images: int, *, config: FitConfig, processes: Processes
+) -> None:
+    """Refuse a run whose training processes get no full batch each: Lightning would run
+    no training step, and the run would end with no checkpoint to finish from."""
+    batch_size, count = config.batch_size, processes.world_size
+    if train_batches_per_process(train_images, batch_size=batch_size, processes=count) > 0:
+        return
+    each = math.ceil(train_images / count)
+    # One process always gets a batch: a partial one is kept when no full one is there.
+    most = max(p for p in range(1, count) if math.ceil(train_images / p) >= batch_size)
+    fewer = (
+        f"--devices {most}"
+        if config.num_nodes == 1
+        else f"{most} process(es) in all (--devices per node × --num-nodes)"
+    )
+    raise ValueError(
+        f"{train_images} training images over {count} processes give each {each}, fewer "
+        f"than --batch-size {batch_size}, and a partial batch is dropped: no process "
+        f"would train a step. Use --batch-size {each} or less, or {fewer}"
+    )
 
 
 def share_cpu_cores(processes: Processes) -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from convtune.data.checks import check_dataset, plan_split, print_check
-from convtune.data.datamodule import ImageDataModule
+from convtune.data.datamodule import ImageDataModule, drops_last_batch
 from convtune.data.datasets import DatasetError, LabelledImages
 from convtune.data.layouts import open_dataset
 from convtune.data.splits import PARTS, Split, load_split, save_split
@@ -52,6 +52,7 @@ from convtune.training.config import FitConfig, save_config
 from convtune.training.devices import (
     Processes,
     SameSplitEverywhere,
+    check_batches_per_process,
     choose_precision,
     plan_processes,
     share_cpu_cores,
@@ -114,24 +115,37 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any] | None:
     last_checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume and not last_checkpoint.is_file():
         raise FileNotFoundError(f"cannot resume: {last_checkpoint} does not exist")
-    if processes.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir)
     share_cpu_cores(processes)
     L.seed_everything(config.seed, workers=True, verbose=False)
     with speaking_if(processes.is_main):
         log.info(
             "precision: %s", choose_precision(config.precision, accelerator=config.accelerator)
         )
-        return train_and_finish(config, processes, run_dir, resume=resume, started=started)
+        # Nothing is written before the data and the split are known to train: a run
+        # refused for them leaves no run directory.
+        images, split = load_or_plan_split(config, run_dir, speaks=processes.is_main)
+        check_batches_per_process(len(split.train), config=config, processes=processes)
+        if processes.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir)
+            save_new_split(run_dir, images, split, seed=config.seed)
+        return train_and_finish(
+            config, processes, run_dir, images, split, resume=resume, started=started
+        )
 
 
 def train_and_finish(
-    config: FitConfig, processes: Processes, run_dir: Path, *, resume: bool, started: float
+    config: FitConfig,
+    processes: Processes,
+    run_dir: Path,
+    images: LabelledImages,
+    split: Split,
+    *,
+    resume: bool,
+    started: float,
 ) -> dict[str, Any] | None:
     """:func:`fit` from the split on, in each training process."""
     last_checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    images, split = prepare_split(config, run_dir, writes=processes.is_main)
     model = build_model(config, len(images.classes))
     datamodule = build_datamodule(config, images, split, model)
     with_probe = probes_the_head(config)
@@ -368,9 +382,7 @@ def recalibrate(model: ImageClassifier, datamodule: ImageDataModule, *, seed: in
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
         num_workers=datamodule.num_workers,
-        # A last batch of one image has one value per channel where a layer's maps are 1x1,
-        # and BatchNorm refuses it in train mode.
-        drop_last=len(images) > datamodule.batch_size,
+        drop_last=drops_last_batch(len(images), datamodule.batch_size),
     )
     start = time.perf_counter()
     seen = recalibrate_batchnorm(
@@ -476,12 +488,22 @@ def build_datamodule(
 def prepare_split(
     config: FitConfig, run_dir: Path, *, writes: bool = True
 ) -> tuple[LabelledImages, Split]:
-    """Load the dataset in its layout, check it (printing what was found; refusing bad
-    files, leaks and conflicting copies unless allowed), and reuse the run's split or
-    complete the one the data comes with.
+    """:func:`load_or_plan_split`, and with ``writes`` the split saved as the run's.
 
     Without ``writes`` (a training process other than the main one) nothing is printed or
     saved: the split is the same deterministic one the main process saves."""
+    images, split = load_or_plan_split(config, run_dir, speaks=writes)
+    if writes:
+        save_new_split(run_dir, images, split, seed=config.seed)
+    return images, split
+
+
+def load_or_plan_split(
+    config: FitConfig, run_dir: Path, *, speaks: bool
+) -> tuple[LabelledImages, Split]:
+    """Load the dataset in its layout, check it (with ``speaks``, printing what was found;
+    refusing bad files, leaks and conflicting copies unless allowed), and reuse the run's
+    split or complete the one the data comes with. Writes nothing."""
     dataset = open_dataset(
         config.data,
         val_data=config.val_data,
@@ -489,8 +511,8 @@ def prepare_split(
         label_format=config.label_format(),
     )
     log.info("data: %s", dataset.layout)
-    check = check_dataset(dataset.images, dataset.parts or None, progress=writes)
-    if writes:
+    check = check_dataset(dataset.images, dataset.parts or None, progress=speaks)
+    if speaks:
         print_check(check, sys.stderr)
     problems = check.problems(
         skip_bad_images=config.skip_bad_images, allow_duplicates=config.allow_duplicates
@@ -510,12 +532,18 @@ def prepare_split(
         seed=config.seed,
     )  # fmt: skip
     log.info("split: %s", ", ".join(f"{name} {len(split.indices(name))}" for name in PARTS))
-    if writes:
-        # Whole or not at all: other processes (torchrun, SLURM) may read it meanwhile.
-        partial = split_file.with_suffix(".partial")
-        save_split(partial, usable.images, split, seed=config.seed)
-        partial.replace(split_file)
     return usable.images, split
+
+
+def save_new_split(run_dir: Path, images: LabelledImages, split: Split, *, seed: int) -> None:
+    """Save ``split`` of ``images`` as the run's, unless the run has one already."""
+    split_file = run_dir / SPLIT_FILE
+    if split_file.is_file():
+        return
+    # Whole or not at all: other processes (torchrun, SLURM) may read it meanwhile.
+    partial = split_file.with_suffix(".partial")
+    save_split(partial, images, split, seed=seed)
+    partial.replace(split_file)
 
 
 def build_recipe(
