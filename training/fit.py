@@ -121,6 +121,8 @@ def fit(config: FitConfig, *, resume: bool = False) -> dict[str, Any] | None:
         log.info(
             "precision: %s", choose_precision(config.precision, accelerator=config.accelerator)
         )
+        if processes.world_size > 1:
+            log.info("training processes: %d (%s)", processes.world_size, processes.strategy)
         # Nothing is written before the data and the split are known to train: a run
         # refused for them leaves no run directory.
         images, split = load_or_plan_split(config, run_dir, speaks=processes.is_main)
