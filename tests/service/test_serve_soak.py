@@ -38,9 +38,9 @@ ROUND_REQUESTS = 600
 ROUNDS = 2  # of each kind, taking turns
 MAX_RSS_MIB = 1024  # the server's process tree: BentoML's arbiter and the one worker
 MIN_SUCCESS = 0.99
-# Alone, rounds of one run differ by up to 8 % in CPU per request, and the attackers'
-# refusals add about 5 % (docs/benchmarks.md, "The soak"); the parser walking one 20 MiB
-# body on the event loop would add seconds of CPU a round.
+# Two rounds alone differed by 13 % in CPU per request, and beside the attackers the median
+# was 0.93 of alone (docs/benchmarks.md, "The soak"); the parser walking one 20 MiB body
+# on the event loop would add seconds of CPU to a round of about 2 CPU seconds.
 MAX_CPU_RATIO = 1.3
 
 
