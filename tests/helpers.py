@@ -7,6 +7,7 @@ corpus.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import http.client
 import io
@@ -359,3 +360,33 @@ def loaded_after(
     *answer, last = result.stdout.strip().splitlines()
     status, loaded = json.loads(last)
     return status, loaded, "\n".join(answer)
+
+
+@dataclass(frozen=True)
+class ServiceDeclaration:
+    """service/service.py as its source declares it, read rather than imported (importing
+    it loads a model): the service class's name, its ``@bentoml.service`` arguments, and
+    the module's constants."""
+
+    name: str
+    arguments: dict[str, Any]
+    constants: dict[str, Any]
+
+
+def service_declaration() -> ServiceDeclaration:
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "service" / "service.py").read_text())
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    [(name, arguments)] = [
+        (node.name, {k.arg: ast.literal_eval(k.value) for k in decorator.keywords})
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        for decorator in node.decorator_list
+        if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == "bentoml.service"
+    ]
+    return ServiceDeclaration(name, arguments, constants)

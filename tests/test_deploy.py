@@ -8,7 +8,6 @@ imported, so its ``@bentoml.service`` arguments are read from its source.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware
 from bentoml._internal.utils.cattr import bentoml_cattr
+from helpers import service_declaration
 
 from convtune.service.batching import LANES_ENV, lane_layout
 from convtune.service.http import ENV_PREFIX, Limits
@@ -37,28 +37,9 @@ INSTANCE_CPUS = {"cpu.1": 0.5, "cpu.2": 1, "cpu.4": 2, "cpu.8": 4}
 REQUIRED_ENVS = {"BENTOML_DO_NOT_TRACK", "NO_ALBUMENTATIONS_UPDATE"}
 
 
-def service_declaration() -> tuple[str, dict[str, Any], str]:
-    """The service class's name, its ``@bentoml.service`` arguments and the name of the
-    variable that names its model, from service/service.py."""
-    tree = ast.parse((REPO / "service" / "service.py").read_text())
-    constants = {
-        target.id: node.value.value
-        for node in tree.body
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-        for target in node.targets
-        if isinstance(target, ast.Name)
-    }
-    [(name, arguments)] = [
-        (node.name, {k.arg: ast.literal_eval(k.value) for k in decorator.keywords})
-        for node in tree.body
-        if isinstance(node, ast.ClassDef)
-        for decorator in node.decorator_list
-        if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == "bentoml.service"
-    ]
-    return name, arguments, constants["MODEL_ENV"]
-
-
-SERVICE, SERVICE_CONFIG, MODEL_ENV = service_declaration()
+DECLARED = service_declaration()
+SERVICE, SERVICE_CONFIG = DECLARED.name, DECLARED.arguments
+MODEL_ENV = DECLARED.constants["MODEL_ENV"]
 SETTINGS = {ENV_PREFIX + limit.name.upper() for limit in fields(Limits)} | {LANES_ENV, MODEL_ENV}
 
 

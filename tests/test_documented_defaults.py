@@ -9,7 +9,6 @@ a rewording that hides a value from its pattern, naming the words that went miss
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import service_declaration
 
 from convtune.service import batching, uploads
 from convtune.service.http import DEFAULT_TOP_K, MAX_BOUNDARY_PADDING, MAX_FORM_FIELDS, Limits
@@ -73,29 +73,6 @@ def quantity(text: str) -> float:
     return float(number) * (UNITS[unit] if unit else 1)
 
 
-def service_settings() -> dict[str, Any]:
-    """service/service.py's module constants, and ``traffic``: its ``@bentoml.service``
-    traffic settings. Read from its source, since importing it loads a model."""
-    tree = ast.parse((REPO / "service" / "service.py").read_text())
-    settings = {
-        target.id: node.value.value
-        for node in tree.body
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-        for target in node.targets
-        if isinstance(target, ast.Name)
-    }
-    [settings["traffic"]] = [
-        ast.literal_eval(keyword.value)
-        for node in tree.body
-        if isinstance(node, ast.ClassDef)
-        for decorator in node.decorator_list
-        if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == "bentoml.service"
-        for keyword in decorator.keywords
-        if keyword.arg == "traffic"
-    ]
-    return settings
-
-
 def parsed_default(dest: str, *command: str) -> Callable[[], Any]:
     """What the command line ``command`` (a command and its required arguments) leaves in
     ``dest``: that command's default for the option."""
@@ -107,11 +84,11 @@ def limit(name: str) -> Callable[[], int]:
 
 
 def traffic(name: str) -> Callable[[], Any]:
-    return lambda: service_settings()["traffic"][name]
+    return lambda: service_declaration().arguments["traffic"][name]
 
 
 def service_constant(name: str) -> Callable[[], Any]:
-    return lambda: service_settings()[name]
+    return lambda: service_declaration().constants[name]
 
 
 def makefile_torch_spec() -> str:
