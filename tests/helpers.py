@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import http.client
 import io
 import json
@@ -373,6 +374,7 @@ class ServiceDeclaration:
     constants: dict[str, Any]
 
 
+@functools.cache  # the documented-defaults checks each ask for it
 def service_declaration() -> ServiceDeclaration:
     tree = ast.parse((Path(__file__).resolve().parents[1] / "service" / "service.py").read_text())
     constants = {
